@@ -1,0 +1,1368 @@
+//! Parsing and validation of lb's TOML configuration file.
+//!
+//! Deserialization goes through permissive "raw" structs (every field optional,
+//! integers as `i64`, enums as strings) so that serde only rejects unknown keys
+//! and wrong TOML types; everything else is checked by hand here, which lets
+//! every error name the exact field (`vip[0].backend[1].address`) and say what
+//! is wrong in one line.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+// These mirror lb-common; they are duplicated so this module stays independent
+// of the rest of the agent. Keep them in sync with lb-common/src/lib.rs.
+/// Mirrors `lb_common::MAX_VIPS`.
+const MAX_VIPS: u32 = 16;
+/// Mirrors `lb_common::MAX_BACKENDS`.
+const MAX_BACKENDS: u32 = 1024;
+/// Mirrors `lb_common::MAX_MAGLEV_SIZE`.
+const MAX_MAGLEV_SIZE: u32 = 65537;
+/// Mirrors `lb_common::NAME_LEN`; names are NUL-padded, so at most NAME_LEN - 1 bytes.
+const NAME_LEN: usize = 64;
+
+/// Linux IFNAMSIZ is 16 including the terminating NUL.
+const MAX_IFNAME_LEN: usize = 15;
+/// Weights are relative; the cap keeps the Maglev fill loop short (see maglev.rs).
+const MAX_WEIGHT: i64 = 10_000;
+const DEFAULT_WEIGHT: u32 = 100;
+/// The Maglev paper keeps every backend within ~1% of its fair share with M >= 100 N.
+const SLOTS_PER_BACKEND: u64 = 100;
+const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
+const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
+/// Ports below this are privileged/well-known; SNAT must not steal them.
+const MIN_SNAT_PORT: u32 = 1024;
+const EPHEMERAL_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+
+/// A validated lb configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file the configuration was read from (used in error messages).
+    pub path: PathBuf,
+    /// The `[agent]` section.
+    pub agent: AgentConfig,
+    /// The `[[vip]]` sections, in file order.
+    pub vips: Vec<VipConfig>,
+}
+
+/// The `[agent]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// NIC the XDP program attaches to.
+    pub interface: String,
+    /// How to attach the XDP program.
+    pub xdp_mode: XdpModeSetting,
+    /// bpffs directory where maps and links are pinned.
+    pub pin_path: PathBuf,
+    /// Unix socket of the agent's control interface.
+    pub control_socket: PathBuf,
+}
+
+/// XDP attach mode requested in the config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum XdpModeSetting {
+    /// Native (driver) mode if the NIC supports it, generic (skb) mode otherwise.
+    Auto,
+    /// Driver mode only.
+    Native,
+    /// Generic (skb) mode only.
+    Generic,
+}
+
+/// One `[[vip]]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipConfig {
+    /// Unique VIP name.
+    pub name: String,
+    /// Virtual IPv4 address clients connect to.
+    pub address: Ipv4Addr,
+    /// Virtual port clients connect to.
+    pub port: u16,
+    /// L4 protocol.
+    pub protocol: Protocol,
+    /// Forwarding mode.
+    pub mode: Mode,
+    /// Source address for NAT towards backends; `None` = the interface's primary IPv4.
+    pub snat_address: Option<Ipv4Addr>,
+    /// Inclusive source port range used for NAT towards backends.
+    pub snat_ports: (u16, u16),
+    /// Maglev table size M (prime).
+    pub maglev_table_size: u32,
+    /// Backends, in file order.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// L4 protocol of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+}
+
+/// Forwarding mode of a VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Full NAT: destination and source are rewritten.
+    Nat,
+}
+
+/// One `[[vip.backend]]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Stable identity; the Maglev permutation is derived from it.
+    pub name: String,
+    /// Backend IPv4 address.
+    pub address: Ipv4Addr,
+    /// Backend port.
+    pub port: u16,
+    /// Relative weight; 0 drains the backend.
+    pub weight: u32,
+}
+
+/// One line naming the file, the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {field}: {message}", file.display())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// Field path such as `vip[0].backend[1].address`, or `(file)` / `(syntax)`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(file: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            field: field.into(),
+            // Callers log these as single lines; toml/serde messages may span several.
+            message: one_line(&message.into()),
+        }
+    }
+}
+
+/// A validation failure before the file name is attached.
+#[derive(Debug)]
+struct Issue {
+    field: String,
+    message: String,
+}
+
+fn issue(field: impl Into<String>, message: impl Into<String>) -> Issue {
+    Issue {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Issue {
+    fn into_error(self, file: &Path) -> ConfigError {
+        ConfigError::new(file, self.field, self.message)
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates `text`; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw = deserialize(text).map_err(|i| i.into_error(path))?;
+        let (agent, vips) = validate(raw).map_err(|i| i.into_error(path))?;
+        Ok(Config {
+            path: path.to_path_buf(),
+            agent,
+            vips,
+        })
+    }
+
+    /// Checks against this host: `ephemeral` is the kernel's ip_local_port_range.
+    pub fn check_port_ranges(&self, ephemeral: (u16, u16)) -> Result<(), ConfigError> {
+        let (e_lo, e_hi) = ephemeral;
+        for (i, vip) in self.vips.iter().enumerate() {
+            let (lo, hi) = vip.snat_ports;
+            // The kernel picks source ports for the host's own sockets from the
+            // ephemeral range without knowing about our NAT state, so a shared
+            // port could make a reply land in the wrong flow.
+            if lo <= e_hi && e_lo <= hi {
+                return Err(ConfigError::new(
+                    &self.path,
+                    format!("vip[{i}].snat_ports"),
+                    format!(
+                        "{lo}-{hi} overlaps the kernel's ephemeral port range {e_lo}-{e_hi} \
+                         (net.ipv4.ip_local_port_range); the agent's own connections use that range"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the kernel's ephemeral port range from /proc/sys/net/ipv4/ip_local_port_range.
+pub fn read_ephemeral_range() -> std::io::Result<(u16, u16)> {
+    let text = std::fs::read_to_string(EPHEMERAL_RANGE_PATH)?;
+    parse_ephemeral_range(&text).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{EPHEMERAL_RANGE_PATH}: expected two port numbers, got {text:?}"),
+        )
+    })
+}
+
+fn parse_ephemeral_range(text: &str) -> Option<(u16, u16)> {
+    let mut words = text.split_whitespace();
+    let lo: u16 = words.next()?.parse().ok()?;
+    let hi: u16 = words.next()?.parse().ok()?;
+    if words.next().is_some() || lo > hi {
+        return None;
+    }
+    Some((lo, hi))
+}
+
+/// Returns whether `n` is a prime number.
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    if n.is_multiple_of(2) {
+        return n == 2;
+    }
+    let n = u64::from(n);
+    let mut d = 3u64;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 2;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------
+// Raw (unvalidated) file structure.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a TOML document")]
+struct RawConfig {
+    agent: Option<RawAgent>,
+    #[serde(default)]
+    vip: Vec<RawVip>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [agent] table")]
+struct RawAgent {
+    interface: Option<String>,
+    xdp_mode: Option<String>,
+    pin_path: Option<String>,
+    control_socket: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[vip]] table")]
+struct RawVip {
+    name: Option<String>,
+    address: Option<String>,
+    port: Option<i64>,
+    protocol: Option<String>,
+    mode: Option<String>,
+    snat_address: Option<String>,
+    snat_ports: Option<String>,
+    maglev_table_size: Option<i64>,
+    #[serde(default)]
+    backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[vip.backend]] table")]
+struct RawBackend {
+    name: Option<String>,
+    address: Option<String>,
+    port: Option<i64>,
+    weight: Option<i64>,
+}
+
+fn deserialize(text: &str) -> Result<RawConfig, Issue> {
+    // A plain parse first separates syntax errors (no field path, but a
+    // position) from type/unknown-key errors (a field path).
+    if let Err(e) = toml::from_str::<toml::Table>(text) {
+        return Err(issue("(syntax)", syntax_message(text, &e)));
+    }
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let path = e.path().to_string();
+        describe_serde_error(path, e.inner().message())
+    })
+}
+
+fn syntax_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_column(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+fn describe_serde_error(path: String, message: &str) -> Issue {
+    let path = if path == "." { String::new() } else { path };
+    if let Some(key) = unknown_field_name(message) {
+        // serde_path_to_error stops at the table holding the unknown key.
+        let field = if path.is_empty() {
+            key.to_string()
+        } else if path == key || path.ends_with(&format!(".{key}")) {
+            path.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        return issue(field, format!("unknown field \"{key}\""));
+    }
+    let field = if path.is_empty() {
+        "(root)".to_string()
+    } else {
+        path
+    };
+    let mut message = reword_serde_message(message);
+    if message.contains("invalid type: table, expected an array") {
+        // The usual cause is `[vip]` written for `[[vip]]`.
+        let header: String = field
+            .split('.')
+            .map(|seg| seg.split('[').next().unwrap_or(seg))
+            .collect::<Vec<_>>()
+            .join(".");
+        message.push_str(&format!(" (write [[{header}]] for each entry)"));
+    }
+    issue(field, message)
+}
+
+/// Extracts `bogus` from serde's "unknown field `bogus`, expected ...".
+fn unknown_field_name(message: &str) -> Option<&str> {
+    let rest = message.split_once("unknown field `")?.1;
+    Some(rest.split_once('`')?.0)
+}
+
+/// Replaces Rust/serde vocabulary with TOML vocabulary.
+fn reword_serde_message(message: &str) -> String {
+    one_line(message)
+        .replace("expected i64", "expected an integer")
+        .replace("invalid type: map", "invalid type: table")
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("expected a sequence", "expected an array")
+        .replace('`', "")
+}
+
+// ---------------------------------------------------------------------------
+// Validation, in file order; the first problem wins.
+
+fn validate(raw: RawConfig) -> Result<(AgentConfig, Vec<VipConfig>), Issue> {
+    let agent = validate_agent(raw.agent)?;
+
+    if raw.vip.is_empty() {
+        return Err(issue("vip", "at least one [[vip]] is required"));
+    }
+    if raw.vip.len() > MAX_VIPS as usize {
+        return Err(issue(
+            "vip",
+            format!(
+                "{} VIPs configured; at most {MAX_VIPS} are supported",
+                raw.vip.len()
+            ),
+        ));
+    }
+
+    let mut vips: Vec<VipConfig> = Vec::with_capacity(raw.vip.len());
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut endpoints: HashMap<(Ipv4Addr, u16, Protocol), usize> = HashMap::new();
+    let mut total_backends = 0usize;
+    for (i, rv) in raw.vip.into_iter().enumerate() {
+        let vip = validate_vip(i, rv, &mut names, &mut endpoints)?;
+        total_backends += vip.backends.len();
+        if total_backends > MAX_BACKENDS as usize {
+            return Err(issue(
+                format!("vip[{i}].backend"),
+                format!(
+                    "this VIP brings the number of backends to {total_backends}; \
+                     at most {MAX_BACKENDS} are supported across all VIPs"
+                ),
+            ));
+        }
+        vips.push(vip);
+    }
+    Ok((agent, vips))
+}
+
+fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
+    let Some(raw) = raw else {
+        return Err(issue("agent.interface", "required"));
+    };
+    let interface = match raw.interface {
+        None => return Err(issue("agent.interface", "required")),
+        Some(s) => validate_ifname(s).map_err(|m| issue("agent.interface", m))?,
+    };
+    let xdp_mode = match raw.xdp_mode.as_deref() {
+        None | Some("auto") => XdpModeSetting::Auto,
+        Some("native") => XdpModeSetting::Native,
+        Some("generic") => XdpModeSetting::Generic,
+        Some(other) => {
+            return Err(issue(
+                "agent.xdp_mode",
+                format!(
+                    "{other:?} is not a valid xdp_mode; valid values: \"auto\", \"native\", \"generic\""
+                ),
+            ))
+        }
+    };
+    let pin_path = non_empty_path("agent.pin_path", raw.pin_path, DEFAULT_PIN_PATH)?;
+    let control_socket = non_empty_path(
+        "agent.control_socket",
+        raw.control_socket,
+        DEFAULT_CONTROL_SOCKET,
+    )?;
+    Ok(AgentConfig {
+        interface,
+        xdp_mode,
+        pin_path,
+        control_socket,
+    })
+}
+
+/// Mirrors the kernel's dev_valid_name() so a bad name fails here rather than at attach time.
+fn validate_ifname(name: String) -> Result<String, String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_IFNAME_LEN {
+        return Err(format!(
+            "{name:?} is {} bytes long; Linux interface names are at most {MAX_IFNAME_LEN} bytes",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        return Err(format!(
+            "{name:?} is not a valid interface name (no '/', ':', NUL or whitespace)"
+        ));
+    }
+    Ok(name)
+}
+
+fn non_empty_path(field: &str, value: Option<String>, default: &str) -> Result<PathBuf, Issue> {
+    match value {
+        None => Ok(PathBuf::from(default)),
+        Some(s) if s.is_empty() => Err(issue(field, "must not be empty")),
+        Some(s) => Ok(PathBuf::from(s)),
+    }
+}
+
+fn validate_vip(
+    i: usize,
+    raw: RawVip,
+    names: &mut HashMap<String, usize>,
+    endpoints: &mut HashMap<(Ipv4Addr, u16, Protocol), usize>,
+) -> Result<VipConfig, Issue> {
+    let at = |field: &str| format!("vip[{i}].{field}");
+
+    let name = validate_name(&at("name"), raw.name)?;
+    if let Some(&first) = names.get(&name) {
+        return Err(issue(
+            at("name"),
+            format!("duplicate VIP name {name:?} (also vip[{first}])"),
+        ));
+    }
+    names.insert(name.clone(), i);
+
+    let address = validate_ipv4(&at("address"), raw.address.as_deref())?;
+    let port = validate_port(&at("port"), raw.port, None)?;
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("tcp") => Protocol::Tcp,
+        Some(other) => {
+            return Err(issue(
+                at("protocol"),
+                format!("{other:?} is not supported; valid values: \"tcp\""),
+            ))
+        }
+    };
+    if let Some(&first) = endpoints.get(&(address, port, protocol)) {
+        return Err(issue(
+            at("address"),
+            format!("duplicate VIP {address}:{port}/tcp (also vip[{first}])"),
+        ));
+    }
+    endpoints.insert((address, port, protocol), i);
+
+    let mode = match raw.mode.as_deref() {
+        None | Some("nat") => Mode::Nat,
+        Some(dsr @ ("dsr-ipip" | "dsr-l2")) => {
+            return Err(issue(
+                at("mode"),
+                format!("{dsr:?} is not supported yet; valid values: \"nat\""),
+            ))
+        }
+        Some(other) => {
+            return Err(issue(
+                at("mode"),
+                format!("{other:?} is not a valid mode; valid values: \"nat\""),
+            ))
+        }
+    };
+
+    let snat_address = match raw.snat_address.as_deref() {
+        None => None,
+        Some(s) => Some(validate_ipv4(&at("snat_address"), Some(s))?),
+    };
+    let snat_ports = match raw.snat_ports.as_deref() {
+        None => DEFAULT_SNAT_PORTS,
+        Some(s) => parse_snat_ports(s).map_err(|m| issue(at("snat_ports"), m))?,
+    };
+
+    let maglev_table_size = validate_table_size(
+        &at("maglev_table_size"),
+        raw.maglev_table_size,
+        raw.backend.len(),
+    )?;
+
+    if raw.backend.is_empty() {
+        return Err(issue(
+            at("backend"),
+            "at least one [[vip.backend]] is required",
+        ));
+    }
+    let mut backends: Vec<BackendConfig> = Vec::with_capacity(raw.backend.len());
+    let mut backend_names: HashMap<String, usize> = HashMap::new();
+    let mut backend_endpoints: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+    for (j, rb) in raw.backend.into_iter().enumerate() {
+        let bat = |field: &str| format!("vip[{i}].backend[{j}].{field}");
+
+        let name = validate_name(&bat("name"), rb.name)?;
+        if let Some(&first) = backend_names.get(&name) {
+            return Err(issue(
+                bat("name"),
+                format!("duplicate backend name {name:?} (also vip[{i}].backend[{first}])"),
+            ));
+        }
+        backend_names.insert(name.clone(), j);
+
+        let address = validate_ipv4(&bat("address"), rb.address.as_deref())?;
+        let bport = validate_port(&bat("port"), rb.port, Some(port))?;
+        if let Some(&first) = backend_endpoints.get(&(address, bport)) {
+            return Err(issue(
+                bat("address"),
+                format!("duplicate backend {address}:{bport} (also vip[{i}].backend[{first}])"),
+            ));
+        }
+        backend_endpoints.insert((address, bport), j);
+
+        let weight = match rb.weight {
+            None => DEFAULT_WEIGHT,
+            Some(w) if (0..=MAX_WEIGHT).contains(&w) => w as u32,
+            Some(w) => {
+                return Err(issue(
+                    bat("weight"),
+                    format!("{w} is out of range (0-{MAX_WEIGHT}; 0 drains the backend)"),
+                ))
+            }
+        };
+        backends.push(BackendConfig {
+            name,
+            address,
+            port: bport,
+            weight,
+        });
+    }
+
+    Ok(VipConfig {
+        name,
+        address,
+        port,
+        protocol,
+        mode,
+        snat_address,
+        snat_ports,
+        maglev_table_size,
+        backends,
+    })
+}
+
+fn validate_name(field: &str, value: Option<String>) -> Result<String, Issue> {
+    let Some(name) = value else {
+        return Err(issue(field, "required"));
+    };
+    if name.is_empty() {
+        return Err(issue(field, "must not be empty"));
+    }
+    if name.len() > NAME_LEN - 1 {
+        return Err(issue(
+            field,
+            format!(
+                "name is {} bytes long; at most {} bytes are allowed",
+                name.len(),
+                NAME_LEN - 1
+            ),
+        ));
+    }
+    // Names are stored NUL-padded in BPF maps; an embedded NUL would truncate them.
+    if name.contains('\0') {
+        return Err(issue(field, "must not contain NUL bytes"));
+    }
+    Ok(name)
+}
+
+fn validate_ipv4(field: &str, value: Option<&str>) -> Result<Ipv4Addr, Issue> {
+    let Some(s) = value else {
+        return Err(issue(field, "required"));
+    };
+    let addr: Ipv4Addr = match s.parse() {
+        Ok(a) => a,
+        Err(_) if s.parse::<Ipv6Addr>().is_ok() => {
+            return Err(issue(
+                field,
+                format!("{s:?} is an IPv6 address; only IPv4 is supported"),
+            ))
+        }
+        Err(_) => return Err(issue(field, format!("{s:?} is not a valid IPv4 address"))),
+    };
+    if addr.is_unspecified() {
+        return Err(issue(field, format!("{addr} is the unspecified address")));
+    }
+    if addr.is_multicast() {
+        return Err(issue(field, format!("{addr} is a multicast address")));
+    }
+    if addr.is_broadcast() {
+        return Err(issue(field, format!("{addr} is the broadcast address")));
+    }
+    Ok(addr)
+}
+
+fn validate_port(field: &str, value: Option<i64>, default: Option<u16>) -> Result<u16, Issue> {
+    match (value, default) {
+        (None, Some(d)) => Ok(d),
+        (None, None) => Err(issue(field, "required")),
+        (Some(p), _) => u16::try_from(p)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| issue(field, format!("{p} is out of range (1-65535)"))),
+    }
+}
+
+fn parse_snat_ports(s: &str) -> Result<(u16, u16), String> {
+    let syntax = || format!("{s:?} is not a port range; expected \"A-B\", e.g. \"61000-65535\"");
+    let (a, b) = s.split_once('-').ok_or_else(syntax)?;
+    let parse = |t: &str| -> Result<u32, String> {
+        let t = t.trim();
+        // u32::from_str accepts a leading '+'; a port range should be digits only.
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(syntax());
+        }
+        t.parse::<u32>().map_err(|_| syntax())
+    };
+    let (lo, hi) = (parse(a)?, parse(b)?);
+    if lo < MIN_SNAT_PORT {
+        return Err(format!(
+            "{lo}-{hi}: the range must start at {MIN_SNAT_PORT} or above (lower ports are privileged/well-known)"
+        ));
+    }
+    if hi > u32::from(u16::MAX) {
+        return Err(format!("{lo}-{hi}: ports must be at most 65535"));
+    }
+    if lo > hi {
+        return Err(format!(
+            "{lo}-{hi}: the first port must not be greater than the last"
+        ));
+    }
+    // Bounds were checked above, so these conversions cannot fail.
+    Ok((lo as u16, hi as u16))
+}
+
+fn validate_table_size(field: &str, value: Option<i64>, backends: usize) -> Result<u32, Issue> {
+    let size = value.unwrap_or(i64::from(MAX_MAGLEV_SIZE));
+    let needed = SLOTS_PER_BACKEND * backends as u64;
+    if size > i64::from(MAX_MAGLEV_SIZE) {
+        return Err(issue(
+            field,
+            format!(
+                "{size} is too large (at most {MAX_MAGLEV_SIZE}, the per-VIP table size of the BPF map)"
+            ),
+        ));
+    }
+    // `size` is <= MAX_MAGLEV_SIZE here; negative values fail the conversion.
+    let size_u32 = u32::try_from(size).unwrap_or(0);
+    if !is_prime(size_u32) {
+        let want = needed.max(size.max(0) as u64);
+        let suggestion = next_prime_at_least(want).unwrap_or(MAX_MAGLEV_SIZE);
+        return Err(issue(
+            field,
+            format!("{size} is not prime (Maglev needs a prime table size; try {suggestion})"),
+        ));
+    }
+    if u64::from(size_u32) < needed {
+        let hint = if needed <= u64::from(MAX_MAGLEV_SIZE) {
+            format!("try {MAX_MAGLEV_SIZE}")
+        } else {
+            format!(
+                "at most {} backends fit the largest table, {MAX_MAGLEV_SIZE}",
+                u64::from(MAX_MAGLEV_SIZE) / SLOTS_PER_BACKEND
+            )
+        };
+        return Err(issue(
+            field,
+            format!(
+                "{size} is too small for {backends} backends: Maglev needs at least \
+                 {SLOTS_PER_BACKEND} slots per backend ({needed}) to keep each backend's \
+                 share within about 1% of its weight ({hint})"
+            ),
+        ));
+    }
+    Ok(size_u32)
+}
+
+fn next_prime_at_least(n: u64) -> Option<u32> {
+    (n..=u64::from(MAX_MAGLEV_SIZE))
+        .map(|c| c as u32)
+        .find(|&c| is_prime(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "/etc/lb/lb.toml";
+
+    const FULL: &str = r#"
+[agent]
+interface = "eth0"
+xdp_mode = "native"
+pin_path = "/sys/fs/bpf/lb-test"
+control_socket = "/run/lb-test.sock"
+
+[[vip]]
+name = "kube-apiserver"
+address = "198.18.0.100"
+port = 6443
+protocol = "tcp"
+mode = "nat"
+snat_address = "198.18.0.2"
+snat_ports = "62000-63000"
+maglev_table_size = 1009
+
+  [[vip.backend]]
+  name = "master01"
+  address = "198.18.0.11"
+  port = 6444
+  weight = 50
+
+  [[vip.backend]]
+  name = "master02"
+  address = "198.18.0.12"
+  port = 6443
+  weight = 0
+
+[[vip]]
+name = "konnectivity"
+address = "198.18.0.100"
+port = 8132
+
+  [[vip.backend]]
+  name = "master01"
+  address = "198.18.0.11"
+"#;
+
+    const MINIMAL_AGENT: &str = "[agent]\ninterface = \"eth0\"\n";
+
+    /// A minimal valid config with `vip_extra` appended to the VIP table and
+    /// `backend_extra` appended to its only backend.
+    fn minimal(vip_extra: &str, backend_extra: &str) -> String {
+        format!(
+            "{MINIMAL_AGENT}\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n{vip_extra}\n\
+             [[vip.backend]]\nname = \"master01\"\naddress = \"198.18.0.11\"\n{backend_extra}\n"
+        )
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new(FILE), text)
+    }
+
+    /// Asserts the first error is at `field` and its message contains `needle`.
+    fn assert_err(text: &str, field: &str, needle: &str) -> ConfigError {
+        let err = parse(text).expect_err("config should be rejected");
+        check_err(&err, field, needle);
+        err
+    }
+
+    fn check_err(err: &ConfigError, field: &str, needle: &str) {
+        let line = err.to_string();
+        assert_eq!(err.field, field, "wrong field in: {line}");
+        assert!(
+            err.message.contains(needle),
+            "message {:?} does not contain {needle:?}",
+            err.message
+        );
+        assert!(line.starts_with(&format!("{FILE}: {field}: ")), "{line}");
+        assert!(!line.contains('\n') && !line.contains('\r'), "{line:?}");
+        println!("{line}");
+    }
+
+    #[test]
+    fn full_config_parses_with_all_fields() {
+        let cfg = parse(FULL).expect("valid config");
+        assert_eq!(cfg.path, PathBuf::from(FILE));
+        assert_eq!(
+            cfg.agent,
+            AgentConfig {
+                interface: "eth0".into(),
+                xdp_mode: XdpModeSetting::Native,
+                pin_path: "/sys/fs/bpf/lb-test".into(),
+                control_socket: "/run/lb-test.sock".into(),
+            }
+        );
+        assert_eq!(cfg.vips.len(), 2);
+        assert_eq!(
+            cfg.vips[0],
+            VipConfig {
+                name: "kube-apiserver".into(),
+                address: Ipv4Addr::new(198, 18, 0, 100),
+                port: 6443,
+                protocol: Protocol::Tcp,
+                mode: Mode::Nat,
+                snat_address: Some(Ipv4Addr::new(198, 18, 0, 2)),
+                snat_ports: (62000, 63000),
+                maglev_table_size: 1009,
+                backends: vec![
+                    BackendConfig {
+                        name: "master01".into(),
+                        address: Ipv4Addr::new(198, 18, 0, 11),
+                        port: 6444,
+                        weight: 50,
+                    },
+                    BackendConfig {
+                        name: "master02".into(),
+                        address: Ipv4Addr::new(198, 18, 0, 12),
+                        port: 6443,
+                        weight: 0,
+                    },
+                ],
+            }
+        );
+        // Same address, different port: a distinct VIP. Backend names are per VIP.
+        assert_eq!(cfg.vips[1].name, "konnectivity");
+        assert_eq!(cfg.vips[1].backends[0].name, "master01");
+        assert_eq!(cfg.vips[1].backends[0].port, 8132);
+    }
+
+    #[test]
+    fn defaults_are_applied() {
+        let cfg = parse(&minimal("", "")).expect("valid config");
+        assert_eq!(cfg.agent.interface, "eth0");
+        assert_eq!(cfg.agent.xdp_mode, XdpModeSetting::Auto);
+        assert_eq!(cfg.agent.pin_path, PathBuf::from("/sys/fs/bpf/lb"));
+        assert_eq!(
+            cfg.agent.control_socket,
+            PathBuf::from("/run/lb-agent.sock")
+        );
+        let vip = &cfg.vips[0];
+        assert_eq!(vip.protocol, Protocol::Tcp);
+        assert_eq!(vip.mode, Mode::Nat);
+        assert_eq!(vip.snat_address, None);
+        assert_eq!(vip.snat_ports, (61000, 65535));
+        assert_eq!(vip.maglev_table_size, 65537);
+        assert_eq!(vip.backends[0].port, 6443);
+        assert_eq!(vip.backends[0].weight, 100);
+    }
+
+    #[test]
+    fn all_backends_drained_is_legal() {
+        let cfg = parse(&minimal("", "weight = 0")).expect("valid config");
+        assert_eq!(cfg.vips[0].backends[0].weight, 0);
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_unreadable_file() {
+        let dir = std::env::temp_dir().join(format!("lbcfg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, minimal("", "")).expect("write config");
+        let cfg = Config::load(&path).expect("valid config");
+        assert_eq!(cfg.path, path);
+
+        let missing = dir.join("missing.toml");
+        let err = Config::load(&missing).expect_err("missing file");
+        assert_eq!(err.field, "(file)");
+        assert!(err
+            .to_string()
+            .starts_with(&format!("{}: (file): ", missing.display())));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn unknown_field_top_level() {
+        let text = format!("bogus = 1\n{}", minimal("", ""));
+        let err = assert_err(&text, "bogus", "unknown field \"bogus\"");
+        assert_eq!(err.message, "unknown field \"bogus\"");
+    }
+
+    #[test]
+    fn unknown_field_in_agent() {
+        let text = minimal("", "").replace(
+            MINIMAL_AGENT,
+            "[agent]\ninterface = \"eth0\"\nbogus = true\n",
+        );
+        assert_err(&text, "agent.bogus", "unknown field \"bogus\"");
+    }
+
+    #[test]
+    fn unknown_field_in_vip() {
+        let err = assert_err(
+            &minimal("bogus = \"x\"", ""),
+            "vip[0].bogus",
+            "unknown field",
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("{FILE}: vip[0].bogus: unknown field \"bogus\"")
+        );
+    }
+
+    #[test]
+    fn unknown_field_in_backend() {
+        let mut text = minimal("", "");
+        text.push_str("\n[[vip.backend]]\nname = \"b\"\naddress = \"198.18.0.12\"\nbogus = 1\n");
+        assert_err(&text, "vip[0].backend[1].bogus", "unknown field \"bogus\"");
+    }
+
+    #[test]
+    fn wrong_type_names_the_field() {
+        assert_err(
+            &minimal("", "port = \"https\""),
+            "vip[0].backend[0].port",
+            "expected an integer",
+        );
+        assert_err(
+            &minimal("snat_ports = 61000", ""),
+            "vip[0].snat_ports",
+            "invalid type",
+        );
+        let text = minimal("", "")
+            .replace("[[vip]]", "[vip]")
+            .replace("[[vip.backend]]", "[vip.backend]");
+        assert_err(&text, "vip", "write [[vip]] for each entry");
+        let text = minimal("", "").replace("[[vip.backend]]", "[vip.backend]");
+        assert_err(
+            &text,
+            "vip[0].backend",
+            "write [[vip.backend]] for each entry",
+        );
+    }
+
+    #[test]
+    fn bad_vip_address() {
+        let text = minimal("", "").replace("198.18.0.100", "198.18.0.300");
+        assert_err(&text, "vip[0].address", "not a valid IPv4 address");
+        let text = minimal("", "").replace("198.18.0.100", "0.0.0.0");
+        assert_err(&text, "vip[0].address", "unspecified");
+        let text = minimal("", "").replace("198.18.0.100", "239.1.1.1");
+        assert_err(&text, "vip[0].address", "multicast");
+        let text = minimal("", "").replace("198.18.0.100", "255.255.255.255");
+        assert_err(&text, "vip[0].address", "broadcast");
+        let text = minimal("", "").replace("198.18.0.100", "fd00::1");
+        assert_err(&text, "vip[0].address", "IPv6");
+    }
+
+    #[test]
+    fn bad_backend_address() {
+        let text = minimal("", "").replace("198.18.0.11", "master01.example");
+        assert_err(
+            &text,
+            "vip[0].backend[0].address",
+            "not a valid IPv4 address",
+        );
+    }
+
+    #[test]
+    fn bad_snat_address() {
+        assert_err(
+            &minimal("snat_address = \"1.2.3\"", ""),
+            "vip[0].snat_address",
+            "not a valid IPv4",
+        );
+    }
+
+    #[test]
+    fn duplicate_vip_name() {
+        let mut text = minimal("", "");
+        text.push_str(
+            "\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.101\"\nport = 6443\n\
+             [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n",
+        );
+        let err = assert_err(
+            &text,
+            "vip[1].name",
+            "duplicate VIP name \"api\" (also vip[0])",
+        );
+        assert_eq!(
+            err.to_string(),
+            format!("{FILE}: vip[1].name: duplicate VIP name \"api\" (also vip[0])")
+        );
+    }
+
+    #[test]
+    fn duplicate_vip_address_port() {
+        let mut text = minimal("", "");
+        text.push_str(
+            "\n[[vip]]\nname = \"api2\"\naddress = \"198.18.0.100\"\nport = 6443\n\
+             [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n",
+        );
+        assert_err(
+            &text,
+            "vip[1].address",
+            "duplicate VIP 198.18.0.100:6443/tcp (also vip[0])",
+        );
+    }
+
+    #[test]
+    fn duplicate_backend_name() {
+        let mut text = minimal("", "");
+        text.push_str("\n[[vip.backend]]\nname = \"master01\"\naddress = \"198.18.0.12\"\n");
+        let err = assert_err(&text, "vip[0].backend[1].name", "duplicate backend name");
+        assert_eq!(
+            err.to_string(),
+            "/etc/lb/lb.toml: vip[0].backend[1].name: duplicate backend name \"master01\" (also vip[0].backend[0])"
+        );
+    }
+
+    #[test]
+    fn duplicate_backend_address_port() {
+        let mut text = minimal("", "");
+        // Explicit port equal to the inherited VIP port still collides.
+        text.push_str(
+            "\n[[vip.backend]]\nname = \"master02\"\naddress = \"198.18.0.11\"\nport = 6443\n",
+        );
+        assert_err(
+            &text,
+            "vip[0].backend[1].address",
+            "duplicate backend 198.18.0.11:6443 (also vip[0].backend[0])",
+        );
+        // A different port on the same host is fine.
+        let mut text = minimal("", "");
+        text.push_str(
+            "\n[[vip.backend]]\nname = \"master02\"\naddress = \"198.18.0.11\"\nport = 6444\n",
+        );
+        parse(&text).expect("distinct port is valid");
+    }
+
+    #[test]
+    fn non_prime_table_size() {
+        let err = assert_err(
+            &minimal("maglev_table_size = 65536", ""),
+            "vip[0].maglev_table_size",
+            "not prime",
+        );
+        assert_eq!(
+            err.to_string(),
+            "/etc/lb/lb.toml: vip[0].maglev_table_size: 65536 is not prime (Maglev needs a prime table size; try 65537)"
+        );
+        assert_err(
+            &minimal("maglev_table_size = 1000", ""),
+            "vip[0].maglev_table_size",
+            "try 1009",
+        );
+        assert_err(
+            &minimal("maglev_table_size = -7", ""),
+            "vip[0].maglev_table_size",
+            "not prime",
+        );
+    }
+
+    #[test]
+    fn table_too_small_for_backends() {
+        let mut text = minimal("maglev_table_size = 101", "");
+        text.push_str("\n[[vip.backend]]\nname = \"master02\"\naddress = \"198.18.0.12\"\n");
+        assert_err(
+            &text,
+            "vip[0].maglev_table_size",
+            "too small for 2 backends",
+        );
+        // One backend fits exactly 100 slots' worth.
+        parse(&minimal("maglev_table_size = 101", "")).expect("101 >= 100 * 1");
+    }
+
+    #[test]
+    fn table_too_large() {
+        assert_err(
+            &minimal("maglev_table_size = 65539", ""),
+            "vip[0].maglev_table_size",
+            "too large",
+        );
+    }
+
+    #[test]
+    fn missing_interface() {
+        let text = minimal("", "").replace("interface = \"eth0\"\n", "");
+        let err = assert_err(&text, "agent.interface", "required");
+        assert_eq!(
+            err.to_string(),
+            "/etc/lb/lb.toml: agent.interface: required"
+        );
+        let text = minimal("", "").replace(MINIMAL_AGENT, "");
+        assert_err(&text, "agent.interface", "required");
+    }
+
+    #[test]
+    fn empty_interface() {
+        let text = minimal("", "").replace("\"eth0\"", "\"\"");
+        assert_err(&text, "agent.interface", "empty");
+        let text = minimal("", "").replace("\"eth0\"", "\"enp0s31f6.4094xx\"");
+        assert_err(&text, "agent.interface", "at most 15 bytes");
+    }
+
+    #[test]
+    fn bad_xdp_mode() {
+        let text = minimal("", "").replace(
+            MINIMAL_AGENT,
+            "[agent]\ninterface = \"eth0\"\nxdp_mode = \"offload\"\n",
+        );
+        assert_err(
+            &text,
+            "agent.xdp_mode",
+            "valid values: \"auto\", \"native\", \"generic\"",
+        );
+    }
+
+    #[test]
+    fn bad_mode() {
+        assert_err(
+            &minimal("mode = \"tunnel\"", ""),
+            "vip[0].mode",
+            "not a valid mode; valid values: \"nat\"",
+        );
+    }
+
+    #[test]
+    fn dsr_mode_not_supported_yet() {
+        assert_err(
+            &minimal("mode = \"dsr-ipip\"", ""),
+            "vip[0].mode",
+            "not supported yet",
+        );
+        assert_err(
+            &minimal("mode = \"dsr-l2\"", ""),
+            "vip[0].mode",
+            "not supported yet",
+        );
+    }
+
+    #[test]
+    fn bad_protocol() {
+        assert_err(
+            &minimal("protocol = \"udp\"", ""),
+            "vip[0].protocol",
+            "valid values: \"tcp\"",
+        );
+    }
+
+    #[test]
+    fn bad_snat_ports_syntax() {
+        for bad in [
+            "61000",
+            "61000:65535",
+            "a-b",
+            "-5",
+            "61000-",
+            "+61000-65535",
+        ] {
+            let text = minimal(&format!("snat_ports = \"{bad}\""), "");
+            assert_err(&text, "vip[0].snat_ports", "expected \"A-B\"");
+        }
+        assert_err(
+            &minimal("snat_ports = \"1000-2000\"", ""),
+            "vip[0].snat_ports",
+            "1024",
+        );
+        assert_err(
+            &minimal("snat_ports = \"61000-70000\"", ""),
+            "vip[0].snat_ports",
+            "65535",
+        );
+        assert_err(
+            &minimal("snat_ports = \"65000-61000\"", ""),
+            "vip[0].snat_ports",
+            "greater",
+        );
+        let cfg = parse(&minimal("snat_ports = \"1024-1024\"", "")).expect("single port range");
+        assert_eq!(cfg.vips[0].snat_ports, (1024, 1024));
+    }
+
+    #[test]
+    fn snat_range_overlapping_ephemeral_range() {
+        let cfg = parse(&minimal("snat_ports = \"32768-40000\"", "")).expect("valid config");
+        let err = cfg.check_port_ranges((32768, 60999)).expect_err("overlap");
+        check_err(&err, "vip[0].snat_ports", "overlaps");
+        assert_eq!(
+            err.to_string(),
+            "/etc/lb/lb.toml: vip[0].snat_ports: 32768-40000 overlaps the kernel's ephemeral port range \
+             32768-60999 (net.ipv4.ip_local_port_range); the agent's own connections use that range"
+        );
+        // The default range sits just above the kernel's default ephemeral range.
+        let cfg = parse(&minimal("", "")).expect("valid config");
+        cfg.check_port_ranges((32768, 60999)).expect("no overlap");
+        assert!(cfg.check_port_ranges((32768, 61000)).is_err());
+    }
+
+    #[test]
+    fn no_vip() {
+        assert_err(MINIMAL_AGENT, "vip", "at least one [[vip]]");
+    }
+
+    #[test]
+    fn too_many_vips() {
+        let mut text = MINIMAL_AGENT.to_string();
+        for i in 0..=MAX_VIPS {
+            text.push_str(&format!(
+                "[[vip]]\nname = \"v{i}\"\naddress = \"198.18.1.{}\"\nport = 6443\n\
+                 [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n",
+                i + 1
+            ));
+        }
+        assert_err(&text, "vip", "at most 16");
+    }
+
+    #[test]
+    fn too_many_backends_in_total() {
+        let mut text = MINIMAL_AGENT.to_string();
+        for i in 0..2 {
+            text.push_str(&format!(
+                "[[vip]]\nname = \"v{i}\"\naddress = \"198.18.1.{}\"\nport = 6443\n",
+                i + 1
+            ));
+            for j in 0..600 {
+                text.push_str(&format!(
+                    "[[vip.backend]]\nname = \"m{j}\"\naddress = \"10.0.{}.{}\"\n",
+                    j / 250,
+                    j % 250 + 1
+                ));
+            }
+        }
+        assert_err(&text, "vip[1].backend", "1200");
+    }
+
+    #[test]
+    fn no_backend() {
+        let text = format!(
+            "{MINIMAL_AGENT}[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n"
+        );
+        assert_err(&text, "vip[0].backend", "at least one [[vip.backend]]");
+    }
+
+    #[test]
+    fn weight_too_large() {
+        assert_err(
+            &minimal("", "weight = 10001"),
+            "vip[0].backend[0].weight",
+            "out of range (0-10000",
+        );
+        assert_err(
+            &minimal("", "weight = -1"),
+            "vip[0].backend[0].weight",
+            "out of range",
+        );
+        parse(&minimal("", "weight = 10000")).expect("max weight");
+    }
+
+    #[test]
+    fn bad_ports() {
+        assert_err(
+            &minimal("", "port = 0"),
+            "vip[0].backend[0].port",
+            "out of range (1-65535)",
+        );
+        let text = minimal("", "").replace("port = 6443", "port = 65536");
+        assert_err(&text, "vip[0].port", "out of range");
+        let text = minimal("", "").replace("port = 6443\n", "");
+        assert_err(&text, "vip[0].port", "required");
+    }
+
+    #[test]
+    fn name_too_long() {
+        let long = "x".repeat(64);
+        let text = minimal("", "").replace("\"master01\"", &format!("\"{long}\""));
+        assert_err(&text, "vip[0].backend[0].name", "64 bytes long; at most 63");
+        let text = minimal("", "").replace("\"api\"", &format!("\"{long}\""));
+        assert_err(&text, "vip[0].name", "at most 63");
+        let ok = "x".repeat(63);
+        parse(&minimal("", "").replace("\"api\"", &format!("\"{ok}\""))).expect("63 bytes");
+    }
+
+    #[test]
+    fn empty_name() {
+        let text = minimal("", "").replace("\"api\"", "\"\"");
+        assert_err(&text, "vip[0].name", "empty");
+    }
+
+    #[test]
+    fn syntax_error() {
+        let text = minimal("", "").replace("port = 6443", "port = = 6443");
+        let err = assert_err(&text, "(syntax)", "line 7, column");
+        assert!(err.message.len() < 200, "{}", err.message);
+        let text = format!("{}\n[agent\n", minimal("", ""));
+        assert_err(&text, "(syntax)", "line ");
+        // Duplicate keys are a TOML syntax error too.
+        let text = minimal("port = 1", "");
+        assert_err(&text, "(syntax)", "line ");
+    }
+
+    #[test]
+    fn ephemeral_range_parsing() {
+        assert_eq!(
+            parse_ephemeral_range("32768\t60999\n"),
+            Some((32768, 60999))
+        );
+        assert_eq!(parse_ephemeral_range("1024 65535"), Some((1024, 65535)));
+        assert_eq!(parse_ephemeral_range("60999 32768"), None);
+        assert_eq!(parse_ephemeral_range("32768"), None);
+        assert_eq!(parse_ephemeral_range("a b"), None);
+        if let Ok((lo, hi)) = read_ephemeral_range() {
+            assert!(lo <= hi);
+        }
+    }
+
+    #[test]
+    fn primes() {
+        let small: Vec<u32> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65537));
+        assert!(!is_prime(65536));
+        assert!(is_prime(4_294_967_291));
+        assert!(!is_prime(u32::MAX));
+    }
+}

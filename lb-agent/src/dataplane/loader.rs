@@ -1,0 +1,161 @@
+//! Loading the embedded XDP object, pinning its maps and attaching the program.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use lb_common::{map, xdp_mode, PROG_LB};
+
+use super::{DataplaneError, OBJECT};
+use crate::config::XdpModeSetting;
+
+/// The loaded data plane. Dropping it detaches the program and removes the pins.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_path: PathBuf,
+    link: Option<XdpLinkId>,
+    /// `xdp_mode::*` of the current attachment.
+    pub mode: u32,
+}
+
+/// Removes lb's pins under `dir` (a crashed agent's leftovers) and the dir if then empty.
+pub fn remove_pins(dir: &Path) -> Result<usize, DataplaneError> {
+    let mut removed = 0;
+    for name in map::ALL {
+        let p = dir.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path: p, source }),
+        }
+    }
+    // Only succeeds when empty: an operator's own pins there are left alone.
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}
+
+impl Dataplane {
+    /// Loads and verifies the programs and pins every map under `pin_path`.
+    pub fn load(pin_path: &Path) -> Result<Self, DataplaneError> {
+        crate::host::ensure_bpffs(pin_path).map_err(|e| DataplaneError::Io {
+            path: pin_path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let stale = remove_pins(pin_path)?;
+        if stale > 0 {
+            log::warn!(
+                "removed {stale} stale pins under {} (an earlier agent did not shut down)",
+                pin_path.display()
+            );
+        }
+        let mut ebpf = EbpfLoader::new()
+            .load(OBJECT)
+            .map_err(DataplaneError::Load)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(PROG_LB)
+            .ok_or(DataplaneError::Program {
+                name: PROG_LB,
+                source: aya::programs::ProgramError::UnexpectedProgramType,
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program {
+                name: PROG_LB,
+                source,
+            })?;
+        prog.load().map_err(|source| DataplaneError::Program {
+            name: PROG_LB,
+            source,
+        })?;
+        std::fs::create_dir_all(pin_path).map_err(|source| DataplaneError::Io {
+            path: pin_path.to_path_buf(),
+            source,
+        })?;
+        let dp = Self {
+            ebpf,
+            pin_path: pin_path.to_path_buf(),
+            link: None,
+            mode: xdp_mode::NONE,
+        };
+        for name in map::ALL {
+            let m = dp.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
+            let path = pin_path.join(name);
+            m.pin(&path)
+                .map_err(|source| DataplaneError::Pin { name, path, source })?;
+        }
+        Ok(dp)
+    }
+
+    /// The loaded LB program (for BPF_PROG_TEST_RUN in tests and benchmarks).
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(PROG_LB)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load")
+    }
+
+    /// Attaches to `interface`; `auto` tries native mode first, then generic with a warning.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        setting: XdpModeSetting,
+    ) -> Result<u32, DataplaneError> {
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(PROG_LB)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded in Dataplane::load");
+        let try_mode = |prog: &mut Xdp, mode: XdpMode, label: &'static str| {
+            prog.attach(interface, mode)
+                .map_err(|source| DataplaneError::Attach {
+                    interface: interface.to_string(),
+                    mode: label,
+                    source,
+                })
+        };
+        let (link, mode) = match setting {
+            XdpModeSetting::Native => {
+                (try_mode(prog, XdpMode::Driver, "native")?, xdp_mode::NATIVE)
+            }
+            XdpModeSetting::Generic => {
+                (try_mode(prog, XdpMode::Skb, "generic")?, xdp_mode::GENERIC)
+            }
+            XdpModeSetting::Auto => match try_mode(prog, XdpMode::Driver, "native") {
+                Ok(l) => (l, xdp_mode::NATIVE),
+                Err(e) => {
+                    log::warn!("{e}; falling back to generic (skb) mode, which is much slower");
+                    (try_mode(prog, XdpMode::Skb, "generic")?, xdp_mode::GENERIC)
+                }
+            },
+        };
+        self.link = Some(link);
+        self.mode = mode;
+        Ok(mode)
+    }
+
+    /// Detaches the program (idempotent).
+    pub fn detach(&mut self) {
+        if let Some(link) = self.link.take() {
+            if let Some(prog) = self
+                .ebpf
+                .program_mut(PROG_LB)
+                .and_then(|p| TryInto::<&mut Xdp>::try_into(p).ok())
+            {
+                if let Err(e) = prog.detach(link) {
+                    log::warn!("detaching XDP: {e}");
+                }
+            }
+            self.mode = xdp_mode::NONE;
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach();
+        if let Err(e) = remove_pins(&self.pin_path) {
+            log::warn!("removing pins: {e}");
+        }
+    }
+}

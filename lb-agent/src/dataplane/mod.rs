@@ -1,0 +1,73 @@
+//! The XDP data plane as the agent sees it.
+//!
+//! `loader` loads the embedded object, pins its maps and attaches the program; `pinned` opens
+//! the pinned maps (the agent and `lb-agent status` both go through it); `writer` turns the
+//! config and backend states into map contents, publishing Maglev tables atomically.
+
+pub mod loader;
+pub mod pinned;
+pub mod writer;
+
+/// The XDP object built by build.rs from lb-ebpf, embedded so the agent is one file.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf.o"));
+
+/// Errors of the data plane layer.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The object could not be loaded (verifier, missing privileges...).
+    #[error("loading the XDP object: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// A program is missing from the object or failed to load/attach.
+    #[error("XDP program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A map is missing from the object.
+    #[error("map {0} is missing from the XDP object")]
+    MissingMap(&'static str),
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Pinning a map failed.
+    #[error("pinning map {name} at {path}: {source}")]
+    Pin {
+        name: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    /// A filesystem operation on the pin directory failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The interface cannot take an XDP program in the requested mode.
+    #[error("attaching XDP to interface {interface} in {mode} mode: {source}")]
+    Attach {
+        interface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// A batch syscall failed.
+    #[error("map {name}: {op}: {source}")]
+    Syscall {
+        name: &'static str,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand for map errors.
+pub(crate) fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { name, source }
+}

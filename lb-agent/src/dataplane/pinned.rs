@@ -1,0 +1,176 @@
+//! The data plane's maps, opened from their pins. The agent writes through this and
+//! `lb-agent status` reads through it, so both see exactly what the XDP program sees.
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    map, AgentMeta, BackendInfo, BackendMeta, FlowKey, FlowValue, ReverseValue, TrafficStats,
+    VipInfo, VipKey, VipMeta,
+};
+
+use super::{map_err, DataplaneError};
+
+/// Every map of the data plane, typed.
+pub struct PinnedMaps {
+    pub pin_path: PathBuf,
+    pub vips: HashMap<MapData, VipKey, VipInfo>,
+    pub backends: Array<MapData, BackendInfo>,
+    /// Raw: written and read in batches (a table is 2 x 65537 slots).
+    pub maglev: MapData,
+    pub flows: HashMap<MapData, FlowKey, FlowValue>,
+    pub nat_reverse: HashMap<MapData, FlowKey, ReverseValue>,
+    pub stats_vip: PerCpuArray<MapData, TrafficStats>,
+    pub stats_backend: PerCpuArray<MapData, TrafficStats>,
+    pub stats_reason: PerCpuArray<MapData, u64>,
+    pub vip_meta: Array<MapData, VipMeta>,
+    pub backend_meta: Array<MapData, BackendMeta>,
+    pub agent_meta: Array<MapData, AgentMeta>,
+}
+
+fn open(dir: &Path, name: &'static str) -> Result<Map, DataplaneError> {
+    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
+    Map::from_map_data(data).map_err(map_err(name))
+}
+
+macro_rules! typed {
+    ($dir:expr, $name:expr) => {{
+        let name: &'static str = $name;
+        open($dir, name)?.try_into().map_err(map_err(name))?
+    }};
+}
+
+impl PinnedMaps {
+    /// True when the pin directory holds lb's maps (an agent runs, or crashed).
+    pub fn present(dir: &Path) -> bool {
+        dir.join(map::VIPS).exists()
+    }
+
+    /// Opens every map pinned under `dir`.
+    pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        Ok(Self {
+            pin_path: dir.to_path_buf(),
+            vips: typed!(dir, map::VIPS),
+            backends: typed!(dir, map::BACKENDS),
+            maglev: MapData::from_pin(dir.join(map::MAGLEV)).map_err(map_err(map::MAGLEV))?,
+            flows: typed!(dir, map::FLOWS),
+            nat_reverse: typed!(dir, map::NAT_REVERSE),
+            stats_vip: typed!(dir, map::STATS_VIP),
+            stats_backend: typed!(dir, map::STATS_BACKEND),
+            stats_reason: typed!(dir, map::STATS_REASON),
+            vip_meta: typed!(dir, map::VIP_META),
+            backend_meta: typed!(dir, map::BACKEND_META),
+            agent_meta: typed!(dir, map::AGENT_META),
+        })
+    }
+
+    /// Writes `values` into MAGLEV starting at `first` with one BPF_MAP_UPDATE_BATCH.
+    pub fn maglev_write(&self, first: u32, values: &[u32]) -> Result<(), DataplaneError> {
+        let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+        let mut count = values.len() as u32;
+        let mut attr = BatchAttr {
+            in_batch: 0,
+            out_batch: 0,
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count,
+            map_fd: self.maglev.fd().as_fd().as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        batch(BPF_MAP_UPDATE_BATCH, &mut attr, "update batch")?;
+        count = attr.count;
+        if count as usize != values.len() {
+            return Err(DataplaneError::Syscall {
+                name: map::MAGLEV,
+                op: "update batch",
+                source: std::io::Error::other(format!("wrote {count} of {}", values.len())),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `len` MAGLEV slots starting at `first` with BPF_MAP_LOOKUP_BATCH.
+    pub fn maglev_read(&self, first: u32, len: u32) -> Result<Vec<u32>, DataplaneError> {
+        let mut keys = vec![0u32; len as usize];
+        let mut values = vec![0u32; len as usize];
+        let mut done = 0usize;
+        // in_batch names the key *before* the first one returned (NULL: from the start).
+        let mut in_batch: u32 = first.wrapping_sub(1);
+        let mut out_batch: u32 = 0;
+        let mut first_call = true;
+        while done < len as usize {
+            let mut attr = BatchAttr {
+                in_batch: if first_call && first == 0 {
+                    0
+                } else {
+                    &in_batch as *const u32 as u64
+                },
+                out_batch: &mut out_batch as *mut u32 as u64,
+                keys: keys[done..].as_mut_ptr() as u64,
+                values: values[done..].as_mut_ptr() as u64,
+                count: len - done as u32,
+                map_fd: self.maglev.fd().as_fd().as_raw_fd() as u32,
+                elem_flags: 0,
+                flags: 0,
+            };
+            let r = batch(BPF_MAP_LOOKUP_BATCH, &mut attr, "lookup batch");
+            done += attr.count as usize;
+            match r {
+                Ok(()) => {}
+                Err(DataplaneError::Syscall { ref source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e),
+            }
+            in_batch = out_batch;
+            first_call = false;
+            if attr.count == 0 {
+                break;
+            }
+        }
+        values.truncate(done);
+        Ok(values)
+    }
+}
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `union bpf_attr`'s `batch` member.
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+fn batch(cmd: libc::c_long, attr: &mut BatchAttr, op: &'static str) -> Result<(), DataplaneError> {
+    // SAFETY: attr is a valid bpf_attr prefix; the buffers it points to outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(DataplaneError::Syscall {
+            name: map::MAGLEV,
+            op,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}

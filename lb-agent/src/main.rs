@@ -1,0 +1,160 @@
+//! `lb-agent`: run | check-config | status.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lb_agent::{
+    app,
+    config::{self, Config},
+    status,
+};
+use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "lb's agent: an XDP load balancer for kube-apiservers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the XDP data plane and serve the configured VIPs until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file against this host and exit (status 2 on a mistake).
+    CheckConfig {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Show what is in the data plane's maps and what the agent says.
+    Status {
+        /// Config file, for its pin path and control socket (defaults otherwise).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit status for a mistake in the config file.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status of `status` when no agent is running.
+const EXIT_NOT_RUNNING: u8 = 3;
+
+/// Loads and validates `path` against this host; prints the one-line error on failure.
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    let fail = |e: config::ConfigError| {
+        eprintln!("lb-agent: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    let cfg = Config::load(path).map_err(fail)?;
+    match config::read_ephemeral_range() {
+        Ok(range) => cfg.check_port_ranges(range).map_err(fail)?,
+        Err(e) => log::warn!("cannot read net.ipv4.ip_local_port_range: {e}"),
+    }
+    if lb_agent::host::ifindex(&cfg.agent.interface).is_err() {
+        return Err(fail(config::ConfigError {
+            file: cfg.path.clone(),
+            field: "agent.interface".into(),
+            message: format!("no interface {:?} on this host", cfg.agent.interface),
+        }));
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::CheckConfig { config } => match load_config(&config) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} VIPs, {} backends)",
+                    cfg.path.display(),
+                    cfg.vips.len(),
+                    cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Run { config } => {
+            let cfg = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("lb-agent: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(app::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Status { config, json } => {
+            let (pin, sock) = match config {
+                Some(path) => match Config::load(&path) {
+                    Ok(c) => (c.agent.pin_path, c.agent.control_socket),
+                    Err(e) => {
+                        eprintln!("lb-agent: {e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                },
+                None => (DEFAULT_PIN_PATH.into(), DEFAULT_CONTROL_SOCKET.into()),
+            };
+            if let Err(e) = lb_agent::host::check_privileges("status") {
+                eprintln!("lb-agent: {e}");
+                return ExitCode::FAILURE;
+            }
+            match status::gather(&pin, &sock) {
+                Ok(r) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&r).expect("serializable")
+                        );
+                    } else {
+                        print!("{}", status::render(&r));
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e @ status::StatusError::NotRunning { .. }) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"running": false, "error": e.to_string(), "vips": []})
+                        );
+                    } else {
+                        eprintln!("lb-agent: {e}");
+                    }
+                    ExitCode::from(EXIT_NOT_RUNNING)
+                }
+                Err(e) => {
+                    eprintln!("lb-agent: status: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! `lb-agent status`: what is in the data plane's maps, plus what the agent says about itself.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use lb_common::{maglev_index, reason, state, xdp_mode, TrafficStats, MAX_BACKENDS, NO_BACKEND};
+use serde::Serialize;
+
+use crate::{
+    control::{self, Request},
+    dataplane::{map_err, pinned::PinnedMaps, DataplaneError},
+};
+
+/// Why status cannot report.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("lb-agent is not running: no maps are pinned under {pin_path}{agent}")]
+    NotRunning { pin_path: PathBuf, agent: String },
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+}
+
+/// Everything `lb-agent status` shows; `--json` prints it as is.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub agent: AgentStatus,
+    /// Entries in the flow table (all VIPs).
+    pub flows: u64,
+    pub vips: Vec<VipStatus>,
+    /// Per-CPU counters summed, by reason name.
+    pub counters: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AgentStatus {
+    /// The control socket answered.
+    pub running: bool,
+    pub pid: u32,
+    pub interface: String,
+    pub ifindex: u32,
+    /// "native", "generic" or "none".
+    pub xdp_mode: String,
+    pub pin_path: String,
+    pub control_socket: String,
+    pub uptime_seconds: u64,
+    pub version: String,
+    /// Why the control socket did not answer, when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct VipStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub mode: String,
+    pub snat_address: String,
+    pub snat_ports: String,
+    pub maglev_table_size: u32,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct BackendStatus {
+    pub name: String,
+    pub address: String,
+    pub port: u16,
+    /// "up", "down" or "drain".
+    pub state: String,
+    pub weight: u32,
+    /// Slots of the live Maglev table it owns.
+    pub slots: u32,
+    /// Entries in the flow table that point at it.
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+fn name_str(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+fn ip(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from_be(be))
+}
+
+fn sum(values: &[TrafficStats]) -> TrafficStats {
+    values
+        .iter()
+        .fold(TrafficStats::default(), |a, s| TrafficStats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_flows: a.new_flows + s.new_flows,
+            reply_packets: a.reply_packets + s.reply_packets,
+            reply_bytes: a.reply_bytes + s.reply_bytes,
+        })
+}
+
+/// Reads the pinned maps under `pin_path` and asks the agent at `control_socket`.
+pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusError> {
+    let answer = control::request(control_socket, &Request::Status);
+    if !PinnedMaps::present(pin_path) {
+        let agent = match &answer {
+            Ok(_) => format!(" (but an agent answers on {})", control_socket.display()),
+            Err(_) => format!(" and nothing answers on {}", control_socket.display()),
+        };
+        return Err(StatusError::NotRunning {
+            pin_path: pin_path.to_path_buf(),
+            agent,
+        });
+    }
+    let maps = PinnedMaps::open(pin_path)?;
+    let meta = maps
+        .agent_meta
+        .get(&0, 0)
+        .map_err(map_err(lb_common::map::AGENT_META))?;
+    let (running, info, control_error) = match answer {
+        Ok(r) => (true, r.agent.unwrap_or_default(), None),
+        Err(e) => (false, Default::default(), Some(e.to_string())),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let agent = AgentStatus {
+        running,
+        pid: meta.pid,
+        interface: if info.interface.is_empty() {
+            nix::net::if_::if_indextoname(meta.ifindex)
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        } else {
+            info.interface.clone()
+        },
+        ifindex: meta.ifindex,
+        xdp_mode: xdp_mode::name(meta.xdp_mode).to_string(),
+        pin_path: pin_path.display().to_string(),
+        control_socket: control_socket.display().to_string(),
+        uptime_seconds: now.saturating_sub(meta.started_unix),
+        version: info.version,
+        control_error,
+    };
+
+    // Flows per backend from one pass over the flow table.
+    let mut flows_by_backend: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut flows = 0u64;
+    for entry in maps.flows.iter() {
+        let Ok((_, v)) = entry else { continue };
+        flows += 1;
+        *flows_by_backend.entry(v.backend).or_default() += 1;
+    }
+
+    let mut vip_entries: Vec<_> = maps.vips.iter().filter_map(Result::ok).collect();
+    vip_entries.sort_by_key(|(_, info)| info.index);
+    let mut vips = Vec::new();
+    for (key, info) in vip_entries {
+        let name = maps
+            .vip_meta
+            .get(&info.index, 0)
+            .map(|m| name_str(&m.name))
+            .unwrap_or_default();
+        let stats = sum(&maps
+            .stats_vip
+            .get(&info.index, 0)
+            .map(|v| v.iter().copied().collect::<Vec<_>>())
+            .unwrap_or_default());
+        let table = maps
+            .maglev_read(
+                maglev_index(info.index, info.active_half, 0),
+                info.table_size,
+            )
+            .unwrap_or_default();
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for b in table.iter().filter(|&&b| b != NO_BACKEND) {
+            *slots.entry(*b).or_default() += 1;
+        }
+        let mut vs = VipStatus {
+            name,
+            address: ip(key.addr).to_string(),
+            port: u16::from_be(key.port),
+            protocol: "tcp".into(),
+            mode: "nat".into(),
+            snat_address: ip(info.snat_addr).to_string(),
+            snat_ports: format!("{}-{}", info.snat_port_min, info.snat_port_max),
+            maglev_table_size: info.table_size,
+            packets: stats.packets,
+            bytes: stats.bytes,
+            new_flows: stats.new_flows,
+            reply_packets: stats.reply_packets,
+            reply_bytes: stats.reply_bytes,
+            ..Default::default()
+        };
+        for i in 0..MAX_BACKENDS {
+            let Ok(bm) = maps.backend_meta.get(&i, 0) else {
+                continue;
+            };
+            if bm.in_use == 0 {
+                continue;
+            }
+            let Ok(b) = maps.backends.get(&i, 0) else {
+                continue;
+            };
+            if b.vip != info.index || b.state == state::UNUSED {
+                continue;
+            }
+            let s = sum(&maps
+                .stats_backend
+                .get(&i, 0)
+                .map(|v| v.iter().copied().collect::<Vec<_>>())
+                .unwrap_or_default());
+            let f = flows_by_backend.get(&i).copied().unwrap_or(0);
+            vs.flows += f;
+            vs.backends.push(BackendStatus {
+                name: name_str(&bm.name),
+                address: ip(b.addr).to_string(),
+                port: u16::from_be(b.port),
+                state: state::name(b.state).to_string(),
+                weight: bm.weight,
+                slots: slots.get(&i).copied().unwrap_or(0),
+                flows: f,
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+                reply_packets: s.reply_packets,
+                reply_bytes: s.reply_bytes,
+            });
+        }
+        vips.push(vs);
+    }
+
+    let mut counters = BTreeMap::new();
+    for (i, name) in reason::NAMES.iter().enumerate() {
+        let v: u64 = maps
+            .stats_reason
+            .get(&(i as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        counters.insert(name.to_string(), v);
+    }
+    Ok(Report {
+        agent,
+        flows,
+        vips,
+        counters,
+    })
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// The report as a terminal table.
+pub fn render(r: &Report) -> String {
+    let mut o = String::new();
+    let a = &r.agent;
+    let state = if a.running {
+        format!(
+            "running (pid {}, up {}s, {})",
+            a.pid, a.uptime_seconds, a.version
+        )
+    } else {
+        format!(
+            "NOT ANSWERING on {} (maps below may be stale: {})",
+            a.control_socket,
+            a.control_error.as_deref().unwrap_or("?")
+        )
+    };
+    let _ = writeln!(o, "agent:     {state}");
+    let _ = writeln!(
+        o,
+        "data plane: XDP {} on {} (ifindex {}), maps pinned under {}",
+        a.xdp_mode, a.interface, a.ifindex, a.pin_path
+    );
+    let _ = writeln!(o, "flow table: {} flows", r.flows);
+    for v in &r.vips {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}",
+            v.name,
+            v.address,
+            v.port,
+            v.protocol,
+            v.mode,
+            v.snat_address,
+            v.snat_ports,
+            v.maglev_table_size
+        );
+        let _ = writeln!(
+            o,
+            "  flows {}  new flows {}  to backends {} pkts / {}  replies {} pkts / {}",
+            v.flows,
+            v.new_flows,
+            v.packets,
+            human_bytes(v.bytes),
+            v.reply_packets,
+            human_bytes(v.reply_bytes)
+        );
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
+            "BACKEND",
+            "ADDRESS",
+            "STATE",
+            "WEIGHT",
+            "SLOTS",
+            "FLOWS",
+            "NEW FLOWS",
+            "PACKETS",
+            "BYTES",
+            "REPLY PKTS",
+            "REPLY BYTES"
+        );
+        for b in &v.backends {
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
+                b.name,
+                format!("{}:{}", b.address, b.port),
+                b.state,
+                b.weight,
+                b.slots,
+                b.flows,
+                b.new_flows,
+                b.packets,
+                human_bytes(b.bytes),
+                b.reply_packets,
+                human_bytes(b.reply_bytes)
+            );
+        }
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "counters (packets, all CPUs):");
+    for (k, v) in &r.counters {
+        if *v > 0 {
+            let _ = writeln!(o, "  {k:<22} {v}");
+        }
+    }
+    if r.counters.values().all(|v| *v == 0) {
+        let _ = writeln!(o, "  (all zero)");
+    }
+    o
+}

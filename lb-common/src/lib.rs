@@ -1,0 +1,429 @@
+//! Types, map names and sizes shared by the XDP program (lb-ebpf) and the agent (lb-agent).
+//!
+//! Everything here crosses the kernel boundary: `#[repr(C)]`, explicit padding, no bool, enum
+//! or Option. Addresses and ports in keys and values are kept in network byte order (as they
+//! sit in the packet) so the data plane never converts; the agent converts at its edge.
+#![no_std]
+
+/// Map names, as the XDP object declares them and as they are pinned under the pin path.
+pub mod map {
+    /// VipKey -> VipInfo.
+    pub const VIPS: &str = "VIPS";
+    /// Array of BackendInfo, indexed by global backend index.
+    pub const BACKENDS: &str = "BACKENDS";
+    /// Array of u32 backend indices: [vip][half][MAX_MAGLEV_SIZE].
+    pub const MAGLEV: &str = "MAGLEV";
+    /// LRU FlowKey(client -> VIP) -> FlowValue.
+    pub const FLOWS: &str = "FLOWS";
+    /// LRU FlowKey(backend -> SNAT address) -> ReverseValue.
+    pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    /// Per-CPU array of TrafficStats, indexed by VIP index.
+    pub const STATS_VIP: &str = "STATS_VIP";
+    /// Per-CPU array of TrafficStats, indexed by backend index.
+    pub const STATS_BACKEND: &str = "STATS_BACKEND";
+    /// Per-CPU array of u64 packet counts, indexed by `reason::*`.
+    pub const STATS_REASON: &str = "STATS_REASON";
+    /// Array of VipMeta (names for status; never read by the data plane).
+    pub const VIP_META: &str = "VIP_META";
+    /// Array of BackendMeta (names and weights for status).
+    pub const BACKEND_META: &str = "BACKEND_META";
+    /// Array with one AgentMeta: how and where the program is attached.
+    pub const AGENT_META: &str = "AGENT_META";
+    /// Array of u64 per backend: the next SNAT port to try (a ring over the range).
+    pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
+
+    /// Every map the agent pins, in the order status reads them.
+    pub const ALL: [&str; 12] = [
+        VIPS,
+        BACKENDS,
+        MAGLEV,
+        FLOWS,
+        NAT_REVERSE,
+        STATS_VIP,
+        STATS_BACKEND,
+        STATS_REASON,
+        VIP_META,
+        BACKEND_META,
+        AGENT_META,
+        SNAT_CURSOR,
+    ];
+}
+
+/// Name of the load-balancing XDP program in the object.
+pub const PROG_LB: &str = "lb_xdp";
+/// Name of the trivial XDP_PASS program (benchmark floor; lab bridge ports need it).
+pub const PROG_PASS: &str = "lb_xdp_pass";
+
+/// Default directory under bpffs where the maps are pinned.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// Default path of the agent's control socket.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
+/// Default configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/lb/lb.toml";
+
+/// Most VIPs one agent serves.
+pub const MAX_VIPS: u32 = 16;
+/// Most backends over all VIPs.
+pub const MAX_BACKENDS: u32 = 1024;
+/// Largest Maglev table (a prime); each VIP has two halves of this many slots.
+pub const MAX_MAGLEV_SIZE: u32 = 65537;
+/// Default Maglev table size (prime).
+pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
+/// Entries in FLOWS and in NAT_REVERSE.
+pub const MAX_FLOWS: u32 = 262_144;
+/// Length of the name fields in VipMeta and BackendMeta.
+pub const NAME_LEN: usize = 64;
+/// Value in a MAGLEV slot when no backend can take the flow.
+pub const NO_BACKEND: u32 = u32::MAX;
+/// How many SNAT ports a new flow tries before it is dropped as "SNAT ports exhausted".
+pub const SNAT_TRIES: u32 = 8;
+/// A closed flow's SNAT port is reused only after this long without packets (ns).
+pub const SNAT_CLOSED_REUSE_NS: u64 = 1_000_000_000;
+/// A flow idle this long may lose its SNAT port to a new flow (ns).
+pub const SNAT_IDLE_REUSE_NS: u64 = 600 * 1_000_000_000;
+
+/// Index of the MAGLEV slot for `vip`, table `half` (0/1) and position `pos`.
+#[inline(always)]
+pub const fn maglev_index(vip: u32, half: u32, pos: u32) -> u32 {
+    (vip * 2 + half) * MAX_MAGLEV_SIZE + pos
+}
+
+/// IP protocol numbers we serve.
+pub const IPPROTO_TCP: u8 = 6;
+
+/// Forwarding modes (VipInfo.mode).
+pub mod mode {
+    /// Full NAT: source and destination rewritten both ways.
+    pub const NAT: u32 = 0;
+}
+
+/// Backend states (BackendInfo.state).
+pub mod state {
+    /// The slot holds no backend.
+    pub const UNUSED: u8 = 0;
+    /// In the Maglev table, takes new flows.
+    pub const UP: u8 = 1;
+    /// Out of the table; its flows are re-picked.
+    pub const DOWN: u8 = 2;
+    /// Out of the table; its flows stay until they end.
+    pub const DRAIN: u8 = 3;
+
+    /// The word status prints for a state.
+    pub const fn name(s: u8) -> &'static str {
+        match s {
+            UP => "up",
+            DOWN => "down",
+            DRAIN => "drain",
+            _ => "unused",
+        }
+    }
+}
+
+/// FlowValue/ReverseValue flag bits (TCP close tracking).
+pub mod flow_flags {
+    /// The client sent FIN.
+    pub const FIN_CLIENT: u8 = 1;
+    /// The backend sent FIN.
+    pub const FIN_BACKEND: u8 = 2;
+    /// Either side sent RST.
+    pub const RST: u8 = 4;
+}
+
+/// XDP attach modes (AgentMeta.xdp_mode).
+pub mod xdp_mode {
+    /// Not attached.
+    pub const NONE: u32 = 0;
+    /// Native (driver) mode.
+    pub const NATIVE: u32 = 1;
+    /// Generic (skb) mode.
+    pub const GENERIC: u32 = 2;
+
+    /// The word status prints for a mode.
+    pub const fn name(m: u32) -> &'static str {
+        match m {
+            NATIVE => "native",
+            GENERIC => "generic",
+            _ => "none",
+        }
+    }
+}
+
+/// Why a packet was passed, dropped or sent: one per-CPU counter each (STATS_REASON).
+pub mod reason {
+    /// Not IPv4 (ARP, IPv6, LLDP...): passed.
+    pub const PASS_NOT_IPV4: u32 = 0;
+    /// IPv4 not for a VIP nor a reply to a NAT flow: passed.
+    pub const PASS_NOT_OURS: u32 = 1;
+    /// Frame too short for the headers it announces: passed untouched.
+    pub const PASS_TRUNCATED: u32 = 2;
+    /// IP fragment for a VIP: dropped (see docs/architecture.md).
+    pub const DROP_FRAGMENT: u32 = 3;
+    /// VIP packet with IP options: forwarded, options kept (a count, not a drop).
+    pub const IP_OPTIONS: u32 = 4;
+    /// New flow for a VIP with no backend in its table: dropped.
+    pub const DROP_NO_BACKEND: u32 = 5;
+    /// No free SNAT port after SNAT_TRIES attempts: dropped.
+    pub const DROP_SNAT_EXHAUSTED: u32 = 6;
+    /// RST for a VIP with no flow: dropped, creates nothing.
+    pub const DROP_RST_NO_FLOW: u32 = 7;
+    /// Rewritten, next hop's MAC unknown: passed to the kernel to resolve it.
+    pub const PASS_NO_NEIGH: u32 = 8;
+    /// Rewritten, FIB lookup not forwardable by XDP: passed to the kernel.
+    pub const PASS_FIB_OTHER: u32 = 9;
+    /// Rewritten, route is blackhole/unreachable/prohibit: dropped.
+    pub const DROP_FIB_UNREACHABLE: u32 = 10;
+    /// A flow table insert failed: dropped.
+    pub const DROP_FLOW_INSERT: u32 = 11;
+    /// Sent back out of the ingress interface (XDP_TX).
+    pub const TX: u32 = 12;
+    /// Redirected to another interface.
+    pub const REDIRECT: u32 = 13;
+    /// A flow whose backend went down was moved to a new backend.
+    pub const FLOW_REPICKED: u32 = 14;
+    /// A non-TCP packet for a VIP address and port: passed.
+    pub const PASS_NOT_TCP: u32 = 15;
+    /// Number of reasons.
+    pub const COUNT: u32 = 16;
+
+    /// Names as status prints them, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_ipv4",
+        "pass_not_ours",
+        "pass_truncated",
+        "drop_fragment",
+        "ip_options",
+        "drop_no_backend",
+        "drop_snat_exhausted",
+        "drop_rst_no_flow",
+        "pass_no_neigh",
+        "pass_fib_other",
+        "drop_fib_unreachable",
+        "drop_flow_insert",
+        "tx",
+        "redirect",
+        "flow_repicked",
+        "pass_not_tcp",
+    ];
+}
+
+/// Key of VIPS: the VIP as it appears as destination of a client packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of VIPS: how to serve one VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipInfo {
+    /// Index into VIP_META, STATS_VIP and MAGLEV.
+    pub index: u32,
+    /// `mode::*`.
+    pub mode: u32,
+    /// Source address of packets to backends; network byte order.
+    pub snat_addr: u32,
+    /// First SNAT port, host byte order.
+    pub snat_port_min: u16,
+    /// Last SNAT port (inclusive), host byte order.
+    pub snat_port_max: u16,
+    /// Maglev table size M (prime, <= MAX_MAGLEV_SIZE).
+    pub table_size: u32,
+    /// Which half of the Maglev double buffer is live (0/1); flipped by rewriting this value.
+    pub active_half: u32,
+}
+
+/// Element of BACKENDS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Network byte order.
+    pub addr: u32,
+    /// Network byte order.
+    pub port: u16,
+    /// `state::*`.
+    pub state: u8,
+    pub _pad: u8,
+    /// Index of the VIP this backend serves.
+    pub vip: u32,
+}
+
+/// A TCP/UDP 5-tuple as seen in a packet (key of FLOWS and NAT_REVERSE).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Network byte order.
+    pub src_addr: u32,
+    /// Network byte order.
+    pub dst_addr: u32,
+    /// Network byte order.
+    pub src_port: u16,
+    /// Network byte order.
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of FLOWS: where a client's connection goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// Backend index.
+    pub backend: u32,
+    /// SNAT source address, network byte order.
+    pub snat_addr: u32,
+    /// SNAT source port, network byte order.
+    pub snat_port: u16,
+    /// `flow_flags::*`.
+    pub flags: u8,
+    pub _pad: u8,
+    pub _pad2: u32,
+    /// bpf_ktime_get_ns of the last packet.
+    pub last_seen_ns: u64,
+}
+
+/// Value of NAT_REVERSE: how to turn a backend's reply back into VIP -> client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseValue {
+    /// Network byte order.
+    pub client_addr: u32,
+    /// Network byte order.
+    pub vip_addr: u32,
+    /// Network byte order.
+    pub client_port: u16,
+    /// Network byte order.
+    pub vip_port: u16,
+    /// VIP index.
+    pub vip: u32,
+    /// Backend index.
+    pub backend: u32,
+    /// `flow_flags::*`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
+    /// bpf_ktime_get_ns of the last packet either way.
+    pub last_seen_ns: u64,
+}
+
+/// Per-CPU traffic counters of a VIP or a backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    /// Packets client -> backend.
+    pub packets: u64,
+    /// Bytes (L3) client -> backend.
+    pub bytes: u64,
+    /// Flows created (a re-picked flow counts for its new backend).
+    pub new_flows: u64,
+    /// Packets backend -> client.
+    pub reply_packets: u64,
+    /// Bytes (L3) backend -> client.
+    pub reply_bytes: u64,
+}
+
+/// Element of VIP_META: what status shows and the data plane never reads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipMeta {
+    /// NUL-padded UTF-8 name.
+    pub name: [u8; NAME_LEN],
+    /// 1 when the slot holds a VIP.
+    pub in_use: u32,
+    pub _pad: u32,
+}
+
+impl Default for VipMeta {
+    fn default() -> Self {
+        Self {
+            name: [0; NAME_LEN],
+            in_use: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Element of BACKEND_META.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendMeta {
+    /// NUL-padded UTF-8 name.
+    pub name: [u8; NAME_LEN],
+    /// Configured weight (0 = drain).
+    pub weight: u32,
+    /// 1 when the slot holds a backend.
+    pub in_use: u32,
+}
+
+impl Default for BackendMeta {
+    fn default() -> Self {
+        Self {
+            name: [0; NAME_LEN],
+            weight: 0,
+            in_use: 0,
+        }
+    }
+}
+
+/// The single element of AGENT_META.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentMeta {
+    /// `xdp_mode::*`.
+    pub xdp_mode: u32,
+    /// Interface the program is attached to.
+    pub ifindex: u32,
+    /// Agent's process id.
+    pub pid: u32,
+    pub _pad: u32,
+    /// Wall-clock start time, Unix seconds.
+    pub started_unix: u64,
+}
+
+/// Copies `s` into a NUL-padded name field, truncating at NAME_LEN bytes.
+pub fn name_bytes(s: &str) -> [u8; NAME_LEN] {
+    let mut out = [0u8; NAME_LEN];
+    let b = s.as_bytes();
+    let n = if b.len() < NAME_LEN {
+        b.len()
+    } else {
+        NAME_LEN
+    };
+    out[..n].copy_from_slice(&b[..n]);
+    out
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipInfo {}
+    unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for TrafficStats {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for BackendMeta {}
+    unsafe impl aya::Pod for AgentMeta {}
+}
+
+// Layouts are part of the kernel ABI between the two sides: pin them.
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 8);
+    assert!(core::mem::size_of::<VipInfo>() == 24);
+    assert!(core::mem::size_of::<BackendInfo>() == 12);
+    assert!(core::mem::size_of::<FlowKey>() == 16);
+    assert!(core::mem::size_of::<FlowValue>() == 24);
+    assert!(core::mem::size_of::<ReverseValue>() == 32);
+    assert!(core::mem::size_of::<TrafficStats>() == 40);
+    assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
+    assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);
+    assert!(core::mem::size_of::<AgentMeta>() == 24);
+    assert!(MAX_VIPS * 2 * MAX_MAGLEV_SIZE < u32::MAX);
+};

@@ -1,0 +1,26 @@
+//! Incremental Internet checksum updates (RFC 1624, eqn. 3): HC' = ~(~HC + ~m + m').
+//!
+//! Values are used exactly as they sit in the packet (no byte swapping): the one's complement
+//! sum is byte-order independent as long as every word is read the same way.
+
+/// Adds the change of a 32-bit field from `old` to `new` to an unfolded sum.
+#[inline(always)]
+pub fn diff32(sum: u32, old: u32, new: u32) -> u32 {
+    let o = !old;
+    sum + (o >> 16) + (o & 0xffff) + (new >> 16) + (new & 0xffff)
+}
+
+/// Adds the change of a 16-bit field from `old` to `new` to an unfolded sum.
+#[inline(always)]
+pub fn diff16(sum: u32, old: u16, new: u16) -> u32 {
+    sum + (!old as u32 & 0xffff) + new as u32
+}
+
+/// Applies an unfolded difference `sum` to checksum `check`.
+#[inline(always)]
+pub fn apply(check: u16, sum: u32) -> u16 {
+    let mut s = (!check as u32 & 0xffff) + sum;
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}

@@ -1,0 +1,79 @@
+//! lb's data plane: an XDP program that full-NATs TCP connections for VIPs to backends chosen
+//! by Maglev, and translates the backends' replies back. Everything else passes untouched.
+//!
+//! One module per concern: `parse` (headers, bounds checks), `csum` (incremental checksums),
+//! `flow` (flow table and SNAT port allocation), `nat` (rewrite both ways), `fib` (next hop),
+//! `stats` (per-CPU counters). This file holds the maps and the entry points.
+#![no_std]
+#![no_main]
+// atomic_xadd: the BPF target has no core::sync::atomic types.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+mod csum;
+mod fib;
+mod flow;
+mod nat;
+mod parse;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{
+    reason, AgentMeta, BackendInfo, BackendMeta, FlowKey, FlowValue, ReverseValue, TrafficStats,
+    VipInfo, VipKey, VipMeta, MAX_BACKENDS, MAX_FLOWS, MAX_MAGLEV_SIZE, MAX_VIPS,
+};
+
+// Map statics are named exactly as lb_common::map's constants; the agent finds them by name.
+#[map]
+static VIPS: HashMap<VipKey, VipInfo> = HashMap::with_max_entries(MAX_VIPS, 0);
+#[map]
+static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static MAGLEV: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_MAGLEV_SIZE, 0);
+#[map]
+static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static NAT_REVERSE: LruHashMap<FlowKey, ReverseValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+#[map]
+static STATS_VIP: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+#[map]
+static STATS_BACKEND: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+#[map]
+static SNAT_CURSOR: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+// Read only by the agent and `lb-agent status`; declared here so the object carries them.
+#[map]
+static VIP_META: Array<VipMeta> = Array::with_max_entries(MAX_VIPS, 0);
+#[map]
+static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
+
+/// The load balancer.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    nat::process(&ctx)
+}
+
+/// Passes everything: the floor for the microbenchmark, and the program the lab attaches to
+/// veth bridge ports so that XDP_TX frames from the LB's veth are delivered.
+#[xdp]
+pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,127 @@
+//! Full NAT both ways: client -> VIP becomes SNAT -> backend, and the backend's reply to
+//! SNAT becomes VIP -> client. Checksums are updated incrementally.
+
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{flow_flags, reason, FlowKey, VipKey, IPPROTO_TCP};
+
+use crate::{
+    csum, fib, flow,
+    parse::{self, NotTcp, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats, NAT_REVERSE, VIPS,
+};
+
+/// Entry point of the LB program.
+#[inline(always)]
+pub fn process(ctx: &XdpContext) -> u32 {
+    let pkt = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(e) => {
+            stats::reason(match e {
+                NotTcp::Truncated => reason::PASS_TRUNCATED,
+                NotTcp::NotIpv4 => reason::PASS_NOT_IPV4,
+                NotTcp::OtherProto => reason::PASS_NOT_TCP,
+                NotTcp::LaterFragment => reason::PASS_NOT_OURS,
+            });
+            return xdp_action::XDP_PASS;
+        }
+    };
+    let (ip, tcp) = unsafe { (&*pkt.ip, &*pkt.tcp) };
+    let key = FlowKey {
+        src_addr: ip.src,
+        dst_addr: ip.dst,
+        src_port: tcp.src_port,
+        dst_port: tcp.dst_port,
+        proto: IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    let vip_key = VipKey {
+        addr: ip.dst,
+        port: tcp.dst_port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    if let Some(vip) = unsafe { VIPS.get(vip_key) } {
+        if pkt.fragment {
+            // Only the first fragment names the port; without the rest we cannot NAT the
+            // datagram, and a TCP peer doing PMTU discovery never fragments.
+            stats::reason(reason::DROP_FRAGMENT);
+            return xdp_action::XDP_DROP;
+        }
+        return forward(ctx, &pkt, &key, vip);
+    }
+    if let Some(rev) = NAT_REVERSE.get_ptr_mut(key) {
+        return reply(ctx, &pkt, rev);
+    }
+    stats::reason(reason::PASS_NOT_OURS);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &lb_common::VipInfo) -> u32 {
+    let flags = unsafe { (*pkt.tcp).flags };
+    let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let rst = flags & TCP_RST != 0;
+    let close = close_flags(flags, flow_flags::FIN_CLIENT);
+    let d = match flow::lookup_or_create(key, vip, syn, rst, close) {
+        Ok(d) => d,
+        Err(r) => {
+            stats::reason(r);
+            return xdp_action::XDP_DROP;
+        }
+    };
+    if pkt.has_options {
+        stats::reason(reason::IP_OPTIONS);
+    }
+    let bytes = u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64;
+    stats::forward(vip.index, d.backend_index, bytes, d.new_flow);
+    rewrite(
+        pkt,
+        d.snat_addr,
+        d.snat_port,
+        d.backend.addr,
+        d.backend.port,
+    );
+    fib::send(ctx, pkt)
+}
+
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut lb_common::ReverseValue) -> u32 {
+    let flags = unsafe { (*pkt.tcp).flags };
+    let r = flow::touch_reverse(rev, close_flags(flags, flow_flags::FIN_BACKEND));
+    let bytes = u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64;
+    stats::reply(r.vip, r.backend, bytes);
+    rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
+    fib::send(ctx, pkt)
+}
+
+#[inline(always)]
+fn close_flags(tcp_flags: u8, fin: u8) -> u8 {
+    let mut c = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        c |= fin;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        c |= flow_flags::RST;
+    }
+    c
+}
+
+/// Rewrites addresses and ports (all network byte order) and fixes both checksums.
+#[inline(always)]
+fn rewrite(pkt: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
+    unsafe {
+        let ip = &mut *pkt.ip;
+        let tcp = &mut *pkt.tcp;
+        let mut d = csum::diff32(0, ip.src, src);
+        d = csum::diff32(d, ip.dst, dst);
+        ip.check = csum::apply(ip.check, d);
+        // The TCP checksum covers the addresses through the pseudo-header.
+        d = csum::diff16(d, tcp.src_port, sport);
+        d = csum::diff16(d, tcp.dst_port, dport);
+        tcp.check = csum::apply(tcp.check, d);
+        ip.src = src;
+        ip.dst = dst;
+        tcp.src_port = sport;
+        tcp.dst_port = dport;
+    }
+}

@@ -1,0 +1,135 @@
+//! Header layouts and bounds-checked access to the packet.
+
+use aya_ebpf::programs::XdpContext;
+use core::mem::size_of;
+
+pub const ETH_LEN: usize = 14;
+pub const VLAN_LEN: usize = 4;
+/// EtherTypes in network byte order, as read raw from the frame.
+pub const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub const ETH_P_8021Q_BE: u16 = 0x8100u16.to_be();
+pub const ETH_P_8021AD_BE: u16 = 0x88a8u16.to_be();
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct VlanHdr {
+    pub tci: u16,
+    pub proto: u16,
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: u16,
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: u16,
+    pub src: u32,
+    pub dst: u32,
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: u32,
+    pub ack_seq: u32,
+    pub doff_res: u8,
+    pub flags: u8,
+    pub window: u16,
+    pub check: u16,
+    pub urg_ptr: u16,
+}
+
+/// A pointer to a `T` at `offset`, or None when the frame is too short: the one place that
+/// checks against data_end.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Headers of an IPv4/TCP packet, all bounds-checked.
+pub struct Packet {
+    pub eth: *mut EthHdr,
+    pub ip: *mut Ipv4Hdr,
+    pub tcp: *mut TcpHdr,
+    /// The frame carries an 802.1Q/802.1ad tag.
+    pub tagged: bool,
+    /// The IPv4 header has options (IHL > 5).
+    pub has_options: bool,
+    /// MF set or a non-zero fragment offset.
+    pub fragment: bool,
+}
+
+/// What parsing found when it is not an IPv4/TCP packet.
+pub enum NotTcp {
+    /// Shorter than its headers: pass untouched.
+    Truncated,
+    /// Not IPv4.
+    NotIpv4,
+    /// IPv4, another protocol.
+    OtherProto,
+    /// A later IPv4 fragment (no L4 header to look at).
+    LaterFragment,
+}
+
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, NotTcp> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotTcp::Truncated)?;
+    let mut proto = unsafe { (*eth).proto };
+    let mut l3 = ETH_LEN;
+    let mut tagged = false;
+    if proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE {
+        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(NotTcp::Truncated)?;
+        proto = unsafe { (*vlan).proto };
+        l3 += VLAN_LEN;
+        tagged = true;
+    }
+    if proto != ETH_P_IP_BE {
+        return Err(NotTcp::NotIpv4);
+    }
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(NotTcp::Truncated)?;
+    let version_ihl = unsafe { (*ip).version_ihl };
+    if version_ihl >> 4 != 4 {
+        return Err(NotTcp::NotIpv4);
+    }
+    let ihl = ((version_ihl & 0x0f) as usize) * 4;
+    if ihl < size_of::<Ipv4Hdr>() {
+        return Err(NotTcp::Truncated);
+    }
+    if unsafe { (*ip).proto } != lb_common::IPPROTO_TCP {
+        return Err(NotTcp::OtherProto);
+    }
+    let frag = u16::from_be(unsafe { (*ip).frag_off });
+    if frag & 0x1fff != 0 {
+        return Err(NotTcp::LaterFragment);
+    }
+    let tcp: *mut TcpHdr = ptr_at(ctx, l3 + ihl).ok_or(NotTcp::Truncated)?;
+    Ok(Packet {
+        eth,
+        ip,
+        tcp,
+        tagged,
+        has_options: ihl > size_of::<Ipv4Hdr>(),
+        fragment: frag & 0x2000 != 0,
+    })
+}

@@ -1,0 +1,502 @@
+//! lb-stub: a fake kube-apiserver over HTTPS, with a plain-HTTP admin port to count traffic and
+//! inject failures (readyz 503/hang, accept hang, dropping every connection).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_tests::http::{self, Request};
+use lb_tests::tls;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+/// A slow or silent client must not pin a task forever.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds the per-path map so a client spraying random paths cannot grow it without limit.
+const MAX_TRACKED_PATHS: usize = 256;
+
+#[derive(Parser)]
+#[command(
+    name = "lb-stub",
+    about = "Fake kube-apiserver over HTTPS for lb tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Write ca.crt, ca.key, server.crt, server.key and other-ca.crt into DIR.
+    GenCerts {
+        /// Output directory (created if missing; files are overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// Server certificate SAN (IP if it parses as one, else DNS); "kubernetes" and
+        /// "localhost" are always added.
+        #[arg(long = "san", value_name = "NAME_OR_IP")]
+        sans: Vec<String>,
+    },
+    /// Serve the fake API over HTTPS.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// HTTPS listen address.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: SocketAddr,
+    /// Backend name, reported in X-Backend and /version.
+    #[arg(long)]
+    name: String,
+    /// PEM certificate chain.
+    #[arg(long)]
+    cert: PathBuf,
+    /// PEM private key.
+    #[arg(long)]
+    key: PathBuf,
+    /// Plain-HTTP admin listen address (/stats, /mode, /close-all).
+    #[arg(long, value_name = "IP:PORT")]
+    admin_listen: Option<SocketAddr>,
+    /// Initial accept mode.
+    #[arg(long, value_enum, default_value = "normal")]
+    accept: AcceptMode,
+    /// Initial /readyz behaviour.
+    #[arg(long, value_enum, default_value = "200")]
+    readyz: ReadyzMode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+#[repr(u8)]
+enum AcceptMode {
+    /// Complete TLS and serve HTTP.
+    Normal,
+    /// Accept TCP, then never handshake or answer.
+    Hang,
+}
+
+impl AcceptMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Hang => "hang",
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        if v == Self::Hang as u8 {
+            Self::Hang
+        } else {
+            Self::Normal
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+#[repr(u8)]
+enum ReadyzMode {
+    /// 200 ok.
+    #[value(name = "200")]
+    Ok,
+    /// 503 like an apiserver that is shutting down.
+    #[value(name = "503")]
+    Unavailable,
+    /// Never answer /readyz.
+    Hang,
+}
+
+impl ReadyzMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "200",
+            Self::Unavailable => "503",
+            Self::Hang => "hang",
+        }
+    }
+    fn from_u8(v: u8) -> Self {
+        match v {
+            v if v == Self::Unavailable as u8 => Self::Unavailable,
+            v if v == Self::Hang as u8 => Self::Hang,
+            _ => Self::Ok,
+        }
+    }
+}
+
+/// What the connection loop should do with a request.
+enum Reply {
+    Full {
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+    /// Leave the request unanswered while keeping the connection open.
+    Hang,
+    /// Stream watch bookmarks at this interval until the connection dies.
+    Watch(Duration),
+}
+
+impl Reply {
+    fn text(status: u16, body: &str) -> Self {
+        Self::Full {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.as_bytes().to_vec(),
+        }
+    }
+    fn json(status: u16, v: serde_json::Value) -> Self {
+        Self::Full {
+            status,
+            content_type: "application/json",
+            body: v.to_string().into_bytes(),
+        }
+    }
+}
+
+struct Stub {
+    name: String,
+    connections: AtomicU64,
+    tls_handshakes: AtomicU64,
+    requests_total: AtomicU64,
+    requests: Mutex<BTreeMap<String, u64>>,
+    active: AtomicU64,
+    accept: AtomicU8,
+    readyz: AtomicU8,
+    /// Bumped by /close-all; every client connection task watches it and drops its socket.
+    close_gen: watch::Sender<u64>,
+}
+
+/// Keeps `active_connections` exact however a connection task ends (including cancellation).
+struct ActiveGuard(Arc<Stub>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Stub {
+    fn accept_mode(&self) -> AcceptMode {
+        AcceptMode::from_u8(self.accept.load(Ordering::Relaxed))
+    }
+
+    fn readyz_mode(&self) -> ReadyzMode {
+        ReadyzMode::from_u8(self.readyz.load(Ordering::Relaxed))
+    }
+
+    fn modes_json(&self) -> serde_json::Value {
+        json!({"readyz": self.readyz_mode().as_str(), "accept": self.accept_mode().as_str()})
+    }
+
+    fn count_request(&self, path: &str) {
+        self.requests_total.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let key = if map.contains_key(path) || map.len() < MAX_TRACKED_PATHS {
+            path
+        } else {
+            "(other)"
+        };
+        *map.entry(key.to_string()).or_default() += 1;
+    }
+
+    fn api_route(&self, req: &Request) -> Reply {
+        let path = req.path();
+        self.count_request(path);
+        match path {
+            "/readyz" => match self.readyz_mode() {
+                ReadyzMode::Ok => Reply::text(200, "ok"),
+                ReadyzMode::Unavailable => Reply::text(
+                    503,
+                    "[-]shutdown failed: reason withheld\nreadyz check failed",
+                ),
+                ReadyzMode::Hang => Reply::Hang,
+            },
+            "/livez" | "/healthz" => Reply::text(200, "ok"),
+            // Formatted by hand to keep the field order of a real apiserver's reply.
+            "/version" => Reply::Full {
+                status: 200,
+                content_type: "application/json",
+                body: format!(
+                    r#"{{"major":"1","minor":"30","gitVersion":"v1.30.0-lb-stub","backend":{}}}"#,
+                    json!(self.name)
+                )
+                .into_bytes(),
+            },
+            "/watch" => match req.query_param("interval_ms").map(str::parse::<u64>) {
+                None => Reply::Watch(Duration::from_millis(100)),
+                Some(Ok(ms)) => Reply::Watch(Duration::from_millis(ms.max(1))),
+                Some(Err(_)) => Reply::text(400, "bad interval_ms\n"),
+            },
+            _ => Reply::text(404, "404 page not found\n"),
+        }
+    }
+
+    fn admin_route(&self, req: &Request) -> Reply {
+        match req.path() {
+            "/stats" => {
+                let requests = self
+                    .requests
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                Reply::json(
+                    200,
+                    json!({
+                        "name": self.name,
+                        "connections": self.connections.load(Ordering::Relaxed),
+                        "tls_handshakes": self.tls_handshakes.load(Ordering::Relaxed),
+                        "requests_total": self.requests_total.load(Ordering::Relaxed),
+                        "requests": requests,
+                        "active_connections": self.active.load(Ordering::Relaxed),
+                        "readyz": self.readyz_mode().as_str(),
+                        "accept": self.accept_mode().as_str(),
+                    }),
+                )
+            }
+            "/mode" => {
+                // Validate everything before applying anything, so a bad request changes nothing.
+                let readyz = match req.query_param("readyz") {
+                    None => None,
+                    Some(v) => match ReadyzMode::from_str(v, true) {
+                        Ok(m) => Some(m),
+                        Err(_) => return Reply::json(400, json!({"error": "bad readyz mode"})),
+                    },
+                };
+                let accept = match req.query_param("accept") {
+                    None => None,
+                    Some(v) => match AcceptMode::from_str(v, true) {
+                        Ok(m) => Some(m),
+                        Err(_) => return Reply::json(400, json!({"error": "bad accept mode"})),
+                    },
+                };
+                if let Some(m) = readyz {
+                    self.readyz.store(m as u8, Ordering::Relaxed);
+                }
+                if let Some(m) = accept {
+                    self.accept.store(m as u8, Ordering::Relaxed);
+                }
+                eprintln!("lb-stub {}: mode {}", self.name, self.modes_json());
+                Reply::json(200, self.modes_json())
+            }
+            "/close-all" => {
+                let active = self.active.load(Ordering::Relaxed);
+                self.close_gen.send_modify(|g| *g += 1);
+                Reply::json(200, json!({"closed": active}))
+            }
+            _ => Reply::text(404, "404 page not found\n"),
+        }
+    }
+}
+
+/// Reads and discards until the peer goes away: "hanging" without leaking closed sockets.
+async fn drain<R: AsyncRead + Unpin>(mut r: R) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Serves requests on one connection until the peer closes, asks to close, or an error occurs.
+async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
+    stub: &Stub,
+    stream: S,
+    admin: bool,
+) -> io::Result<()> {
+    // BufReader passes writes through to the stream, so one value serves both directions.
+    let mut conn = BufReader::new(stream);
+    let name = stub.name.as_str();
+    loop {
+        let req = match http::read_request(&mut conn).await {
+            Ok(Some(req)) => req,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let resp = http::response(
+                    400,
+                    &[("X-Backend", name), ("Connection", "close")],
+                    b"bad request\n",
+                );
+                conn.write_all(&resp).await?;
+                conn.shutdown().await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        // Admin clients are curl and test helpers: closing after each reply keeps them simple.
+        let close = admin || req.wants_close();
+        let reply = if admin {
+            stub.admin_route(&req)
+        } else {
+            stub.api_route(&req)
+        };
+        match reply {
+            Reply::Full {
+                status,
+                content_type,
+                body,
+            } => {
+                let mut headers = vec![("Content-Type", content_type), ("X-Backend", name)];
+                if close {
+                    headers.push(("Connection", "close"));
+                }
+                conn.write_all(&http::response(status, &headers, &body))
+                    .await?;
+                conn.flush().await?;
+                if close {
+                    conn.shutdown().await?;
+                    return Ok(());
+                }
+            }
+            Reply::Hang => {
+                drain(conn).await;
+                return Ok(());
+            }
+            Reply::Watch(every) => {
+                let head = http::response_head(
+                    200,
+                    &[("Content-Type", "application/json"), ("X-Backend", name)],
+                    None,
+                );
+                conn.write_all(head.as_bytes()).await?;
+                conn.flush().await?;
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for seq in 1u64.. {
+                    tick.tick().await;
+                    let line = format!(
+                        "{}\n",
+                        json!({"type": "BOOKMARK", "backend": name, "seq": seq})
+                    );
+                    conn.write_all(&http::encode_chunk(line.as_bytes())).await?;
+                    conn.flush().await?;
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn handle_client(stub: &Stub, acceptor: TlsAcceptor, sock: TcpStream) {
+    let _ = sock.set_nodelay(true);
+    if stub.accept_mode() == AcceptMode::Hang {
+        drain(sock).await;
+        return;
+    }
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+        Ok(Ok(tls)) => tls,
+        // Failed handshakes (wrong CA on the client, port scans, timeouts) are expected in tests.
+        _ => return,
+    };
+    stub.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    let _ = serve_http(stub, tls, false).await;
+}
+
+async fn accept_loop(stub: Arc<Stub>, listener: TcpListener, acceptor: TlsAcceptor) {
+    loop {
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // EMFILE and friends are transient; spinning on them would burn a core.
+                eprintln!("lb-stub {}: accept: {e}", stub.name);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        stub.connections.fetch_add(1, Ordering::Relaxed);
+        stub.active.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard(stub.clone());
+        let mut close_rx = stub.close_gen.subscribe();
+        let (stub, acceptor) = (stub.clone(), acceptor.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            tokio::select! {
+                _ = close_rx.changed() => {}
+                _ = handle_client(&stub, acceptor, sock) => {}
+            }
+        });
+    }
+}
+
+async fn admin_loop(stub: Arc<Stub>, listener: TcpListener) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let stub = stub.clone();
+        tokio::spawn(async move {
+            let _ = serve_http(&stub, sock, true).await;
+        });
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let acceptor = TlsAcceptor::from(tls::server_config(&args.cert, &args.key)?);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let admin = match args.admin_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin {addr}"))?,
+        ),
+        None => None,
+    };
+    let stub = Arc::new(Stub {
+        name: args.name.clone(),
+        connections: AtomicU64::new(0),
+        tls_handshakes: AtomicU64::new(0),
+        requests_total: AtomicU64::new(0),
+        requests: Mutex::new(BTreeMap::new()),
+        active: AtomicU64::new(0),
+        accept: AtomicU8::new(args.accept as u8),
+        readyz: AtomicU8::new(args.readyz as u8),
+        close_gen: watch::channel(0).0,
+    });
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+
+    let addr = listener.local_addr()?;
+    tokio::spawn(accept_loop(stub.clone(), listener, acceptor));
+    if let Some(admin) = admin {
+        tokio::spawn(admin_loop(stub.clone(), admin));
+    }
+    eprintln!("lb-stub {} listening on {addr}", args.name);
+
+    tokio::select! {
+        _ = sigterm.recv() => {}
+        _ = sigint.recv() => {}
+    }
+    eprintln!("lb-stub {} shutting down", args.name);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::GenCerts { dir, sans } => {
+            tls::write_pki(&dir, &sans)?;
+            eprintln!("lb-stub: wrote test PKI to {}", dir.display());
+            Ok(())
+        }
+        Cmd::Serve(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let res = rt.block_on(serve(args));
+            // Connection tasks may be parked on sockets forever; don't wait for them.
+            rt.shutdown_background();
+            res
+        }
+    }
+}

@@ -1,0 +1,525 @@
+//! The lab: a bridge in the root namespace and one namespace per host (client, LBs,
+//! apiserver stubs), each joined to the bridge by a veth, addresses from 198.18.0.0/15.
+//! Everything it creates is removed when it is dropped, also when a test fails.
+
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::programs::{Xdp, XdpMode};
+
+use crate::netns::{self, Netns};
+
+/// The VIP every lab serves.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// The VIP's port.
+pub const VIP_PORT: u16 = 6443;
+/// The client's address.
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
+/// Port of the stubs' plain-HTTP admin listener (on each stub's loopback).
+pub const STUB_ADMIN: &str = "127.0.0.1:9000";
+
+/// Address of LB number `i` (0-based).
+pub fn lb_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 2 + i as u8)
+}
+
+/// Address of backend number `i` (0-based).
+pub fn backend_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 11 + i as u8)
+}
+
+/// Name of backend number `i` (0-based): master01, master02...
+pub fn backend_name(i: usize) -> String {
+    format!("master{:02}", i + 1)
+}
+
+/// Where a test binary lives: `LB_<NAME>_BIN`, else next to the running executable.
+pub fn bin(name: &str) -> PathBuf {
+    let var = format!("LB_{}_BIN", name.trim_start_matches("lb-").to_uppercase());
+    if let Ok(p) = std::env::var(&var) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not found (set {var} or build it: cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+/// One host of the lab.
+pub struct Host {
+    pub ns: Netns,
+    pub addr: Ipv4Addr,
+    /// The veth end in the root namespace (a bridge port).
+    pub port: String,
+}
+
+/// A process started in the lab; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Sends SIGTERM and waits up to `timeout` for the exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(timeout)
+    }
+
+    /// Sends `sig` to the process.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), sig);
+        }
+    }
+
+    /// Waits up to `timeout` for the exit.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Its output so far.
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The lab. Field order is drop order: processes the caller holds go first (they are
+/// dropped before the lab), then namespaces, then the bridge and the XDP_PASS programs.
+pub struct Lab {
+    pub id: String,
+    pub client: Host,
+    pub lbs: Vec<Host>,
+    pub backends: Vec<Host>,
+    /// Scratch directory: configs, certificates, logs.
+    pub dir: PathBuf,
+    bridge: String,
+    _pass: Option<aya::Ebpf>,
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Lab {
+    /// Builds a lab with `lbs` load balancers and `backends` apiserver hosts; None when the
+    /// test cannot run here (not root, outside CI).
+    pub fn new(test: &str, lbs: usize, backends: usize) -> Option<Self> {
+        if !netns::require_root(test) {
+            return None;
+        }
+        let id = netns::unique_id();
+        let bridge = format!("lb{id}br");
+        let dir = std::env::temp_dir().join(format!("lb-lab-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).expect("lab dir");
+        sh(&format!(
+            "ip link add {bridge} type bridge && ip link set {bridge} up"
+        ));
+        let mut lab = Lab {
+            client: Host {
+                ns: Netns::new(&format!("lb-{id}-client")),
+                addr: CLIENT,
+                port: format!("lb{id}c"),
+            },
+            lbs: Vec::new(),
+            backends: Vec::new(),
+            dir,
+            bridge,
+            _pass: None,
+            id: id.clone(),
+        };
+        lab.join(
+            &lab.client.ns.name.clone(),
+            &lab.client.port.clone(),
+            CLIENT,
+        );
+        for i in 0..lbs {
+            let h = Host {
+                ns: Netns::new(&format!("lb-{id}-lb{}", i + 1)),
+                addr: lb_addr(i),
+                port: format!("lb{id}l{}", i + 1),
+            };
+            lab.join(&h.ns.name, &h.port, h.addr);
+            lab.lbs.push(h);
+        }
+        for i in 0..backends {
+            let h = Host {
+                ns: Netns::new(&format!("lb-{id}-be{}", i + 1)),
+                addr: backend_addr(i),
+                port: format!("lb{id}b{}", i + 1),
+            };
+            lab.join(&h.ns.name, &h.port, h.addr);
+            lab.backends.push(h);
+        }
+        lab.attach_pass();
+        Some(lab)
+    }
+
+    /// Joins namespace `ns` to the bridge by a veth: `port` in the root namespace, eth0 inside.
+    fn join(&self, ns: &str, port: &str, addr: Ipv4Addr) {
+        let o = addr.octets();
+        sh(&format!(
+            "ip link add {port} type veth peer name eth0 netns {ns} && \
+             ip link set {port} master {br} up && \
+             ip -n {ns} link set eth0 address 02:00:c6:12:{:02x}:{:02x} && \
+             ip -n {ns} addr add {addr}/24 dev eth0 && ip -n {ns} link set eth0 up",
+            o[2],
+            o[3],
+            br = self.bridge
+        ));
+        // A partial checksum survives the XDP hairpin and the receiver drops the segment;
+        // real NICs hand XDP complete checksums.
+        sh(&format!(
+            "ip netns exec {ns} ethtool -K eth0 tx off >/dev/null"
+        ));
+    }
+
+    /// XDP_TX out of a veth reaches the peer only if the peer runs XDP too: a trivial
+    /// XDP_PASS program on each LB's bridge port.
+    fn attach_pass(&mut self) {
+        if self.lbs.is_empty() {
+            return;
+        }
+        let mut ebpf = aya::Ebpf::load(lb_agent::dataplane::OBJECT).expect("load XDP object");
+        let prog: &mut Xdp = ebpf
+            .program_mut(lb_common::PROG_PASS)
+            .expect("pass program")
+            .try_into()
+            .expect("xdp");
+        prog.load().expect("load XDP_PASS");
+        for h in &self.lbs {
+            prog.attach(&h.port, XdpMode::Driver)
+                .expect("attach XDP_PASS to the LB's bridge port");
+        }
+        self._pass = Some(ebpf);
+    }
+
+    /// Starts `args` inside `host`'s namespaces (network, and a private mount of /sys).
+    pub fn spawn(&self, host: &Host, name: &str, args: &[&str]) -> Proc {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &host.ns.name]).args(args);
+        self.start(c, name)
+    }
+
+    /// Starts `args` in `host`'s network namespace only, sharing the root mount namespace so
+    /// pins under /sys/fs/bpf are the ones the test sees (ip netns exec remounts /sys).
+    pub fn spawn_net_only(&self, host: &Host, name: &str, args: &[&str]) -> Proc {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", host.ns.path().display()))
+            .args(args);
+        self.start(c, name)
+    }
+
+    fn start(&self, mut c: Command, name: &str) -> Proc {
+        let log = self.dir.join(format!("{name}.log"));
+        let f = fs::File::create(&log).expect("log file");
+        c.stdin(Stdio::null())
+            .stdout(f.try_clone().expect("log"))
+            .stderr(f);
+        let child = c.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Runs `args` in `host` to completion and returns stdout (panics on failure).
+    pub fn exec(&self, host: &Host, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &host.ns.name])
+            .args(args)
+            .output()
+            .expect("ip netns exec");
+        assert!(
+            out.status.success(),
+            "{args:?} in {}: {}",
+            host.ns.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Generates the stubs' CA and server certificate (SANs: VIP and backends).
+    pub fn certs(&self) -> PathBuf {
+        let d = self.dir.join("pki");
+        let mut c = Command::new(bin("lb-stub"));
+        c.args(["gen-certs", "--dir"]).arg(&d);
+        c.args(["--san", &VIP.to_string()]);
+        for h in &self.backends {
+            c.args(["--san", &h.addr.to_string()]);
+        }
+        assert!(c.status().expect("lb-stub gen-certs").success());
+        d
+    }
+
+    /// Starts one stub apiserver per backend host and waits until each answers.
+    pub fn start_stubs(&self) -> Vec<Proc> {
+        let pki = self.certs();
+        let cert = pki.join("server.crt");
+        let key = pki.join("server.key");
+        let stub = bin("lb-stub");
+        let procs: Vec<Proc> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let listen = format!("{}:{VIP_PORT}", h.addr);
+                self.spawn(
+                    h,
+                    &backend_name(i),
+                    &[
+                        stub.to_str().unwrap(),
+                        "serve",
+                        "--listen",
+                        &listen,
+                        "--name",
+                        &backend_name(i),
+                        "--cert",
+                        cert.to_str().unwrap(),
+                        "--key",
+                        key.to_str().unwrap(),
+                        "--admin-listen",
+                        STUB_ADMIN,
+                    ],
+                )
+            })
+            .collect();
+        for i in 0..self.backends.len() {
+            wait_for(
+                Duration::from_secs(10),
+                &format!("stub {}", backend_name(i)),
+                || self.try_stub_stats(i).is_some(),
+            );
+        }
+        procs
+    }
+
+    fn try_stub_stats(&self, i: usize) -> Option<serde_json::Value> {
+        let out = self.backends[i]
+            .ns
+            .try_sh(&format!("curl -sf --max-time 2 http://{STUB_ADMIN}/stats"))
+            .ok()?;
+        serde_json::from_str(&out).ok()
+    }
+
+    /// The stub's counters (its admin /stats).
+    pub fn stub_stats(&self, i: usize) -> serde_json::Value {
+        self.try_stub_stats(i)
+            .unwrap_or_else(|| panic!("stub {} does not answer /stats", backend_name(i)))
+    }
+
+    /// Where LB `i`'s agent pins its maps.
+    pub fn pin_path(&self, i: usize) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/lb-{}-lb{}", self.id, i + 1))
+    }
+
+    /// Writes an agent config for LB `i` (extra TOML appended to the VIP section's end).
+    pub fn agent_config(&self, i: usize, vip_extra: &str) -> PathBuf {
+        let mut t = format!(
+            "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\npin_path = \"{}\"\n\
+             control_socket = \"{}\"\n\n[[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\n\
+             port = {VIP_PORT}\n{vip_extra}\n",
+            self.pin_path(i).display(),
+            self.dir.join(format!("lb{}.sock", i + 1)).display()
+        );
+        for (b, h) in self.backends.iter().enumerate() {
+            t.push_str(&format!(
+                "\n[[vip.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
+                backend_name(b),
+                h.addr
+            ));
+        }
+        let p = self.dir.join(format!("lb{}.toml", i + 1));
+        fs::write(&p, t).expect("write config");
+        p
+    }
+
+    /// Places the VIP on LB `i` by hand (VRRP does it later).
+    pub fn add_vip(&self, i: usize) {
+        self.lbs[i].ns.sh(&format!("ip addr add {VIP}/32 dev eth0"));
+    }
+
+    /// Starts lb-agent on LB `i` and waits until its status answers.
+    pub fn start_agent(&self, i: usize, config: &Path) -> Proc {
+        let agent = bin("lb-agent");
+        let mut p = self.spawn_net_only(
+            &self.lbs[i],
+            &format!("agent-lb{}", i + 1),
+            &[
+                agent.to_str().unwrap(),
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = self.try_status(config) {
+                if s["agent"]["running"] == true {
+                    return p;
+                }
+            }
+            assert!(p.running(), "lb-agent exited early:\n{}", p.output());
+            assert!(
+                Instant::now() < deadline,
+                "lb-agent did not come up:\n{}",
+                p.output()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {
+        let out = Command::new(bin("lb-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(config)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    }
+
+    /// `lb-agent status --json` for the agent using `config`.
+    pub fn status(&self, config: &Path) -> serde_json::Value {
+        self.try_status(config)
+            .unwrap_or_else(|e| panic!("lb-agent status: {e}"))
+    }
+
+    /// Runs lb-loadgen in the client namespace against the VIP; returns its JSON report.
+    pub fn loadgen(&self, path: &str, args: &[&str]) -> serde_json::Value {
+        let ca = self.dir.join("pki/ca.crt");
+        let url = format!("https://{VIP}:{VIP_PORT}{path}");
+        let lg = bin("lb-loadgen");
+        let mut all = vec![
+            lg.to_str().unwrap(),
+            "--url",
+            &url,
+            "--ca",
+            ca.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let out = self.exec(&self.client, &all);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("loadgen output {out:?}: {e}"))
+    }
+
+    /// Names this lab gave to things that must be gone after it is dropped.
+    pub fn footprint(&self) -> Footprint {
+        Footprint {
+            id: self.id.clone(),
+            bridge: self.bridge.clone(),
+            pins: (0..self.lbs.len()).map(|i| self.pin_path(i)).collect(),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Namespace deletion frees veths asynchronously: delete our ends now, so nothing
+        // of the lab outlives it.
+        for h in std::iter::once(&self.client)
+            .chain(&self.lbs)
+            .chain(&self.backends)
+        {
+            let _ = Command::new("ip").args(["link", "del", &h.port]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+        for i in 0..self.lbs.len() {
+            let _ = lb_agent::dataplane::loader::remove_pins(&self.pin_path(i));
+        }
+        if std::env::var_os("LB_KEEP_LAB_DIR").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// What a dropped lab must have removed.
+pub struct Footprint {
+    id: String,
+    bridge: String,
+    pins: Vec<PathBuf>,
+}
+
+impl Footprint {
+    /// Everything of the lab that still exists (empty when cleanup worked).
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> = netns::list()
+            .into_iter()
+            .filter(|n| n.starts_with(&format!("lb-{}-", self.id)))
+            .collect();
+        let links = Command::new("ip").args(["-o", "link", "show"]).output();
+        if let Ok(o) = links {
+            for l in String::from_utf8_lossy(&o.stdout).lines() {
+                let name = l.split(": ").nth(1).unwrap_or("");
+                let name = name.split('@').next().unwrap_or("");
+                if name.starts_with(&format!("lb{}", self.id)) || name == self.bridge {
+                    left.push(format!("link {name}"));
+                }
+            }
+        }
+        for p in &self.pins {
+            if p.exists() {
+                left.push(format!("pin {}", p.display()));
+            }
+        }
+        left
+    }
+}
+
+/// Polls `f` until it is true or `timeout` passes (then panics naming `what`).
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

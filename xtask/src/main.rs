@@ -1,0 +1,214 @@
+//! `cargo xtask build|run|test|demo|bench`: installs what lb needs (nightly rust-src,
+//! bpf-linker, Debian packages), builds, and runs.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+const BPF_LINKER_VERSION: &str = "0.10.3";
+/// Debian packages the tests and the demo use (ip, ethtool, curl, tcpdump for debugging).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("ethtool", "ethtool"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn say(msg: &str) {
+    eprintln!("xtask: {msg}");
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+/// Nightly with rust-src and bpf-linker built against nightly's LLVM.
+fn ensure_toolchain() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))
+        .context("rustup is needed to build the XDP program")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        say("installing the nightly toolchain (the XDP program needs it)");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let comps = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if !comps.lines().any(|l| l.starts_with("rust-src")) {
+        say("installing rust-src for nightly (build-std=core for bpfel-unknown-none)");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        say(&format!(
+            "installing bpf-linker {BPF_LINKER_VERSION} with nightly's LLVM 22 (about 70 s)"
+        ));
+        run(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--no-default-features",
+            "--features",
+            "rust-llvm-22",
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Debian packages the lab needs; installed with apt-get when missing.
+fn ensure_packages(extra: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = TEST_PACKAGES
+        .iter()
+        .chain(extra)
+        .filter(|(bin, _)| {
+            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them (apt-get install {}) or run as root",
+            missing.join(" ")
+        );
+    }
+    say(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    ensure_toolchain()?;
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" }))
+}
+
+/// Runs `cmd` as root, through sudo when we are not.
+fn as_root(bin: &Path, args: &[String]) -> Command {
+    if is_root() {
+        let mut c = Command::new(bin);
+        c.args(args);
+        c
+    } else {
+        say("lb-agent needs root (XDP, bpffs, sysctls): using sudo");
+        let mut c = Command::new("sudo");
+        c.arg(bin).args(args);
+        c
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build") => build(args.iter().any(|a| a == "--release")).map(|dir| {
+            say(&format!("built {}", dir.join("lb-agent").display()));
+        }),
+        Some("run") => (|| {
+            let dir = build(true)?;
+            let rest: Vec<String> = match args.iter().position(|a| a == "--") {
+                Some(i) => args[i + 1..].to_vec(),
+                None => vec!["run".into(), "--config".into(), "/etc/lb/lb.toml".into()],
+            };
+            let status = as_root(&dir.join("lb-agent"), &rest).status()?;
+            if !status.success() {
+                bail!("lb-agent exited with {status}");
+            }
+            Ok(())
+        })(),
+        Some("test") => test(&args[1..]),
+        Some("demo") => (|| {
+            ensure_packages(&[])?;
+            let dir = build(true)?;
+            run(as_root(&dir.join("lb-demo"), &[]).env("LB_AGENT_BIN", dir.join("lb-agent")))
+        })(),
+        Some("bench") => Err(anyhow::anyhow!("bench: not implemented yet (issue 4)")),
+        _ => {
+            eprintln!("usage: cargo xtask build [--release] | run [-- ARGS] | test | demo | bench");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Unit tests, data plane tests (BPF_PROG_TEST_RUN) and end-to-end tests in namespaces.
+fn test(extra: &[String]) -> Result<()> {
+    ensure_packages(&[])?;
+    let dir = build(false)?;
+    let mut c = cargo();
+    c.args(["test", "--workspace"])
+        .args(extra)
+        .env("LB_AGENT_BIN", dir.join("lb-agent"));
+    run(&mut c)
+}
