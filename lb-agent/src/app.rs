@@ -4,8 +4,8 @@
 
 use std::{
     fs::{File, OpenOptions},
+    net::SocketAddr,
     path::{Path, PathBuf},
-    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -14,17 +14,19 @@ use lb_common::AgentMeta;
 use tokio::{
     net::UnixListener,
     signal::unix::{signal, SignalKind},
-    sync::{watch, Mutex},
+    sync::{mpsc, watch},
 };
 
 use crate::{
-    config::Config,
-    control::{self, AgentInfo},
+    backends::Backends,
+    config::{Config, HealthKind},
+    control::{self, AgentInfo, Request, Response},
     dataplane::{
         loader::Dataplane,
         pinned::PinnedMaps,
         writer::{self, Writer},
     },
+    health::{self, probe::Target},
     host::{self, Sysctls},
 };
 
@@ -78,16 +80,23 @@ pub async fn run(config: Config) -> Result<()> {
     } else {
         std::net::Ipv4Addr::UNSPECIFIED
     };
+    let mut tls = Vec::new();
+    for (i, v) in config.vips.iter().enumerate() {
+        tls.push(
+            health::tls_config(&v.health)
+                .map_err(|e| anyhow::anyhow!("{}: vip[{i}].health.{e}", config.path.display()))?,
+        );
+    }
     let pin_path = config.agent.pin_path.clone();
     let socket_path = config.agent.control_socket.clone();
     let _lock = InstanceLock::take(&socket_path)?;
 
     let mut dp = Dataplane::load(&pin_path).context("loading the data plane")?;
-    let mut writer = Writer {
+    let writer = Writer {
         maps: PinnedMaps::open(&pin_path).context("opening the pinned maps")?,
     };
-    let mut vips = writer::plan(&config, default_snat);
-    writer.install(&mut vips).context("writing the maps")?;
+    let plans = writer::plan(&config, default_snat);
+    let mut backends = Backends::install(&config, writer, plans).context("writing the maps")?;
 
     let mut sysctls = Sysctls::default();
     sysctls.for_dataplane(&iface)?;
@@ -101,7 +110,7 @@ pub async fn run(config: Config) -> Result<()> {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    writer.set_agent_meta(AgentMeta {
+    backends.writer().set_agent_meta(AgentMeta {
         xdp_mode: mode,
         ifindex,
         pid: std::process::id(),
@@ -109,48 +118,99 @@ pub async fn run(config: Config) -> Result<()> {
         started_unix,
     })?;
 
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
     let _ = std::fs::remove_file(&socket_path);
     let listener = UnixListener::bind(&socket_path)
         .with_context(|| format!("control socket {}", socket_path.display()))?;
-    let info = Arc::new(Mutex::new(AgentInfo {
-        pid: std::process::id(),
-        version: format!("lb-agent {}", env!("CARGO_PKG_VERSION")),
-        config: config.path.display().to_string(),
-        interface: iface.clone(),
-        started_unix,
-    }));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let control_task = tokio::spawn(control::serve(listener, info, stop_rx));
+    let (call_tx, mut calls) = mpsc::channel::<control::Call>(64);
+    tasks.push(tokio::spawn(control::serve(
+        listener,
+        call_tx,
+        stop_rx.clone(),
+    )));
 
-    for v in &vips {
+    let (probe_tx, mut probes) = mpsc::channel(1024);
+    for (v, vip) in config.vips.iter().enumerate() {
         log::info!(
-            "serving VIP {} {}:{} with {} backends",
-            v.name,
-            std::net::Ipv4Addr::from(u32::from_be(v.key.addr)),
-            u16::from_be(v.key.port),
-            v.backends.len()
+            "serving VIP {} {}:{} with {} backends; probes: {:?} every {}",
+            vip.name,
+            vip.address,
+            vip.port,
+            vip.backends.len(),
+            vip.health.kind,
+            humantime::format_duration(vip.health.interval)
         );
+        if vip.health.kind == HealthKind::None {
+            continue;
+        }
+        for (b, be) in vip.backends.iter().enumerate() {
+            let target = Target::new(
+                SocketAddr::from((be.address, be.port)),
+                &vip.health,
+                tls[v].clone(),
+            );
+            tasks.push(tokio::spawn(health::run_prober(
+                v,
+                b,
+                target,
+                vip.health.interval,
+                probe_tx.clone(),
+                stop_rx.clone(),
+            )));
+        }
     }
+    drop(probe_tx);
     log::info!(
         "XDP attached to {iface} in {} mode; maps pinned under {}",
         lb_common::xdp_mode::name(mode),
         pin_path.display()
     );
+    let info = AgentInfo {
+        pid: std::process::id(),
+        version: format!("lb-agent {}", env!("CARGO_PKG_VERSION")),
+        config: config.path.display().to_string(),
+        interface: iface.clone(),
+        started_unix,
+    };
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let sig = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let sig = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            Some(ev) = probes.recv() => {
+                if let Err(e) = backends.on_probe(ev) {
+                    log::error!("updating the data plane: {e}");
+                }
+            }
+            Some((req, reply)) = calls.recv() => {
+                let resp = match req {
+                    Request::Status => Response {
+                        ok: true,
+                        agent: Some(info.clone()),
+                        health: Some(backends.report()),
+                        ..Default::default()
+                    },
+                    Request::Drain { vip, backend } => drain_answer(backends.set_drain(&vip, &backend, true)),
+                    Request::Undrain { vip, backend } => drain_answer(backends.set_drain(&vip, &backend, false)),
+                };
+                let _ = reply.send(resp);
+            }
+        }
     };
     log::info!("{sig}: shutting down");
 
-    // Reverse order of start: stop answering, detach, drop maps and pins, restore sysctls.
+    // Reverse order of start: stop probes and answering, detach, drop maps and pins,
+    // restore sysctls.
     let _ = stop_tx.send(true);
-    let _ = control_task.await;
+    for t in tasks {
+        let _ = t.await;
+    }
     let _ = std::fs::remove_file(&socket_path);
     dp.detach();
-    drop(writer);
+    drop(backends);
     drop(dp);
     sysctls.restore();
     log::info!(
@@ -158,4 +218,15 @@ pub async fn run(config: Config) -> Result<()> {
         pin_path.display()
     );
     Ok(())
+}
+
+fn drain_answer(r: Result<String, String>) -> Response {
+    match r {
+        Ok(m) => Response {
+            ok: true,
+            message: Some(m),
+            ..Default::default()
+        },
+        Err(e) => Response::error(e),
+    }
 }

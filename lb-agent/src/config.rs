@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -93,6 +94,72 @@ pub struct VipConfig {
     pub maglev_table_size: u32,
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
+    /// The `[vip.health]` section (defaults when absent).
+    pub health: HealthConfig,
+}
+
+/// How the agent probes a VIP's backends (`[vip.health]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Probe kind.
+    pub kind: HealthKind,
+    /// HTTP path requested (https and http).
+    pub path: String,
+    /// Status a healthy backend answers.
+    pub expect_status: u16,
+    /// Time between the starts of two probes of one backend.
+    pub interval: Duration,
+    /// A probe not finished after this long has failed.
+    pub timeout: Duration,
+    /// Consecutive successes to go up.
+    pub rise: u32,
+    /// Consecutive failures to go down.
+    pub fall: u32,
+    /// CA the backends' certificates must chain to (https unless insecure_skip_verify).
+    pub ca_file: PathBuf,
+    /// Do not verify the backends' certificates at all (explicit opt-in).
+    pub insecure_skip_verify: bool,
+    /// Name sent as SNI and verified; None = the backend's address.
+    pub server_name: Option<String>,
+    /// Client certificate and key presented to the backends.
+    pub client_cert: Option<PathBuf>,
+    /// Key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Probe kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HealthKind {
+    /// TLS handshake, then HTTP/1.1 GET `path`.
+    Https,
+    /// HTTP/1.1 GET `path` in clear.
+    Http,
+    /// A TCP connect.
+    Tcp,
+    /// No probes: every backend is up.
+    None,
+}
+
+/// The CA a kubeadm control-plane node has: the default `health.ca_file`.
+pub const DEFAULT_CA_FILE: &str = "/etc/kubernetes/pki/ca.crt";
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            kind: HealthKind::Https,
+            path: "/readyz".into(),
+            expect_status: 200,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+            ca_file: PathBuf::from(DEFAULT_CA_FILE),
+            insecure_skip_verify: false,
+            server_name: None,
+            client_cert: None,
+            client_key: None,
+        }
+    }
 }
 
 /// L4 protocol of a VIP.
@@ -286,8 +353,26 @@ struct RawVip {
     snat_address: Option<String>,
     snat_ports: Option<String>,
     maglev_table_size: Option<i64>,
+    health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [vip.health] table")]
+struct RawHealth {
+    kind: Option<String>,
+    path: Option<String>,
+    expect_status: Option<i64>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<i64>,
+    fall: Option<i64>,
+    ca_file: Option<String>,
+    insecure_skip_verify: Option<bool>,
+    server_name: Option<String>,
+    client_cert: Option<String>,
+    client_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -603,6 +688,11 @@ fn validate_vip(
         });
     }
 
+    let health = match raw.health {
+        None => HealthConfig::default(),
+        Some(h) => validate_health(i, h)?,
+    };
+
     Ok(VipConfig {
         name,
         address,
@@ -613,6 +703,112 @@ fn validate_vip(
         snat_ports,
         maglev_table_size,
         backends,
+        health,
+    })
+}
+
+fn validate_health(i: usize, raw: RawHealth) -> Result<HealthConfig, Issue> {
+    let at = |field: &str| format!("vip[{i}].health.{field}");
+    let d = HealthConfig::default();
+    let kind = match raw.kind.as_deref() {
+        None | Some("https") => HealthKind::Https,
+        Some("http") => HealthKind::Http,
+        Some("tcp") => HealthKind::Tcp,
+        Some("none") => HealthKind::None,
+        Some(other) => {
+            return Err(issue(
+                at("kind"),
+                format!("{other:?} is not a probe kind; valid values: \"https\", \"http\", \"tcp\", \"none\""),
+            ))
+        }
+    };
+    let path = match raw.path {
+        None => d.path,
+        Some(p) if p.starts_with('/') && !p.chars().any(char::is_whitespace) => p,
+        Some(p) => {
+            return Err(issue(
+                at("path"),
+                format!("{p:?} must start with '/' and contain no whitespace"),
+            ))
+        }
+    };
+    let expect_status = match raw.expect_status {
+        None => d.expect_status,
+        Some(s) if (100..=599).contains(&s) => s as u16,
+        Some(s) => {
+            return Err(issue(
+                at("expect_status"),
+                format!("{s} is not an HTTP status (100-599)"),
+            ))
+        }
+    };
+    let duration = |field: &str, v: Option<String>, default: Duration| -> Result<Duration, Issue> {
+        let Some(v) = v else { return Ok(default) };
+        let dur = humantime::parse_duration(&v).map_err(|e| {
+            issue(
+                at(field),
+                format!("{v:?} is not a duration like \"500ms\" or \"1s\": {e}"),
+            )
+        })?;
+        if dur < Duration::from_millis(10) || dur > Duration::from_secs(3600) {
+            return Err(issue(
+                at(field),
+                format!("{v:?} is out of range (10ms to 1h)"),
+            ));
+        }
+        Ok(dur)
+    };
+    let interval = duration("interval", raw.interval, d.interval)?;
+    let timeout = duration("timeout", raw.timeout, d.timeout.min(interval))?;
+    if timeout > interval {
+        return Err(issue(
+            at("timeout"),
+            format!(
+                "{} is longer than the interval ({}): a probe must end before the next starts",
+                humantime::format_duration(timeout),
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
+    let count = |field: &str, v: Option<i64>, default: u32| -> Result<u32, Issue> {
+        match v {
+            None => Ok(default),
+            Some(n) if (1..=100).contains(&n) => Ok(n as u32),
+            Some(n) => Err(issue(at(field), format!("{n} is out of range (1-100)"))),
+        }
+    };
+    let rise = count("rise", raw.rise, d.rise)?;
+    let fall = count("fall", raw.fall, d.fall)?;
+    let nonempty = |field: &str, v: Option<String>| -> Result<Option<String>, Issue> {
+        match v {
+            Some(s) if s.trim().is_empty() => Err(issue(at(field), "must not be empty")),
+            other => Ok(other),
+        }
+    };
+    let ca_file = nonempty("ca_file", raw.ca_file)?
+        .map(PathBuf::from)
+        .unwrap_or(d.ca_file);
+    let server_name = nonempty("server_name", raw.server_name)?;
+    let client_cert = nonempty("client_cert", raw.client_cert)?.map(PathBuf::from);
+    let client_key = nonempty("client_key", raw.client_key)?.map(PathBuf::from);
+    match (&client_cert, &client_key) {
+        (Some(_), None) => return Err(issue(at("client_key"), "required with client_cert")),
+        (None, Some(_)) => return Err(issue(at("client_cert"), "required with client_key")),
+        _ => {}
+    }
+    Ok(HealthConfig {
+        kind,
+        path,
+        expect_status,
+        interval,
+        timeout,
+        rise,
+        fall,
+        ca_file,
+        insecure_skip_verify: raw.insecure_skip_verify.unwrap_or(false),
+        server_name,
+        client_cert,
+        client_key,
     })
 }
 
@@ -835,6 +1031,78 @@ port = 8132
     }
 
     #[test]
+    fn health_defaults_and_fields() {
+        let cfg = parse(&minimal("", "")).unwrap();
+        assert_eq!(cfg.vips[0].health, HealthConfig::default());
+        let h = &parse(&minimal(
+            "[vip.health]\nkind = \"https\"\npath = \"/livez\"\nexpect_status = 204\ninterval = \"200ms\"\n\
+             timeout = \"150ms\"\nrise = 3\nfall = 4\nca_file = \"/x/ca.crt\"\ninsecure_skip_verify = true\n\
+             server_name = \"kubernetes\"\nclient_cert = \"/x/c.crt\"\nclient_key = \"/x/c.key\"\n",
+            "",
+        ))
+        .unwrap()
+        .vips[0]
+            .health;
+        assert_eq!(h.path, "/livez");
+        assert_eq!(h.expect_status, 204);
+        assert_eq!(h.interval, Duration::from_millis(200));
+        assert_eq!(h.timeout, Duration::from_millis(150));
+        assert_eq!((h.rise, h.fall), (3, 4));
+        assert!(h.insecure_skip_verify);
+        assert_eq!(h.server_name.as_deref(), Some("kubernetes"));
+        assert_eq!(h.client_key.as_deref(), Some(Path::new("/x/c.key")));
+        // A short interval brings the default timeout down with it.
+        let h = &parse(&minimal("[vip.health]\ninterval = \"100ms\"\n", ""))
+            .unwrap()
+            .vips[0]
+            .health;
+        assert_eq!(h.timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn health_errors() {
+        let h = |body: &str| minimal(&format!("[vip.health]\n{body}\n"), "");
+        assert_err(
+            &h("kind = \"icmp\""),
+            "vip[0].health.kind",
+            "not a probe kind",
+        );
+        assert_err(
+            &h("path = \"readyz\""),
+            "vip[0].health.path",
+            "must start with '/'",
+        );
+        assert_err(
+            &h("interval = \"soon\""),
+            "vip[0].health.interval",
+            "not a duration",
+        );
+        assert_err(
+            &h("interval = \"1ms\""),
+            "vip[0].health.interval",
+            "out of range",
+        );
+        assert_err(
+            &h("interval = \"1s\"\ntimeout = \"2s\""),
+            "vip[0].health.timeout",
+            "longer than the interval",
+        );
+        assert_err(&h("rise = 0"), "vip[0].health.rise", "out of range");
+        assert_err(&h("fall = 101"), "vip[0].health.fall", "out of range");
+        assert_err(
+            &h("expect_status = 999"),
+            "vip[0].health.expect_status",
+            "not an HTTP status",
+        );
+        assert_err(
+            &h("client_cert = \"/c\""),
+            "vip[0].health.client_key",
+            "required with client_cert",
+        );
+        assert_err(&h("bogus = 1"), "vip[0].health.bogus", "unknown field");
+    }
+
+    #[test]
     fn full_config_parses_with_all_fields() {
         let cfg = parse(FULL).expect("valid config");
         assert_eq!(cfg.path, PathBuf::from(FILE));
@@ -873,6 +1141,7 @@ port = 8132
                         weight: 0,
                     },
                 ],
+                health: HealthConfig::default(),
             }
         );
         // Same address, different port: a distinct VIP. Backend names are per VIP.

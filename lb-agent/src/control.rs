@@ -5,7 +5,6 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
     path::Path,
-    sync::Arc,
     time::Duration,
 };
 
@@ -13,15 +12,19 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt},
     net::UnixListener,
-    sync::{watch, Mutex},
+    sync::{mpsc, oneshot, watch},
 };
 
 /// What a client may ask.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    /// The agent's own state.
+    /// The agent's own state and its backends' health.
     Status,
+    /// Take a backend out of new connections, keeping its existing ones.
+    Drain { vip: String, backend: String },
+    /// Undo a drain.
+    Undrain { vip: String, backend: String },
 }
 
 /// The running agent as it describes itself.
@@ -42,6 +45,22 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Vec<crate::backends::VipHealth>>,
+    /// What a command did, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Response {
+    /// A failed answer.
+    pub fn error(e: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            error: Some(e.into()),
+            ..Default::default()
+        }
+    }
 }
 
 /// Errors talking to the control socket.
@@ -61,24 +80,28 @@ pub enum ControlError {
     },
 }
 
-/// Shared state the server answers from.
-pub type Shared = Arc<Mutex<AgentInfo>>;
+/// A request with the way back to its client; the agent's main loop answers it.
+pub type Call = (Request, oneshot::Sender<Response>);
 
-/// Serves requests until `shutdown` turns true.
-pub async fn serve(listener: UnixListener, state: Shared, mut shutdown: watch::Receiver<bool>) {
+/// Serves requests until `shutdown` turns true, handing each to `calls`.
+pub async fn serve(
+    listener: UnixListener,
+    calls: mpsc::Sender<Call>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
-                let state = state.clone();
+                let calls = calls.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
                     let mut line = String::new();
                     let mut r = tokio::io::BufReader::new(r);
                     let read = tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await;
                     let resp = match read {
-                        Ok(Ok(_)) => handle(&line, &state).await,
+                        Ok(Ok(_)) => handle(&line, &calls).await,
                         _ => return,
                     };
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -90,19 +113,17 @@ pub async fn serve(listener: UnixListener, state: Shared, mut shutdown: watch::R
     }
 }
 
-async fn handle(line: &str, state: &Shared) -> Response {
-    match serde_json::from_str::<Request>(line) {
-        Ok(Request::Status) => Response {
-            ok: true,
-            agent: Some(state.lock().await.clone()),
-            ..Default::default()
-        },
-        Err(e) => Response {
-            ok: false,
-            error: Some(format!("bad request: {e}")),
-            ..Default::default()
-        },
+async fn handle(line: &str, calls: &mpsc::Sender<Call>) -> Response {
+    let req = match serde_json::from_str::<Request>(line) {
+        Ok(r) => r,
+        Err(e) => return Response::error(format!("bad request: {e}")),
+    };
+    let (tx, rx) = oneshot::channel();
+    if calls.send((req, tx)).await.is_err() {
+        return Response::error("the agent is shutting down");
     }
+    rx.await
+        .unwrap_or_else(|_| Response::error("the agent dropped the request"))
 }
 
 /// Sends one request and waits (briefly) for the answer.

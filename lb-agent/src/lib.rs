@@ -1,14 +1,17 @@
 //! lb-agent: loads lb's XDP data plane, keeps its maps true and answers `lb-agent status`.
 //!
-//! Where things live: `config` (the TOML file), `maglev` (table builder), `dataplane`
+//! Where things live: `config` (the TOML file), `maglev` (table builder), `health`
+//! (probes, rise/fall), `backends` (where a backend's state changes), `dataplane`
 //! (the embedded XDP object, loading, pinning, map writes), `host` (interfaces, sysctls,
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown).
 
 pub mod app;
+pub mod backends;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod health;
 pub mod host;
 pub mod maglev;
 pub mod status;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use lb_agent::{
     app,
     config::{self, Config},
+    control::{self, Request},
     status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
@@ -32,6 +33,22 @@ enum Cmd {
     CheckConfig {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Stop sending new connections to a backend; its connections are kept.
+    Drain {
+        /// VIP name.
+        vip: String,
+        /// Backend name.
+        backend: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Undo `drain`.
+    Undrain {
+        vip: String,
+        backend: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Show what is in the data plane's maps and what the agent says.
     Status {
@@ -60,6 +77,23 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         Ok(range) => cfg.check_port_ranges(range).map_err(fail)?,
         Err(e) => log::warn!("cannot read net.ipv4.ip_local_port_range: {e}"),
     }
+    for (i, v) in cfg.vips.iter().enumerate() {
+        if let Err(e) = lb_agent::health::tls_config(&v.health) {
+            return Err(fail(config::ConfigError {
+                file: cfg.path.clone(),
+                field: format!("vip[{i}].health.{}", e.field),
+                message: format!(
+                    "{}{}",
+                    e.message,
+                    if e.field == "ca_file" {
+                        " (the CA that signed the apiservers' certificates; or set insecure_skip_verify = true)"
+                    } else {
+                        ""
+                    }
+                ),
+            }));
+        }
+    }
     if lb_agent::host::ifindex(&cfg.agent.interface).is_err() {
         return Err(fail(config::ConfigError {
             file: cfg.path.clone(),
@@ -68,6 +102,42 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         }));
     }
     Ok(cfg)
+}
+
+/// Pin path and control socket from `--config`, or the defaults.
+fn paths(config: Option<PathBuf>) -> Result<(PathBuf, PathBuf), ExitCode> {
+    match config {
+        Some(path) => match Config::load(&path) {
+            Ok(c) => Ok((c.agent.pin_path, c.agent.control_socket)),
+            Err(e) => {
+                eprintln!("lb-agent: {e}");
+                Err(ExitCode::from(EXIT_CONFIG))
+            }
+        },
+        None => Ok((DEFAULT_PIN_PATH.into(), DEFAULT_CONTROL_SOCKET.into())),
+    }
+}
+
+/// `drain` / `undrain` through the control socket.
+fn drain(config: Option<PathBuf>, req: Request) -> ExitCode {
+    let (_, sock) = match paths(config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match control::request(&sock, &req) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("lb-agent: is the agent running? {e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -112,16 +182,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Drain {
+            vip,
+            backend,
+            config,
+        } => drain(config, Request::Drain { vip, backend }),
+        Cmd::Undrain {
+            vip,
+            backend,
+            config,
+        } => drain(config, Request::Undrain { vip, backend }),
         Cmd::Status { config, json } => {
-            let (pin, sock) = match config {
-                Some(path) => match Config::load(&path) {
-                    Ok(c) => (c.agent.pin_path, c.agent.control_socket),
-                    Err(e) => {
-                        eprintln!("lb-agent: {e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                },
-                None => (DEFAULT_PIN_PATH.into(), DEFAULT_CONTROL_SOCKET.into()),
+            let (pin, sock) = match paths(config) {
+                Ok(p) => p,
+                Err(code) => return code,
             };
             if let Err(e) = lb_agent::host::check_privileges("status") {
                 eprintln!("lb-agent: {e}");

@@ -11,6 +11,7 @@ use lb_common::{maglev_index, reason, state, xdp_mode, TrafficStats, MAX_BACKEND
 use serde::Serialize;
 
 use crate::{
+    backends::BackendHealth,
     control::{self, Request},
     dataplane::{map_err, pinned::PinnedMaps, DataplaneError},
 };
@@ -63,6 +64,9 @@ pub struct VipStatus {
     pub snat_address: String,
     pub snat_ports: String,
     pub maglev_table_size: u32,
+    /// Probe kind ("https", "http", "tcp", "none"), from the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe: Option<String>,
     pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -89,6 +93,9 @@ pub struct BackendStatus {
     pub new_flows: u64,
     pub reply_packets: u64,
     pub reply_bytes: u64,
+    /// Probe details from the agent (absent when it does not answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<BackendHealth>,
 }
 
 fn name_str(b: &[u8]) -> String {
@@ -130,9 +137,14 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         .agent_meta
         .get(&0, 0)
         .map_err(map_err(lb_common::map::AGENT_META))?;
-    let (running, info, control_error) = match answer {
-        Ok(r) => (true, r.agent.unwrap_or_default(), None),
-        Err(e) => (false, Default::default(), Some(e.to_string())),
+    let (running, info, control_error, health) = match answer {
+        Ok(r) => (
+            true,
+            r.agent.unwrap_or_default(),
+            None,
+            r.health.unwrap_or_default(),
+        ),
+        Err(e) => (false, Default::default(), Some(e.to_string()), Vec::new()),
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -206,6 +218,8 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
             reply_bytes: stats.reply_bytes,
             ..Default::default()
         };
+        let vh = health.iter().find(|h| h.name == vs.name);
+        vs.probe = vh.map(|h| h.probe.clone());
         for i in 0..MAX_BACKENDS {
             let Ok(bm) = maps.backend_meta.get(&i, 0) else {
                 continue;
@@ -239,6 +253,12 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
                 new_flows: s.new_flows,
                 reply_packets: s.reply_packets,
                 reply_bytes: s.reply_bytes,
+                health: vh.and_then(|h| {
+                    h.backends
+                        .iter()
+                        .find(|b| b.name == name_str(&bm.name))
+                        .cloned()
+                }),
             });
         }
         vips.push(vs);
@@ -339,7 +359,7 @@ pub fn render(r: &Report) -> String {
             "REPLY BYTES"
         );
         for b in &v.backends {
-            let _ = writeln!(
+            let _ = write!(
                 o,
                 "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
                 b.name,
@@ -354,6 +374,36 @@ pub fn render(r: &Report) -> String {
                 b.reply_packets,
                 human_bytes(b.reply_bytes)
             );
+            let _ = writeln!(o);
+            if let Some(h) = &b.health {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let mut line = format!(
+                    "    health {}{}: last probe {}",
+                    h.health,
+                    if h.drained { " (drained)" } else { "" },
+                    match (&h.last_result, h.last_latency_ms) {
+                        (Some(r), Some(ms)) => format!("{r} in {ms} ms"),
+                        _ => "none yet".into(),
+                    }
+                );
+                line += &format!(
+                    ", {} ok / {} failed in a row",
+                    h.consecutive_successes, h.consecutive_failures
+                );
+                if let Some(r) = &h.down_reason {
+                    line += &format!(", down: {r}");
+                }
+                if let Some(f) = &h.last_failure {
+                    line += &format!(", last failure: {f}");
+                }
+                if let Some(t) = h.last_change_unix {
+                    line += &format!(", changed {}s ago", now.saturating_sub(t));
+                }
+                let _ = writeln!(o, "{line}");
+            }
         }
     }
     let _ = writeln!(o);

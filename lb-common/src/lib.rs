@@ -107,12 +107,15 @@ pub mod state {
     pub const DOWN: u8 = 2;
     /// Out of the table; its flows stay until they end.
     pub const DRAIN: u8 = 3;
+    /// Failing health probes but answering (not ready, e.g. an apiserver shutting down
+    /// gracefully): out of the table, flows kept like a drain.
+    pub const UNREADY: u8 = 4;
 
     /// The word status prints for a state.
     pub const fn name(s: u8) -> &'static str {
         match s {
             UP => "up",
-            DOWN => "down",
+            DOWN | UNREADY => "down",
             DRAIN => "drain",
             _ => "unused",
         }

@@ -300,44 +300,51 @@ impl Lab {
 
     /// Starts one stub apiserver per backend host and waits until each answers.
     pub fn start_stubs(&self) -> Vec<Proc> {
-        let pki = self.certs();
+        self.certs();
+        (0..self.backends.len())
+            .map(|i| self.start_stub(i))
+            .collect()
+    }
+
+    /// Starts (or restarts) the stub on backend `i` and waits until it answers.
+    pub fn start_stub(&self, i: usize) -> Proc {
+        let pki = self.dir.join("pki");
         let cert = pki.join("server.crt");
         let key = pki.join("server.key");
         let stub = bin("lb-stub");
-        let procs: Vec<Proc> = self
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                let listen = format!("{}:{VIP_PORT}", h.addr);
-                self.spawn(
-                    h,
-                    &backend_name(i),
-                    &[
-                        stub.to_str().unwrap(),
-                        "serve",
-                        "--listen",
-                        &listen,
-                        "--name",
-                        &backend_name(i),
-                        "--cert",
-                        cert.to_str().unwrap(),
-                        "--key",
-                        key.to_str().unwrap(),
-                        "--admin-listen",
-                        STUB_ADMIN,
-                    ],
-                )
-            })
-            .collect();
-        for i in 0..self.backends.len() {
-            wait_for(
-                Duration::from_secs(10),
-                &format!("stub {}", backend_name(i)),
-                || self.try_stub_stats(i).is_some(),
-            );
-        }
-        procs
+        let h = &self.backends[i];
+        let listen = format!("{}:{VIP_PORT}", h.addr);
+        let p = self.spawn(
+            h,
+            &backend_name(i),
+            &[
+                stub.to_str().unwrap(),
+                "serve",
+                "--listen",
+                &listen,
+                "--name",
+                &backend_name(i),
+                "--cert",
+                cert.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+                "--admin-listen",
+                STUB_ADMIN,
+            ],
+        );
+        wait_for(
+            Duration::from_secs(10),
+            &format!("stub {}", backend_name(i)),
+            || self.try_stub_stats(i).is_some(),
+        );
+        p
+    }
+
+    /// Calls the stub's admin endpoint `path` (e.g. "/mode?readyz=503").
+    pub fn stub_admin(&self, i: usize, path: &str) -> String {
+        self.backends[i].ns.sh(&format!(
+            "curl -sf --max-time 2 'http://{STUB_ADMIN}{path}'"
+        ))
     }
 
     fn try_stub_stats(&self, i: usize) -> Option<serde_json::Value> {
@@ -359,14 +366,16 @@ impl Lab {
         PathBuf::from(format!("/sys/fs/bpf/lb-{}-lb{}", self.id, i + 1))
     }
 
-    /// Writes an agent config for LB `i` (extra TOML appended to the VIP section's end).
-    pub fn agent_config(&self, i: usize, vip_extra: &str) -> PathBuf {
+    /// Writes an agent config for LB `i`: `vip_extra` goes into the VIP's table and
+    /// `health` into its `[vip.health]` (which already names the lab's CA).
+    pub fn agent_config(&self, i: usize, vip_extra: &str, health: &str) -> PathBuf {
         let mut t = format!(
             "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\npin_path = \"{}\"\n\
              control_socket = \"{}\"\n\n[[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\n\
-             port = {VIP_PORT}\n{vip_extra}\n",
+             port = {VIP_PORT}\n{vip_extra}\n\n[vip.health]\nca_file = \"{}\"\n{health}\n",
             self.pin_path(i).display(),
-            self.dir.join(format!("lb{}.sock", i + 1)).display()
+            self.dir.join(format!("lb{}.sock", i + 1)).display(),
+            self.dir.join("pki/ca.crt").display()
         );
         for (b, h) in self.backends.iter().enumerate() {
             t.push_str(&format!(
@@ -433,6 +442,33 @@ impl Lab {
             .unwrap_or_else(|e| panic!("lb-agent status: {e}"))
     }
 
+    /// Starts lb-loadgen in the client namespace in the background; `LoadgenRun::finish`
+    /// returns its report.
+    pub fn spawn_loadgen(&self, name: &str, path: &str, args: &[&str]) -> LoadgenRun {
+        let ca = self.dir.join("pki/ca.crt");
+        let url = format!("https://{VIP}:{VIP_PORT}{path}");
+        let out = self.dir.join(format!("{name}.json"));
+        let f = fs::File::create(&out).expect("loadgen output");
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.client.ns.name])
+            .arg(bin("lb-loadgen"))
+            .args(["--url", &url, "--ca"])
+            .arg(&ca)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(Stdio::null());
+        let child = c.spawn().expect("spawn lb-loadgen");
+        LoadgenRun {
+            proc: Proc {
+                name: name.to_string(),
+                child: Some(child),
+                log: out.clone(),
+            },
+            out,
+        }
+    }
+
     /// Runs lb-loadgen in the client namespace against the VIP; returns its JSON report.
     pub fn loadgen(&self, path: &str, args: &[&str]) -> serde_json::Value {
         let ca = self.dir.join("pki/ca.crt");
@@ -479,6 +515,25 @@ impl Drop for Lab {
         if std::env::var_os("LB_KEEP_LAB_DIR").is_none() {
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A load generator running in the background.
+pub struct LoadgenRun {
+    proc: Proc,
+    out: PathBuf,
+}
+
+impl LoadgenRun {
+    /// Waits for the end (at most `timeout`) and returns the report.
+    pub fn finish(mut self, timeout: Duration) -> serde_json::Value {
+        let st = self
+            .proc
+            .wait(timeout)
+            .expect("lb-loadgen finished in time");
+        assert!(st.success(), "lb-loadgen failed: {st}");
+        let out = fs::read_to_string(&self.out).expect("loadgen output");
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("loadgen output {out:?}: {e}"))
     }
 }
 

@@ -71,6 +71,7 @@ fn config(pin: &std::path::Path) -> Config {
                     weight: 100,
                 })
                 .collect(),
+            health: Default::default(),
         }],
     }
 }

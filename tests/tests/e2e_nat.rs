@@ -15,7 +15,8 @@ fn thousand_requests_through_the_vip_each_on_a_new_connection() {
     {
         let _stubs = lab.start_stubs();
         lab.add_vip(0);
-        let config = lab.agent_config(0, "");
+        // No probes here: the stubs' connection counts must be the client's alone.
+        let config = lab.agent_config(0, "", "kind = \"none\"");
         let mut agent = lab.start_agent(0, &config);
 
         let report = lab.loadgen("/version", &["--count", "1000", "--concurrency", "4"]);

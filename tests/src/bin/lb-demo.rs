@@ -13,7 +13,7 @@ fn main() -> Result<()> {
     println!("lab {}: client 198.18.0.50, lb1 198.18.0.2 (VIP {VIP}:{VIP_PORT}), apiservers 198.18.0.11-13", lab.id);
     let stubs = lab.start_stubs();
     lab.add_vip(0);
-    let config = lab.agent_config(0, "");
+    let config = lab.agent_config(0, "", "interval = \"500ms\"");
     println!(
         "config {}:\n{}",
         config.display(),

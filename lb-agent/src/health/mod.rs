@@ -1,0 +1,167 @@
+//! Health checks: `probe` (one probe), `tracker` (rise/fall), and here the TLS client
+//! config and the prober loop that runs one probe per backend per interval.
+
+pub mod probe;
+pub mod tracker;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use rustls::{
+    client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+    pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime},
+    ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{HealthConfig, HealthKind};
+use probe::{Outcome, Target};
+
+/// A TLS setting that cannot be used; `field` is the config field under `[vip.health]`.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct TlsError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError {
+            field,
+            message: format!("{}: {e}", path.display()),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError {
+            field,
+            message: format!("{}: no PEM certificate in it", path.display()),
+        });
+    }
+    Ok(certs)
+}
+
+/// The rustls client config for a VIP's https probes (None for other kinds).
+pub fn tls_config(cfg: &HealthConfig) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+    if cfg.kind != HealthKind::Https {
+        return Ok(None);
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError {
+            field: "kind",
+            message: e.to_string(),
+        })?;
+    let builder = if cfg.insecure_skip_verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+    } else {
+        let mut roots = RootCertStore::empty();
+        for c in read_certs("ca_file", &cfg.ca_file)? {
+            roots.add(c).map_err(|e| TlsError {
+                field: "ca_file",
+                message: format!("{}: {e}", cfg.ca_file.display()),
+            })?;
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match (&cfg.client_cert, &cfg.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = read_certs("client_cert", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError {
+                field: "client_key",
+                message: format!("{}: {e}", key.display()),
+            })?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| TlsError {
+                    field: "client_key",
+                    message: e.to_string(),
+                })?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Session resumption (on by default) keeps repeated probes cheap for the agent.
+    Ok(Some(Arc::new(config)))
+}
+
+/// `insecure_skip_verify = true`: any certificate, any signature.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// One probe's result, addressed to the backend it is about.
+#[derive(Debug, Clone)]
+pub struct ProbeEvent {
+    pub vip: usize,
+    pub backend: usize,
+    pub outcome: Outcome,
+}
+
+/// Probes `target` now and then every `interval` until `shutdown` turns true.
+pub async fn run_prober(
+    vip: usize,
+    backend: usize,
+    target: Target,
+    interval: Duration,
+    tx: mpsc::Sender<ProbeEvent>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    // A slow probe delays the next one rather than bunching them up.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let outcome = tokio::select! {
+            _ = shutdown.changed() => return,
+            o = probe::probe(&target) => o,
+        };
+        if tx
+            .send(ProbeEvent {
+                vip,
+                backend,
+                outcome,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
