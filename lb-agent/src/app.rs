@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     backends::Backends,
-    config::{Config, HealthKind},
+    config::{Config, HealthKind, TrackConfig},
     control::{self, AgentInfo, Request, Response},
     dataplane::{
         loader::Dataplane,
@@ -28,6 +28,7 @@ use crate::{
     },
     health::{self, probe::Target},
     host::{self, Sysctls},
+    netlink, vrrp,
 };
 
 /// Holds the agent's single-instance lock for its lifetime.
@@ -103,20 +104,28 @@ pub async fn run(config: Config) -> Result<()> {
     let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
     sysctls.reserve_ports(&ranges)?;
 
-    let mode = dp
-        .attach(&iface, config.agent.xdp_mode)
-        .context("attaching the XDP program")?;
     let started_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    backends.writer().set_agent_meta(AgentMeta {
-        xdp_mode: mode,
+    let (mac, _) = netlink::link_info(&iface)
+        .with_context(|| format!("{}: agent.interface", config.path.display()))?;
+    let mut meta = AgentMeta {
+        xdp_mode: lb_common::xdp_mode::NONE,
         ifindex,
         pid: std::process::id(),
         _pad: 0,
         started_unix,
-    })?;
+        mac,
+        _pad2: [0; 2],
+    };
+    // The MAC before the program runs: it must never act on frames for other hosts.
+    backends.writer().set_agent_meta(meta)?;
+    let mode = dp
+        .attach(&iface, config.agent.xdp_mode)
+        .context("attaching the XDP program")?;
+    meta.xdp_mode = mode;
+    backends.writer().set_agent_meta(meta)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
@@ -166,6 +175,43 @@ pub async fn run(config: Config) -> Result<()> {
         lb_common::xdp_mode::name(mode),
         pin_path.display()
     );
+    // VRRP starts once the data plane is ready to serve the addresses it may take.
+    let (penalty_tx, penalty_rx) = watch::channel(0u8);
+    let (vrrp_stop_tx, vrrp_stop_rx) = watch::channel(false);
+    let vrrp_status: vrrp::Shared = Default::default();
+    let mut vrrp_task = None;
+    if let Some(v) = &config.vrrp {
+        let vifindex = host::ifindex(&v.interface)
+            .with_context(|| format!("{}: vrrp.interface", config.path.display()))?;
+        let primary = match v.unicast_src {
+            Some(a) => a,
+            None => host::primary_ipv4(&v.interface)?,
+        };
+        log::info!(
+            "VRRP v{} VRID {} on {} from {primary}: priority {}, adverts every {}, {}",
+            v.version,
+            v.virtual_router_id,
+            v.interface,
+            v.priority,
+            humantime::format_duration(v.advert_interval),
+            if v.unicast_peers.is_empty() {
+                "multicast".to_string()
+            } else {
+                format!("unicast to {:?}", v.unicast_peers)
+            }
+        );
+        vrrp_task = Some(tokio::spawn(vrrp::run(
+            v.clone(),
+            vifindex,
+            primary,
+            vrrp_status.clone(),
+            penalty_rx,
+            vrrp_stop_rx,
+        )));
+    }
+    let track = config.vrrp.as_ref().map(|v| v.track).unwrap_or_default();
+    let mut dataplane_check = tokio::time::interval(std::time::Duration::from_secs(1));
+
     let info = AgentInfo {
         pid: std::process::id(),
         version: format!("lb-agent {}", env!("CARGO_PKG_VERSION")),
@@ -176,6 +222,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut dp_attached = true;
     let sig = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -184,6 +231,19 @@ pub async fn run(config: Config) -> Result<()> {
                 if let Err(e) = backends.on_probe(ev) {
                     log::error!("updating the data plane: {e}");
                 }
+                update_penalty(&penalty_tx, &track, &backends, dp_attached);
+            }
+            _ = dataplane_check.tick() => {
+                let attached = matches!(netlink::xdp_prog_id(ifindex), Ok(Some(_)));
+                if attached != dp_attached {
+                    if attached {
+                        log::info!("XDP program attached to {iface} again");
+                    } else {
+                        log::error!("the XDP program is no longer attached to {iface}");
+                    }
+                    dp_attached = attached;
+                }
+                update_penalty(&penalty_tx, &track, &backends, dp_attached);
             }
             Some((req, reply)) = calls.recv() => {
                 let resp = match req {
@@ -191,6 +251,7 @@ pub async fn run(config: Config) -> Result<()> {
                         ok: true,
                         agent: Some(info.clone()),
                         health: Some(backends.report()),
+                        vrrp: config.vrrp.as_ref().map(|_| vrrp_status.lock().unwrap().clone()),
                         ..Default::default()
                     },
                     Request::Drain { vip, backend } => drain_answer(backends.set_drain(&vip, &backend, true)),
@@ -202,8 +263,24 @@ pub async fn run(config: Config) -> Result<()> {
     };
     log::info!("{sig}: shutting down");
 
-    // Reverse order of start: stop probes and answering, detach, drop maps and pins,
-    // restore sysctls.
+    // Reverse order of start. VRRP first: resign (priority 0) so the backup takes over
+    // within its skew time, while this data plane still forwards what reaches it.
+    if let Some(task) = vrrp_task {
+        let _ = vrrp_stop_tx.send(true);
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("VRRP: {e}"),
+            Err(e) => log::error!("VRRP task: {e}"),
+        }
+        if let Some(v) = &config.vrrp {
+            let grace = (v.advert_interval * 2).clamp(
+                std::time::Duration::from_millis(50),
+                std::time::Duration::from_secs(1),
+            );
+            tokio::time::sleep(grace).await;
+        }
+    }
+    // Then stop probes and answering, detach, drop maps and pins, restore sysctls.
     let _ = stop_tx.send(true);
     for t in tasks {
         let _ = t.await;
@@ -218,6 +295,28 @@ pub async fn run(config: Config) -> Result<()> {
         pin_path.display()
     );
     Ok(())
+}
+
+/// Recomputes how much tracking lowers the VRRP priority.
+fn update_penalty(
+    tx: &watch::Sender<u8>,
+    track: &TrackConfig,
+    backends: &Backends,
+    attached: bool,
+) {
+    let mut p: u16 = 0;
+    if backends.some_vip_without_healthy_backend() {
+        p += track.no_healthy_backend as u16;
+    }
+    if !attached {
+        p += track.dataplane_down as u16;
+    }
+    let p = p.min(254) as u8;
+    tx.send_if_modified(|old| {
+        let changed = *old != p;
+        *old = p;
+        changed
+    });
 }
 
 fn drain_answer(r: Result<String, String>) -> Response {

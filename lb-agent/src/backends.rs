@@ -200,6 +200,13 @@ impl Backends {
         ))
     }
 
+    /// True while some VIP has no backend taking new connections (VRRP tracking).
+    pub fn some_vip_without_healthy_backend(&self) -> bool {
+        self.vips
+            .iter()
+            .any(|v| !v.backends.iter().any(|b| b.state == state::UP))
+    }
+
     /// Health of every backend, for status.
     pub fn report(&self) -> Vec<VipHealth> {
         self.vips

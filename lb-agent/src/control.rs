@@ -47,6 +47,8 @@ pub struct Response {
     pub agent: Option<AgentInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Vec<crate::backends::VipHealth>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<crate::vrrp::VrrpStatus>,
     /// What a command did, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

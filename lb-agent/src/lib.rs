@@ -14,4 +14,6 @@ pub mod dataplane;
 pub mod health;
 pub mod host;
 pub mod maglev;
+pub mod netlink;
 pub mod status;
+pub mod vrrp;

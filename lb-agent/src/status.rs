@@ -14,6 +14,7 @@ use crate::{
     backends::BackendHealth,
     control::{self, Request},
     dataplane::{map_err, pinned::PinnedMaps, DataplaneError},
+    vrrp::VrrpStatus,
 };
 
 /// Why status cannot report.
@@ -34,6 +35,9 @@ pub struct Report {
     pub vips: Vec<VipStatus>,
     /// Per-CPU counters summed, by reason name.
     pub counters: BTreeMap<String, u64>,
+    /// VRRP, when configured and the agent answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<VrrpStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -137,14 +141,21 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         .agent_meta
         .get(&0, 0)
         .map_err(map_err(lb_common::map::AGENT_META))?;
-    let (running, info, control_error, health) = match answer {
+    let (running, info, control_error, health, vrrp) = match answer {
         Ok(r) => (
             true,
             r.agent.unwrap_or_default(),
             None,
             r.health.unwrap_or_default(),
+            r.vrrp,
         ),
-        Err(e) => (false, Default::default(), Some(e.to_string()), Vec::new()),
+        Err(e) => (
+            false,
+            Default::default(),
+            Some(e.to_string()),
+            Vec::new(),
+            None,
+        ),
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -278,6 +289,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         flows,
         vips,
         counters,
+        vrrp,
     })
 }
 
@@ -319,6 +331,33 @@ pub fn render(r: &Report) -> String {
         a.xdp_mode, a.interface, a.ifindex, a.pin_path
     );
     let _ = writeln!(o, "flow table: {} flows", r.flows);
+    if let Some(v) = &r.vrrp {
+        let _ = writeln!(
+            o,
+            "vrrp:      {} (v{} VRID {}, priority {} of base {}, master {}, adverts every {} ms)",
+            v.state.to_uppercase(),
+            v.version,
+            v.virtual_router_id,
+            v.effective_priority,
+            v.base_priority,
+            v.master.as_deref().unwrap_or("unknown"),
+            v.advert_interval_ms
+        );
+        let bad: Vec<String> = v
+            .bad_packets
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "           addresses {}; adverts sent {}, received {}; bad packets: {}; last transition {}",
+            v.addresses.join(", "),
+            v.adverts_sent,
+            v.adverts_received,
+            if bad.is_empty() { "none".to_string() } else { bad.join(", ") },
+            v.last_transition.as_deref().unwrap_or("none")
+        );
+    }
     for v in &r.vips {
         let _ = writeln!(o);
         let _ = writeln!(

@@ -185,8 +185,10 @@ pub mod reason {
     pub const FLOW_REPICKED: u32 = 14;
     /// A non-TCP packet for a VIP address and port: passed.
     pub const PASS_NOT_TCP: u32 = 15;
+    /// A VIP or reply packet in a frame addressed to another host's MAC: passed.
+    pub const PASS_OTHER_HOST: u32 = 16;
     /// Number of reasons.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -206,6 +208,7 @@ pub mod reason {
         "redirect",
         "flow_repicked",
         "pass_not_tcp",
+        "pass_other_host",
     ];
 }
 
@@ -386,6 +389,10 @@ pub struct AgentMeta {
     pub _pad: u32,
     /// Wall-clock start time, Unix seconds.
     pub started_unix: u64,
+    /// The interface's MAC: frames for other hosts (flooded by a switch or bridge, or seen
+    /// in promiscuous mode) are left to the kernel, which drops them. Zero: no check.
+    pub mac: [u8; 6],
+    pub _pad2: [u8; 2],
 }
 
 /// Copies `s` into a NUL-padded name field, truncating at NAME_LEN bytes.
@@ -427,6 +434,6 @@ const _: () = {
     assert!(core::mem::size_of::<TrafficStats>() == 40);
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);
-    assert!(core::mem::size_of::<AgentMeta>() == 24);
+    assert!(core::mem::size_of::<AgentMeta>() == 32);
     assert!(MAX_VIPS * 2 * MAX_MAGLEV_SIZE < u32::MAX);
 };

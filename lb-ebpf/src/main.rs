@@ -9,6 +9,8 @@
 // atomic_xadd: the BPF target has no core::sync::atomic types.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Dead code here is a check that never runs: make it an error.
+#![deny(unused)]
 
 mod csum;
 mod fib;

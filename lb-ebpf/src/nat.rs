@@ -7,7 +7,7 @@ use lb_common::{flow_flags, reason, FlowKey, VipKey, IPPROTO_TCP};
 use crate::{
     csum, fib, flow,
     parse::{self, NotTcp, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats, NAT_REVERSE, VIPS,
+    stats, AGENT_META, NAT_REVERSE, VIPS,
 };
 
 /// Entry point of the LB program.
@@ -41,6 +41,10 @@ pub fn process(ctx: &XdpContext) -> u32 {
         _pad: 0,
     };
     if let Some(vip) = unsafe { VIPS.get(vip_key) } {
+        if !for_this_host(&pkt) {
+            stats::reason(reason::PASS_OTHER_HOST);
+            return xdp_action::XDP_PASS;
+        }
         if pkt.fragment {
             // Only the first fragment names the port; without the rest we cannot NAT the
             // datagram, and a TCP peer doing PMTU discovery never fragments.
@@ -50,6 +54,10 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return forward(ctx, &pkt, &key, vip);
     }
     if let Some(rev) = NAT_REVERSE.get_ptr_mut(key) {
+        if !for_this_host(&pkt) {
+            stats::reason(reason::PASS_OTHER_HOST);
+            return xdp_action::XDP_PASS;
+        }
         return reply(ctx, &pkt, rev);
     }
     stats::reason(reason::PASS_NOT_OURS);
@@ -92,6 +100,17 @@ fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut lb_common::ReverseValue) -> u
     stats::reply(r.vip, r.backend, bytes);
     rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
     fib::send(ctx, pkt)
+}
+
+/// False for a unicast frame addressed to another MAC than the interface's: a flooding
+/// switch or bridge, or promiscuous mode, shows us frames another LB is meant to handle.
+#[inline(always)]
+fn for_this_host(pkt: &Packet) -> bool {
+    let Some(meta) = AGENT_META.get(0) else {
+        return true;
+    };
+    let dst = unsafe { (*pkt.eth).dst };
+    meta.mac == [0; 6] || dst[0] & 1 == 1 || dst == meta.mac
 }
 
 #[inline(always)]

@@ -108,6 +108,11 @@ impl Proc {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
 
+    /// Its process id while it runs (the command itself: `ip netns exec` and nsenter exec it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Its output so far.
     pub fn output(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
@@ -369,6 +374,23 @@ impl Lab {
     /// Writes an agent config for LB `i`: `vip_extra` goes into the VIP's table and
     /// `health` into its `[vip.health]` (which already names the lab's CA).
     pub fn agent_config(&self, i: usize, vip_extra: &str, health: &str) -> PathBuf {
+        let backends: Vec<(String, Ipv4Addr, u16)> = self
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(b, h)| (backend_name(b), h.addr, VIP_PORT))
+            .collect();
+        self.agent_config_backends(i, vip_extra, health, &backends)
+    }
+
+    /// Like `agent_config`, with the VIP's backends given as (name, address, port).
+    pub fn agent_config_backends(
+        &self,
+        i: usize,
+        vip_extra: &str,
+        health: &str,
+        backends: &[(String, Ipv4Addr, u16)],
+    ) -> PathBuf {
         let mut t = format!(
             "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\npin_path = \"{}\"\n\
              control_socket = \"{}\"\n\n[[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\n\
@@ -377,12 +399,13 @@ impl Lab {
             self.dir.join(format!("lb{}.sock", i + 1)).display(),
             self.dir.join("pki/ca.crt").display()
         );
-        for (b, h) in self.backends.iter().enumerate() {
+        for (name, addr, port) in backends {
             t.push_str(&format!(
-                "\n[[vip.backend]]\nname = \"{}\"\naddress = \"{}\"\n",
-                backend_name(b),
-                h.addr
+                "\n[[vip.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
             ));
+            if *port != VIP_PORT {
+                t.push_str(&format!("port = {port}\n"));
+            }
         }
         let p = self.dir.join(format!("lb{}.toml", i + 1));
         fs::write(&p, t).expect("write config");

@@ -1,7 +1,10 @@
 //! Test support for lb: lab harness (namespaces, veth, bridge) and helpers for end-to-end tests.
 
+pub mod bench;
+pub mod fixture;
 pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod packet;
 pub mod tls;
+pub mod vrrp_lab;

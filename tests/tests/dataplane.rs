@@ -2,154 +2,13 @@
 //! private network namespace whose dummy interface has a route and static neighbours, so
 //! the program's FIB lookup succeeds exactly as it would on an LB host.
 
-use std::net::Ipv4Addr;
-
-use aya::programs::{TestRun, TestRunOptions};
-use lb_agent::{
-    config::{AgentConfig, BackendConfig, Config, Mode, Protocol, VipConfig, XdpModeSetting},
-    dataplane::{
-        loader::Dataplane,
-        pinned::PinnedMaps,
-        writer::{self, VipPlan, Writer},
-    },
-};
 use lb_common::{reason, state};
 use lb_tests::{
-    netns::{self, Netns},
+    fixture::{
+        Fixture, BACKENDS, CLIENT, CLIENT_MAC, LB_ADDR, LB_MAC, VIP, XDP_DROP, XDP_PASS, XDP_TX,
+    },
     packet::{self, Frame, Parsed, TcpFlags},
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-
-const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
-const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x50];
-const BACKENDS: [(Ipv4Addr, [u8; 6]); 3] = [
-    (Ipv4Addr::new(198, 18, 0, 11), [0x02, 0, 0, 0, 0, 0x11]),
-    (Ipv4Addr::new(198, 18, 0, 12), [0x02, 0, 0, 0, 0, 0x12]),
-    (Ipv4Addr::new(198, 18, 0, 13), [0x02, 0, 0, 0, 0, 0x13]),
-];
-const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
-
-/// The program loaded and configured inside a namespace of its own.
-struct Fixture {
-    ns: Netns,
-    dp: Dataplane,
-    writer: Writer,
-    vips: Vec<VipPlan>,
-    ifindex: u32,
-}
-
-fn config(pin: &std::path::Path) -> Config {
-    Config {
-        path: "test.toml".into(),
-        agent: AgentConfig {
-            interface: "d0".into(),
-            xdp_mode: XdpModeSetting::Auto,
-            pin_path: pin.to_path_buf(),
-            control_socket: "/nonexistent".into(),
-        },
-        vips: vec![VipConfig {
-            name: "kube-apiserver".into(),
-            address: VIP,
-            port: 6443,
-            protocol: Protocol::Tcp,
-            mode: Mode::Nat,
-            snat_address: Some(LB_ADDR),
-            snat_ports: (61000, 65535),
-            maglev_table_size: 65537,
-            backends: BACKENDS
-                .iter()
-                .enumerate()
-                .map(|(i, (a, _))| BackendConfig {
-                    name: format!("master0{}", i + 1),
-                    address: *a,
-                    port: 6443,
-                    weight: 100,
-                })
-                .collect(),
-            health: Default::default(),
-        }],
-    }
-}
-
-impl Fixture {
-    /// None when the test cannot run here (not root, outside CI).
-    fn new(tag: &str) -> Option<Self> {
-        if !netns::require_root(tag) {
-            return None;
-        }
-        let ns = Netns::new(&format!("lbt-{tag}-{}", netns::unique_id()));
-        ns.sh(&format!(
-            "ip link add d0 address {} type veth peer name d1 && ip link set d1 up && ip link set d0 up && \
-             ip addr add {LB_ADDR}/24 dev d0 && \
-             sysctl -qw net.ipv4.conf.d0.forwarding=1 && \
-             ip neigh replace {CLIENT} lladdr {} dev d0 nud permanent",
-            packet::mac_str(&LB_MAC),
-            packet::mac_str(&CLIENT_MAC)
-        ));
-        for (a, m) in BACKENDS {
-            ns.sh(&format!(
-                "ip neigh replace {a} lladdr {} dev d0 nud permanent",
-                packet::mac_str(&m)
-            ));
-        }
-        let ifindex = ns.ifindex("d0");
-        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let dp = Dataplane::load(&pin).expect("load the XDP object");
-        let mut writer = Writer {
-            maps: PinnedMaps::open(&pin).expect("open pins"),
-        };
-        let mut vips = writer::plan(&config(&pin), LB_ADDR);
-        writer.install(&mut vips).expect("install");
-        Some(Self {
-            ns,
-            dp,
-            writer,
-            vips,
-            ifindex,
-        })
-    }
-
-    /// Runs the program on `frame`; returns the verdict and the frame as it left.
-    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let _in_ns = self.ns.enter();
-        let ctx = packet::xdp_md(frame.len() as u32, self.ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = self
-            .dp
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
-    }
-
-    fn reason(&self, r: u32) -> u64 {
-        self.writer
-            .maps
-            .stats_reason
-            .get(&r, 0)
-            .unwrap()
-            .iter()
-            .sum()
-    }
-
-    fn backend_by_addr(&self, a: Ipv4Addr) -> usize {
-        BACKENDS
-            .iter()
-            .position(|(b, _)| *b == a)
-            .expect("a backend")
-    }
-}
 
 fn syn(sport: u16) -> Frame {
     Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, sport, VIP, 6443, TcpFlags::SYN)
@@ -390,4 +249,35 @@ fn maglev_spreads_new_flows_and_down_backends_lose_theirs() {
     }
     assert_eq!(f.reason(reason::FLOW_REPICKED) - before, moved);
     f.vips[0] = vip;
+}
+
+#[test]
+fn frames_for_another_hosts_mac_are_left_to_the_kernel() {
+    let Some(mut f) = Fixture::new("dpmac") else {
+        return;
+    };
+    f.writer
+        .set_agent_meta(lb_common::AgentMeta {
+            mac: LB_MAC,
+            ..Default::default()
+        })
+        .unwrap();
+    // A switch flooding a frame meant for the other LB: not ours to balance.
+    let other = Frame::tcp(
+        CLIENT_MAC,
+        [0x02, 0, 0, 0, 0, 0x99],
+        CLIENT,
+        40000,
+        VIP,
+        6443,
+        TcpFlags::SYN,
+    );
+    let (v, out) = f.run(&other.bytes());
+    assert_eq!(v, XDP_PASS);
+    assert_eq!(out, other.bytes(), "untouched");
+    assert_eq!(f.reason(reason::PASS_OTHER_HOST), 1);
+    assert_eq!(f.writer.maps.flows.keys().count(), 0);
+    // Our own MAC still works.
+    let (v, _) = f.run(&syn(40000).bytes());
+    assert_eq!(v, XDP_TX);
 }

@@ -10,12 +10,16 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
-/// Debian packages the tests and the demo use (ip, ethtool, curl, tcpdump for debugging).
+/// Debian packages the tests and the demo use: the lab (ip, ethtool, nsenter), the stubs'
+/// admin calls (curl), the tracking test (nft) and the VRRP interop tests (keepalived).
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ethtool", "ethtool"),
+    ("nsenter", "util-linux"),
     ("curl", "curl"),
     ("bpftool", "bpftool"),
+    ("nft", "nftables"),
+    ("keepalived", "keepalived"),
 ];
 
 fn root() -> PathBuf {
@@ -99,6 +103,14 @@ fn ensure_toolchain() -> Result<()> {
     }
     Ok(())
 }
+
+/// What the benchmark compares lb with and drives it with.
+const BENCH_PACKAGES: &[(&str, &str)] = &[
+    ("wrk", "wrk"),
+    ("haproxy", "haproxy"),
+    ("nft", "nftables"),
+    ("nginx", "nginx-light"),
+];
 
 /// Debian packages the lab needs; installed with apt-get when missing.
 fn ensure_packages(extra: &[(&str, &str)]) -> Result<()> {
@@ -187,9 +199,11 @@ fn main() -> ExitCode {
             let dir = build(true)?;
             run(as_root(&dir.join("lb-demo"), &[]).env("LB_AGENT_BIN", dir.join("lb-agent")))
         })(),
-        Some("bench") => Err(anyhow::anyhow!("bench: not implemented yet (issue 4)")),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask build [--release] | run [-- ARGS] | test | demo | bench");
+            eprintln!(
+                "usage: cargo xtask build [--release] | run [-- ARGS] | test | demo | bench [--quick]"
+            );
             return ExitCode::from(2);
         }
     };
@@ -210,5 +224,25 @@ fn test(extra: &[String]) -> Result<()> {
     c.args(["test", "--workspace"])
         .args(extra)
         .env("LB_AGENT_BIN", dir.join("lb-agent"));
+    run(&mut c)
+}
+
+/// The microbenchmark, lb against direct, HAProxy and nftables in the lab, memory and
+/// probe cost; writes docs/benchmarks.md and target/bench/results.json.
+fn bench(extra: &[String]) -> Result<()> {
+    ensure_packages(BENCH_PACKAGES)?;
+    let dir = build(true)?;
+    let mut args: Vec<String> = extra.to_vec();
+    for (flag, path) in [
+        ("--doc", root().join("docs/benchmarks.md")),
+        ("--json", root().join("target/bench/results.json")),
+    ] {
+        if !args.iter().any(|a| a == flag) {
+            args.push(flag.into());
+            args.push(path.display().to_string());
+        }
+    }
+    let mut c = as_root(&dir.join("lb-bench"), &args);
+    c.current_dir(root());
     run(&mut c)
 }

@@ -29,6 +29,7 @@ pub struct PinnedMaps {
     pub vip_meta: Array<MapData, VipMeta>,
     pub backend_meta: Array<MapData, BackendMeta>,
     pub agent_meta: Array<MapData, AgentMeta>,
+    pub snat_cursor: Array<MapData, u64>,
 }
 
 fn open(dir: &Path, name: &'static str) -> Result<Map, DataplaneError> {
@@ -64,6 +65,7 @@ impl PinnedMaps {
             vip_meta: typed!(dir, map::VIP_META),
             backend_meta: typed!(dir, map::BACKEND_META),
             agent_meta: typed!(dir, map::AGENT_META),
+            snat_cursor: typed!(dir, map::SNAT_CURSOR),
         })
     }
 

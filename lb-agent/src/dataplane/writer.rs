@@ -141,6 +141,12 @@ impl Writer {
                     .backends
                     .set(b.index, b.info(v.info.index), 0)
                     .map_err(map_err(map::BACKENDS))?;
+                // A restarted agent must not walk the ports it just used: the backend
+                // still holds them in TIME_WAIT, and a SYN that meets one stalls.
+                self.maps
+                    .snat_cursor
+                    .set(b.index, random_u64(), 0)
+                    .map_err(map_err(map::SNAT_CURSOR))?;
             }
             // The VIP entry does not exist yet: fill half 1 and let publish flip to it.
             v.info.active_half = 1;
@@ -202,6 +208,19 @@ impl Writer {
             .set(0, meta, 0)
             .map_err(map_err(map::AGENT_META))
     }
+}
+
+/// A random number from the standard library's per-process SipHash keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+    );
+    h.finish()
 }
 
 /// The Maglev table of a VIP as global backend indices (NO_BACKEND where none).

@@ -53,9 +53,10 @@ enum Cmd {
 
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// HTTPS listen address.
-    #[arg(long, value_name = "IP:PORT")]
-    listen: SocketAddr,
+    /// HTTPS listen address; repeat it to serve the same API on several (one process
+    /// standing in for many apiservers, e.g. to measure probing 100 backends).
+    #[arg(long, value_name = "IP:PORT", required = true)]
+    listen: Vec<SocketAddr>,
     /// Backend name, reported in X-Backend and /version.
     #[arg(long)]
     name: String,
@@ -441,9 +442,14 @@ async fn admin_loop(stub: Arc<Stub>, listener: TcpListener) {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     let acceptor = TlsAcceptor::from(tls::server_config(&args.cert, &args.key)?);
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
+    let mut listeners = Vec::with_capacity(args.listen.len());
+    for addr in &args.listen {
+        listeners.push(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        );
+    }
     let admin = match args.admin_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -466,12 +472,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
 
-    let addr = listener.local_addr()?;
-    tokio::spawn(accept_loop(stub.clone(), listener, acceptor));
+    for listener in listeners {
+        let addr = listener.local_addr()?;
+        tokio::spawn(accept_loop(stub.clone(), listener, acceptor.clone()));
+        eprintln!("lb-stub {} listening on {addr}", args.name);
+    }
     if let Some(admin) = admin {
         tokio::spawn(admin_loop(stub.clone(), admin));
     }
-    eprintln!("lb-stub {} listening on {addr}", args.name);
 
     tokio::select! {
         _ = sigterm.recv() => {}

@@ -1,0 +1,687 @@
+//! The report: results as JSON (target/bench/results.json) and as Markdown
+//! (docs/benchmarks.md), and where lb stands against the issue's targets.
+
+use std::{fs, process::Command};
+
+use serde::Serialize;
+
+use super::{
+    e2e::{E2e, Mode, PathKind},
+    micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS},
+    probe::ProbeCost,
+};
+
+/// The machine and the run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Env {
+    /// UTC, RFC 3339.
+    pub date: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_mib: u64,
+    /// `git describe --always --dirty` of the checkout, when there is one.
+    pub git: Option<String>,
+    pub quick: bool,
+    /// The command that produced the report.
+    pub command: String,
+    /// Versions of the tools compared.
+    pub tools: Vec<(String, String)>,
+    /// /proc/loadavg when the run began.
+    pub loadavg: String,
+    /// Network namespaces of other labs or tests found when the run began: something else
+    /// was using the machine's two cores.
+    pub other_namespaces: Vec<String>,
+}
+
+/// One of the issue's targets and where lb stands.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub target: String,
+    pub measured: Option<f64>,
+    pub unit: String,
+    pub met: Option<bool>,
+}
+
+/// Everything one `lb-bench` run produced.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    pub env: Env,
+    pub micro: Option<Micro>,
+    pub e2e: Option<E2e>,
+    /// Failover time once VRRP exists; None: not measured.
+    pub failover: Option<serde_json::Value>,
+    pub probe: Vec<ProbeCost>,
+    pub targets: Vec<Target>,
+}
+
+fn first_line(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let mut s = String::from_utf8_lossy(&o.stdout).into_owned();
+            s.push_str(&String::from_utf8_lossy(&o.stderr));
+            s.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// Describes this machine and run.
+pub fn env(quick: bool) -> Env {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let memory_mib = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| super::parse::status_kib(&m, "MemTotal"))
+        .unwrap_or(0)
+        / 1024;
+    let git = Some(first_line("git", &["describe", "--always", "--dirty"]))
+        .filter(|s| !s.is_empty() && !s.starts_with("fatal"));
+    Env {
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        cpu,
+        cores,
+        memory_mib,
+        git,
+        quick,
+        command: if quick {
+            "cargo xtask bench --quick".into()
+        } else {
+            "cargo xtask bench".into()
+        },
+        tools: [
+            ("haproxy", first_line("haproxy", &["-v"])),
+            ("nginx", first_line("nginx", &["-v"])),
+            ("wrk", first_line("wrk", &["--version"])),
+            ("nft", first_line("nft", &["--version"])),
+        ]
+        .into_iter()
+        .map(|(a, b)| (a.to_string(), b))
+        .collect(),
+        loadavg: fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        other_namespaces: crate::netns::list()
+            .into_iter()
+            .filter(|n| n.starts_with("lb-") || n.starts_with("lbt-"))
+            .collect(),
+    }
+}
+
+fn target(
+    what: &str,
+    target: &str,
+    measured: Option<f64>,
+    unit: &str,
+    ok: fn(f64) -> bool,
+) -> Target {
+    Target {
+        what: what.into(),
+        target: target.into(),
+        measured,
+        unit: unit.into(),
+        met: measured.map(ok),
+    }
+}
+
+/// The issue's targets, from what was measured.
+pub fn targets(r: &Results) -> Vec<Target> {
+    let mut t = Vec::new();
+    if let Some(e) = &r.e2e {
+        t.push(target(
+            "lb req/s (keep-alive) over HAProxy's",
+            ">= 1.5x",
+            e.ratio("lb/haproxy", Mode::KeepAlive),
+            "x",
+            |v| v >= 1.5,
+        ));
+        t.push(target(
+            "lb new connections/s over HAProxy's",
+            ">= 1.25x",
+            e.ratio("lb/haproxy", Mode::Close),
+            "x",
+            |v| v >= 1.25,
+        ));
+        t.push(target(
+            "lb req/s (keep-alive) over nftables'",
+            ">= 1x",
+            e.ratio("lb/nftables", Mode::KeepAlive),
+            "x",
+            |v| v >= 1.0,
+        ));
+        t.push(target(
+            "lb new connections/s over nftables'",
+            ">= 1x",
+            e.ratio("lb/nftables", Mode::Close),
+            "x",
+            |v| v >= 1.0,
+        ));
+        t.push(target(
+            "lb CPU overhead over direct / HAProxy's (keep-alive)",
+            "<= 0.33",
+            e.ratio("lb overhead/haproxy overhead", Mode::KeepAlive),
+            "",
+            |v| v <= 1.0 / 3.0,
+        ));
+        t.push(target(
+            "lb CPU overhead over direct / HAProxy's (close)",
+            "<= 0.33",
+            e.ratio("lb overhead/haproxy overhead", Mode::Close),
+            "",
+            |v| v <= 1.0 / 3.0,
+        ));
+    }
+    if let Some(m) = &r.micro {
+        t.push(target(
+            "established-flow packet over the XDP_PASS floor",
+            "<= 2.5x",
+            Some(m.established.x_floor),
+            "x",
+            |v| v <= 2.5,
+        ));
+    }
+    for p in &r.probe {
+        let ok: fn(f64) -> bool = if p.target_pct <= 1.0 {
+            |v| v < 1.0
+        } else {
+            |v| v < 5.0
+        };
+        t.push(target(
+            &format!(
+                "agent CPU probing {} backends every {} ms (HTTPS)",
+                p.backends, p.interval_ms
+            ),
+            &format!("< {}% of a core", p.target_pct),
+            Some(p.cpu_pct),
+            "%",
+            ok,
+        ));
+    }
+    t
+}
+
+fn x(v: f64) -> String {
+    format!("{v:.2}x")
+}
+
+fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
+    v.map(f).unwrap_or_else(|| "n/a".into())
+}
+
+fn us(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.2} ms", v / 1000.0)
+    } else {
+        format!("{v:.0} µs")
+    }
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1} MiB", b / 1048576.0)
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The targets as a Markdown table (also printed at the end of a run).
+pub fn targets_table(t: &[Target]) -> String {
+    let mut s = String::from("| target | wanted | measured | |\n|---|---|---|---|\n");
+    for t in t {
+        let m = match (t.measured, t.unit.as_str()) {
+            (Some(v), "%") => format!("{v:.2}%"),
+            (Some(v), "x") => x(v),
+            (Some(v), _) => format!("{v:.2}"),
+            (None, _) => "n/a".into(),
+        };
+        let met = match t.met {
+            Some(true) => "met",
+            Some(false) => "**not met**",
+            None => "not measured",
+        };
+        s.push_str(&format!("| {} | {} | {m} | {met} |\n", t.what, t.target));
+    }
+    s
+}
+
+/// The microbenchmark's main table (also printed).
+pub fn micro_table(m: &Micro) -> String {
+    let mut s = String::from("| packet | ns per packet | x XDP_PASS floor |\n|---|---:|---:|\n");
+    for c in [&m.floor, &m.not_ours, &m.syn, &m.established, &m.reply] {
+        s.push_str(&format!(
+            "| {} | {:.1} | {} |\n",
+            c.name,
+            c.ns,
+            x(c.x_floor)
+        ));
+    }
+    s
+}
+
+fn scale_table(head: &str, points: &[Point], key: fn(&Point) -> String) -> String {
+    let mut s = format!(
+        "| {head} | SYN creating a flow, ns | x floor | established flow, ns | x floor |\n|---|---:|---:|---:|---:|\n"
+    );
+    for p in points {
+        s.push_str(&format!(
+            "| {} | {:.1} | {} | {:.1} | {} |\n",
+            key(p),
+            p.syn.ns,
+            x(p.syn.x_floor),
+            p.established.ns,
+            x(p.established.x_floor)
+        ));
+    }
+    s
+}
+
+/// The end-to-end table of one mode (also printed).
+pub fn e2e_table(e: &E2e, mode: Mode) -> String {
+    let what = match mode {
+        Mode::KeepAlive => "requests/s",
+        Mode::Close => "new connections/s",
+    };
+    let mut s = format!(
+        "| path | {what} | p50 | p99 | CPU ms per 1000 req | CPU over direct | wrk errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for p in PathKind::ALL {
+        let Some(v) = e.get(p, mode) else { continue };
+        let over = if p == PathKind::Direct {
+            "-".to_string()
+        } else {
+            opt(e.overhead(p, mode), |v| format!("{v:+.2} ms"))
+        };
+        s.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {:.2} | {over} | {} |\n",
+            p.label(),
+            v.rps,
+            us(v.p50_us),
+            us(v.p99_us),
+            v.cpu_ms_per_1k,
+            v.errors
+        ));
+    }
+    s
+}
+
+/// The ratios of the end-to-end comparison (also printed).
+pub fn ratio_table(e: &E2e) -> String {
+    let mut s = String::from("| ratio | keep-alive (req/s) | close (conn/s) |\n|---|---:|---:|\n");
+    for name in ["lb/direct", "lb/haproxy", "lb/nftables"] {
+        s.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            opt(e.ratio(name, Mode::KeepAlive), x),
+            opt(e.ratio(name, Mode::Close), x)
+        ));
+    }
+    s.push_str(&format!(
+        "| lb's CPU overhead / HAProxy's | {} | {} |\n",
+        opt(
+            e.ratio("lb overhead/haproxy overhead", Mode::KeepAlive),
+            |v| format!("{v:.2}")
+        ),
+        opt(
+            e.ratio("lb overhead/haproxy overhead", Mode::Close),
+            |v| format!("{v:.2}")
+        )
+    ));
+    s
+}
+
+fn case_line(c: &Case) -> String {
+    format!("{} calls: {}", c.calls_ns.len(), c.checked)
+}
+
+fn code(lang: &str, body: &str) -> String {
+    format!("```{lang}\n{}\n```\n", body.trim_end())
+}
+
+/// docs/benchmarks.md.
+pub fn markdown(r: &Results) -> String {
+    let e = &r.env;
+    let mut s = String::new();
+    s.push_str("# Benchmarks\n\n");
+    s.push_str(&format!(
+        "Generated by `{}` on {} (this file is rewritten by each run; the raw figures are in \
+         `target/bench/results.json`).\n\n\
+         Machine: {} cores of {}, {} MiB, Linux {}; lb {}.{}\n\n",
+        e.command,
+        e.date,
+        e.cores,
+        e.cpu,
+        e.memory_mib,
+        e.kernel,
+        e.git.as_deref().unwrap_or("(no git checkout)"),
+        if e.quick {
+            " **Quick run** (`--quick`): shorter runs, so noisier figures than `cargo xtask bench`."
+        } else {
+            ""
+        }
+    ));
+    if !e.other_namespaces.is_empty() {
+        s.push_str(&format!(
+            "**Other work shared the machine during this run** (load average {} at the \
+             start; namespaces of other labs or tests: {}): the figures are noisier than \
+             usual, the ratios less so since every path saw the same disturbance in turn.\n\n",
+            e.loadavg,
+            e.other_namespaces.join(", ")
+        ));
+    }
+    s.push_str(
+        "Every comparison is measured side by side in the same run on the same machine, and \
+         every figure is the median of the runs; read the ratios, not the absolute numbers, \
+         which belong to this small VM.\n\n",
+    );
+    s.push_str("## Where lb stands\n\n");
+    s.push_str(&targets_table(&r.targets));
+    s.push('\n');
+
+    if let Some(m) = &r.micro {
+        s.push_str("## 1. The XDP program, per packet\n\n");
+        s.push_str(&format!(
+            "BPF_PROG_TEST_RUN with `repeat` = {} ({} calls per case, median of the kernel's \
+             mean per run), {BASE_BACKENDS} backends, {BASE_FLOWS} other flows in the table. \
+             The floor is `lb_xdp_pass` of the same object on the same frame.\n\n",
+            thousands(m.options.repeat as u64),
+            m.options.calls
+        ));
+        s.push_str(&micro_table(m));
+        s.push_str(&format!(
+            "\nWhat the program's own counters confirmed for each case: floor: {}; not for a \
+             VIP: {}; SYN: {}; established: {}; reply: {}.\n\n",
+            case_line(&m.floor),
+            case_line(&m.not_ours),
+            case_line(&m.syn),
+            case_line(&m.established),
+            case_line(&m.reply)
+        ));
+        s.push_str("### Backends\n\n");
+        s.push_str(&scale_table("backends", &m.by_backends, |p| {
+            p.backends.to_string()
+        }));
+        s.push_str("\n### Flows in the table\n\n");
+        s.push_str(&scale_table("flows", &m.by_flows, |p| {
+            if p.table_entries == lb_common::MAX_FLOWS {
+                thousands(p.flows as u64)
+            } else {
+                format!(
+                    "{} (FLOWS and NAT_REVERSE resized to {} entries)",
+                    thousands(p.flows as u64),
+                    thousands(p.table_entries as u64)
+                )
+            }
+        }));
+        s.push_str(&format!(
+            "\nThe default tables hold {} flows (`lb_common::MAX_FLOWS`); the 1M row loads \
+             the object with `EbpfLoader::map_max_entries` on FLOWS and NAT_REVERSE (the \
+             agent cannot do this yet). A 1000-backend VIP is built past the config check, \
+             which allows 655 backends per VIP with the largest Maglev table (100 slots per \
+             backend).\n\n",
+            thousands(lb_common::MAX_FLOWS as u64)
+        ));
+    }
+
+    if let Some(e2e) = &r.e2e {
+        let o = &e2e.options;
+        s.push_str("## 2. End to end in the lab\n\n");
+        s.push_str(&format!(
+            "Client, LB and three backends are network namespaces joined by veths to a bridge, \
+             all on this VM's {} cores. Backends: nginx, one process each, plain HTTP on \
+             :6443. Load: `wrk -t{} -c{} -d{}s --latency` from the client ({} runs per path and \
+             mode, the paths visited in turn, the order rotating run by run, a {} s warm-up \
+             each time a path is set up). CPU is the whole machine's busy time from \
+             /proc/stat over the run, per 1000 requests; \"over direct\" is the run-by-run \
+             difference with the direct path.\n\n",
+            e.cores,
+            o.threads,
+            o.connections,
+            o.duration.as_secs(),
+            o.runs,
+            o.warmup.as_secs()
+        ));
+        s.push_str("### Keep-alive\n\n");
+        s.push_str(&e2e_table(e2e, Mode::KeepAlive));
+        s.push_str("\n### One request per connection (`Connection: close`)\n\n");
+        s.push_str(&e2e_table(e2e, Mode::Close));
+        s.push_str("\n### Ratios (median of the run-by-run ratios)\n\n");
+        s.push_str(&ratio_table(e2e));
+        s.push('\n');
+    }
+
+    s.push_str("## 3. Failover\n\n");
+    match &r.failover {
+        None => s.push_str(
+            "Not measured: VRRP is not implemented yet. <!-- FAILOVER: when VRRP lands, \
+             lb-bench measures here the time from stopping the master's agent to the first \
+             request answered through the backup, and connections lost. -->\n\n",
+        ),
+        Some(v) => s.push_str(&code("json", &v.to_string())),
+    }
+
+    s.push_str("## 4. Memory and health probes\n\n");
+    if let Some(m) = &r.micro {
+        let mm = &m.maps;
+        s.push_str(&format!(
+            "Maps at their default sizes: {} in all (the kernel's own accounting, `memlock` in \
+             each map's fdinfo, on {} CPUs: per-CPU maps grow with the CPU count). A flow costs \
+             {:.0} bytes (FLOWS + NAT_REVERSE over {} entries, preallocated: the tables cost \
+             this whether full or empty){}.\n\n",
+            mib(mm.total_bytes as f64),
+            mm.cpus,
+            mm.bytes_per_flow,
+            thousands(lb_common::MAX_FLOWS as u64),
+            mm.marginal_bytes_per_flow
+                .map(|b| format!("; each entry added by resizing the tables costs {b:.0} bytes"))
+                .unwrap_or_default()
+        ));
+        s.push_str(
+            "| map | type | key | value | max entries | memory |\n|---|---:|---:|---:|---:|---:|\n",
+        );
+        for mm in &mm.maps {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} |\n",
+                mm.name,
+                mm.info.map_type,
+                mm.info.key_size,
+                mm.info.value_size,
+                thousands(mm.info.max_entries as u64),
+                mib(mm.info.memlock as f64)
+            ));
+        }
+        s.push('\n');
+    }
+    let mut rss = Vec::new();
+    if let Some(e2e) = &r.e2e {
+        if let Some(k) = e2e.agent_rss_kib {
+            rss.push(format!(
+                "{:.1} MiB resident after the lb runs (3 backends, HTTP probes every 2 s; peak {})",
+                k as f64 / 1024.0,
+                e2e.agent_hwm_kib
+                    .map(|h| format!("{:.1} MiB", h as f64 / 1024.0))
+                    .unwrap_or_else(|| "n/a".into())
+            ));
+        }
+    }
+    for p in &r.probe {
+        if let Some(k) = p.rss_kib {
+            rss.push(format!(
+                "{:.1} MiB probing {} backends over HTTPS every {} ms",
+                k as f64 / 1024.0,
+                p.backends,
+                p.interval_ms
+            ));
+        }
+    }
+    if !rss.is_empty() {
+        s.push_str(&format!("lb-agent (VmRSS): {}.\n\n", rss.join("; ")));
+    }
+    if !r.probe.is_empty() {
+        s.push_str(
+            "Health probes: the agent's utime + stime (/proc/PID/stat) over the window, as a \
+             share of one core; HTTPS GET /readyz to lb-stub apiservers (a new TCP connection \
+             and TLS handshake per probe, as the agent probes today).\n\n\
+             | backends | interval | window | agent CPU | target | probes served |\n\
+             |---:|---:|---:|---:|---:|---:|\n",
+        );
+        for p in &r.probe {
+            s.push_str(&format!(
+                "| {} | {} ms | {:.0} s | {:.2}% | < {}% | {} |\n",
+                p.backends, p.interval_ms, p.window_s, p.cpu_pct, p.target_pct, p.probes
+            ));
+        }
+        s.push('\n');
+    }
+
+    s.push_str(WHAT_IT_SHOWS);
+
+    s.push_str("## Exactly what ran\n\n");
+    s.push_str(&format!("`{}` as root", e.command));
+    s.push_str(
+        " (it builds the release binaries, installs wrk, haproxy, nftables and nginx-light \
+         when missing, and runs `target/release/lb-bench`).\n\n",
+    );
+    if !e.tools.is_empty() {
+        s.push_str("Tools: ");
+        s.push_str(
+            &e.tools
+                .iter()
+                .map(|(a, b)| format!("{a}: `{b}`"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        s.push_str(".\n\n");
+    }
+    if let Some(e2e) = &r.e2e {
+        let st = &e2e.setup;
+        s.push_str("wrk, in the client's namespace (the lab's namespaces carry a per-run id):\n\n");
+        s.push_str(&code("sh", &st.wrk.join("\n")));
+        s.push_str(&format!(
+            "\nPath order per run: {}.\n\n",
+            st.order
+                .iter()
+                .map(|o| o.iter().map(|p| p.name()).collect::<Vec<_>>().join(", "))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        ));
+        s.push_str(
+            "nginx on each backend (backend 1's; the others differ in address and names):\n\n",
+        );
+        s.push_str(&code("nginx", &st.nginx));
+        s.push_str("\nHAProxy, in the LB's namespace, bound to the VIP (`haproxy -db -f haproxy.cfg`):\n\n");
+        s.push_str(&code("haproxy", &st.haproxy));
+        s.push_str(&format!(
+            "\nnftables, in the LB's namespace (`{}` first, undone after):\n\n",
+            st.nftables_sysctls
+        ));
+        s.push_str(&code("nft", &st.nftables));
+        s.push_str("\nlb-agent, on the LB (`lb-agent run --config lb1.toml`); the VIP is on the LB's eth0 for every path:\n\n");
+        s.push_str(&code("toml", &st.lb_agent));
+        s.push('\n');
+        if !e2e.checks.is_empty() {
+            s.push_str("Checked after each path's runs:\n\n");
+            for c in &e2e.checks {
+                s.push_str(&format!("- {c}\n"));
+            }
+            s.push('\n');
+        }
+    }
+    if let Some(p) = r.probe.last() {
+        s.push_str("lb-agent config for the 100-backend probe measurement (first backends):\n\n");
+        let short: Vec<&str> = p.config.lines().take(30).collect();
+        s.push_str(&code("toml", &format!("{}\n# ...", short.join("\n"))));
+        s.push('\n');
+    }
+    s
+}
+
+const WHAT_IT_SHOWS: &str = "## What these numbers show, and what they do not
+
+- **One small VM.** Client, LB and backends share the same two cores, so the end-to-end \
+figures measure how much of that shared CPU each path leaves to nginx and wrk. That is the \
+question an LB host's CPU answers too, but the absolute requests/s are this VM's, not a \
+NIC's. CPU per 1000 requests is the steadier figure; \"over direct\" is what the path adds.
+- **veth, not a NIC.** lb attaches in native mode to a veth; XDP_TX on a veth hands the frame \
+to the peer, whose bridge port needs an XDP program of its own (the lab attaches XDP_PASS to \
+the LB's bridge port for every path, so all paths pay the same). On a real NIC the XDP path \
+avoids the stack entirely and the gap to the kernel paths is larger; here both sides pay for \
+the veth and bridge.
+- **Direct is one backend.** The direct path sends all load to backend 1's single nginx \
+process, the LB paths spread it over three; when one nginx saturates, lb/direct can exceed 1.
+- **HAProxy** runs with the kubeadm guide's settings (two threads, the default on this VM) \
+but without logging, which would cost it more in production. **nftables** (dnat + \
+masquerade with conntrack) stands in for IPVS, which this kernel does not have.
+- **The microbenchmark** runs the program on one buffer again and again, so the flow entry, \
+the Maglev slot and the FIB entry stay in the CPU cache: it is the program's cost without \
+cache misses, a floor for a busy LB whose tables exceed the cache. The flow-table rows show \
+what a fuller hash table costs the SYN path (inserts) more than the established path (one \
+key, always cached). The backends sit at the VIP's own address there so that each run's \
+rewrite yields the next run's packet (see `tests/src/bench/micro.rs`); the program does the \
+same work whatever the addresses.
+- **Not measured here:** failover (no VRRP yet), DSR modes, many clients (all traffic comes \
+from one address), long-lived watches, packet loss.
+
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn number_formats() {
+        assert_eq!(thousands(1_000_000), "1,000,000");
+        assert_eq!(thousands(262144), "262,144");
+        assert_eq!(thousands(10), "10");
+        assert_eq!(us(530.0), "530 µs");
+        assert_eq!(us(1550.0), "1.55 ms");
+        assert_eq!(x(1.5), "1.50x");
+    }
+
+    #[test]
+    fn targets_say_met_or_not() {
+        let r = Results {
+            probe: vec![ProbeCost {
+                backends: 3,
+                interval_ms: 200,
+                window_s: 20.0,
+                cpu_ticks: 10,
+                cpu_pct: 0.5,
+                target_pct: 1.0,
+                probes: 300,
+                rss_kib: Some(10240),
+                config: String::new(),
+            }],
+            ..Default::default()
+        };
+        let t = targets(&r);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].met, Some(true));
+        let table = targets_table(&t);
+        assert!(table.contains("| 0.50% | met |"), "{table}");
+    }
+}

@@ -1,0 +1,140 @@
+//! Lab helpers for VRRP tests: two LBs with agents (or keepalived) sharing the VIP.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::lab::{Lab, Proc, VIP};
+
+impl Lab {
+    /// An agent config for LB `i` with a `[vrrp]` section (`vrrp` holds its keys) appended.
+    pub fn agent_config_vrrp(&self, i: usize, health: &str, vrrp: &str) -> PathBuf {
+        let p = self.agent_config(i, "", health);
+        let mut t = std::fs::read_to_string(&p).expect("config");
+        t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
+        std::fs::write(&p, t).expect("write config");
+        p
+    }
+
+    /// True when LB `i` holds the VIP on its interface.
+    pub fn has_vip(&self, i: usize) -> bool {
+        self.lbs[i]
+            .ns
+            .try_sh("ip -4 -o addr show dev eth0")
+            .map(|s| s.contains(&format!("inet {VIP}/")))
+            .unwrap_or(false)
+    }
+
+    /// The agent's VRRP state from `lb-agent status` ("" when it does not answer).
+    pub fn vrrp_state(&self, config: &Path) -> String {
+        self.vrrp_status(config)
+            .map(|v| v["state"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    /// The agent's `vrrp` status object, when it answers.
+    pub fn vrrp_status(&self, config: &Path) -> Option<serde_json::Value> {
+        let out = std::process::Command::new(crate::lab::bin("lb-agent"))
+            .args(["status", "--json", "--config"])
+            .arg(config)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        Some(v["vrrp"].clone())
+    }
+
+    /// Writes a keepalived config for LB `i` and starts keepalived (VRRP only) there.
+    pub fn start_keepalived(&self, i: usize, conf: &str) -> Proc {
+        let dir = self.dir.join(format!("keepalived-lb{}", i + 1));
+        std::fs::create_dir_all(&dir).expect("keepalived dir");
+        let path = dir.join("keepalived.conf");
+        std::fs::write(&path, conf).expect("keepalived.conf");
+        let p = |n: &str| dir.join(n).display().to_string();
+        // A killed keepalived's children can linger as zombies here (nothing reaps them
+        // promptly), and keepalived then refuses to start: "daemon is already running".
+        for f in ["keepalived.pid", "vrrp.pid", "checkers.pid"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        self.spawn(
+            &self.lbs[i],
+            &format!("keepalived-lb{}", i + 1),
+            &[
+                "keepalived",
+                "--dont-fork",
+                "--log-console",
+                "--log-detail",
+                "--vrrp",
+                "--use-file",
+                &path.display().to_string(),
+                "--pid",
+                &p("keepalived.pid"),
+                "--vrrp_pid",
+                &p("vrrp.pid"),
+                "--checkers_pid",
+                &p("checkers.pid"),
+            ],
+        )
+    }
+
+    /// SIGKILLs `proc` and every other process of LB `i` (keepalived's VRRP child among
+    /// them) and takes its link down at once: the node is gone.
+    pub fn kill_node(&self, i: usize, proc: &mut Proc) {
+        proc.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &format!("ip netns pids {} | xargs -r kill -9", self.lbs[i].ns.name),
+            ])
+            .status();
+        self.lbs[i].ns.sh("ip link set eth0 down");
+        let _ = proc.wait(Duration::from_secs(5));
+    }
+
+    /// Brings LB `i`'s link back (after `kill_node`) and clears what the dead node left.
+    pub fn revive_node(&self, i: usize) {
+        self.lbs[i].ns.sh("ip link set eth0 up");
+        let _ = self.lbs[i]
+            .ns
+            .try_sh(&format!("ip addr del {VIP}/32 dev eth0"));
+    }
+}
+
+/// Waits until `f` holds (polling every 10 ms); returns when, or None after `timeout`.
+pub fn poll_until(timeout: Duration, mut f: impl FnMut() -> bool) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return Some(Instant::now());
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// keepalived.conf for one VRRP instance on eth0 holding the lab's VIP.
+pub fn keepalived_conf(
+    version: u8,
+    state: &str,
+    priority: u8,
+    advert: &str,
+    auth_pass: Option<&str>,
+) -> String {
+    let auth = auth_pass
+        .map(|p| {
+            format!(
+                "    authentication {{\n        auth_type PASS\n        auth_pass {p}\n    }}\n"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "global_defs {{\n    vrrp_version {version}\n    script_user root\n    enable_script_security\n    vrrp_garp_master_delay 0\n}}\n\
+         vrrp_instance VI_1 {{\n    state {state}\n    interface eth0\n    virtual_router_id 51\n    priority {priority}\n    \
+         advert_int {advert}\n{auth}    virtual_ipaddress {{\n        {VIP}/32\n    }}\n}}\n"
+    )
+}

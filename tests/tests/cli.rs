@@ -1,0 +1,96 @@
+//! What an operator sees at the edges: config mistakes, missing privileges, no agent.
+
+use std::process::Command;
+
+use lb_tests::{lab::bin, netns::require_root};
+
+fn agent(args: &[&str]) -> std::process::Output {
+    Command::new(bin("lb-agent"))
+        .args(args)
+        .output()
+        .expect("run lb-agent")
+}
+
+#[test]
+fn a_config_mistake_is_one_line_naming_file_and_field_with_status_2() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("lb.toml");
+    std::fs::write(
+        &f,
+        "[agent]\ninterface = \"lo\"\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n\
+         maglev_table_size = 65536\n[[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.11\"\n",
+    )
+    .unwrap();
+    for cmd in ["check-config", "run"] {
+        let out = agent(&[cmd, "--config", f.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{cmd}: exit status 2");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "{cmd}: one line: {err}");
+        assert!(
+            lines[0].contains(&format!(
+                "{}: vip[0].maglev_table_size: 65536 is not prime",
+                f.display()
+            )),
+            "{cmd}: {err}"
+        );
+    }
+    let missing = agent(&["check-config", "--config", "/nonexistent/lb.toml"]);
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("/nonexistent/lb.toml: (file): cannot read"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn without_privileges_the_error_is_clear_and_status_says_no_agent_runs() {
+    if !require_root("cli privileges") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("lb-cli-priv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("lb.toml");
+    std::fs::write(
+        &f,
+        format!(
+            "[agent]\ninterface = \"lo\"\npin_path = \"/sys/fs/bpf/lb-cli-{0}\"\ncontrol_socket = \"{1}/sock\"\n\
+             [[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n\
+             [vip.health]\nkind = \"none\"\n[[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.11\"\n",
+            std::process::id(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // Run as nobody with no capabilities at all.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(bin("lb-agent"))
+        .args(["run", "--config", f.to_str().unwrap()])
+        .output()
+        .expect("setpriv");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root or CAP_BPF"), "clear error: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+
+    let out = agent(&["status", "--config", f.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "status without an agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lb-agent is not running"), "{err}");
+    let out = agent(&["status", "--json", "--config", f.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["running"], false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
