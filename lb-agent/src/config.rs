@@ -13,16 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-// These mirror lb-common; they are duplicated so this module stays independent
-// of the rest of the agent. Keep them in sync with lb-common/src/lib.rs.
-/// Mirrors `lb_common::MAX_VIPS`.
-const MAX_VIPS: u32 = 16;
-/// Mirrors `lb_common::MAX_BACKENDS`.
-const MAX_BACKENDS: u32 = 1024;
-/// Mirrors `lb_common::MAX_MAGLEV_SIZE`.
-const MAX_MAGLEV_SIZE: u32 = 65537;
-/// Mirrors `lb_common::NAME_LEN`; names are NUL-padded, so at most NAME_LEN - 1 bytes.
-const NAME_LEN: usize = 64;
+// Names are NUL-padded in the maps, so at most NAME_LEN - 1 bytes.
+use lb_common::{
+    DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_VIPS, NAME_LEN,
+};
 
 /// Linux IFNAMSIZ is 16 including the terminating NUL.
 const MAX_IFNAME_LEN: usize = 15;
@@ -31,8 +25,6 @@ const MAX_WEIGHT: i64 = 10_000;
 const DEFAULT_WEIGHT: u32 = 100;
 /// The Maglev paper keeps every backend within ~1% of its fair share with M >= 100 N.
 const SLOTS_PER_BACKEND: u64 = 100;
-const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
-const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
 const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// Ports below this are privileged/well-known; SNAT must not steal them.
 const MIN_SNAT_PORT: u32 = 1024;

@@ -5,8 +5,7 @@
 //! backend keeps (almost) all of its slots when others come and go, and the
 //! agent and any other process compute the same table from the same config.
 
-/// Mirrors `lb_common::NO_BACKEND`; kept local so this module stays independent.
-const NO_BACKEND: u32 = u32::MAX;
+use lb_common::NO_BACKEND;
 
 /// A backend as Maglev sees it: a stable name and a weight (0 = not in the table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -109,6 +109,17 @@ fn raw_socket(ifname: &str) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as u16,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
 fn mreqn(group: Ipv4Addr, ifindex: u32) -> libc::ip_mreqn {
     libc::ip_mreqn {
         imr_multiaddr: libc::in_addr {
@@ -178,14 +189,7 @@ impl Instance {
         )?;
         // Internetwork control, as keepalived sends.
         setsockopt(fd, libc::IPPROTO_IP, libc::IP_TOS, &0xc0i32)?;
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as u16,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(primary).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
+        let sa = sockaddr(primary);
         // SAFETY: sa is a valid sockaddr_in.
         let rc = unsafe {
             libc::bind(
@@ -269,14 +273,7 @@ impl Instance {
         };
         for dst in dsts {
             let payload = ad.encode(self.primary, dst);
-            let sa = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: 0,
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(dst).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
+            let sa = sockaddr(dst);
             // SAFETY: payload and sa outlive the call.
             let rc = unsafe {
                 libc::sendto(
