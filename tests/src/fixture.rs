@@ -30,9 +30,11 @@ use crate::{
     packet,
 };
 
-/// XDP verdicts as BPF_PROG_TEST_RUN returns them.
+/// XDP_DROP as BPF_PROG_TEST_RUN returns it.
 pub const XDP_DROP: u32 = 1;
+/// XDP_PASS as BPF_PROG_TEST_RUN returns it.
 pub const XDP_PASS: u32 = 2;
+/// XDP_TX as BPF_PROG_TEST_RUN returns it.
 pub const XDP_TX: u32 = 3;
 
 /// The LB's address on `d0` (the default SNAT address).

@@ -168,7 +168,10 @@ fn as_root(bin: &Path, args: &[String]) -> Command {
         c.args(args);
         c
     } else {
-        say("lb-agent needs root (XDP, bpffs, sysctls): using sudo");
+        say(&format!(
+            "{} needs root (XDP, bpffs, namespaces, sysctls): using sudo",
+            bin.file_name().unwrap_or_default().to_string_lossy()
+        ));
         let mut c = Command::new("sudo");
         c.arg(bin).args(args);
         c

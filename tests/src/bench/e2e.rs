@@ -98,18 +98,22 @@ impl PathKind {
 pub enum Mode {
     /// Many requests per connection: requests/s.
     KeepAlive,
+    /// `Connection: close` for one second from a clean slate (no TIME_WAIT anywhere):
+    /// new connections/s before any NAT has to hand out a source port a second time.
+    CloseFirstSecond,
     /// `Connection: close`: one request per connection, new connections/s.
     Close,
 }
 
 impl Mode {
-    /// Both modes, in the order each path runs them.
-    pub const ALL: [Mode; 2] = [Self::KeepAlive, Self::Close];
+    /// Every mode, in the order each path runs them.
+    pub const ALL: [Mode; 3] = [Self::KeepAlive, Self::CloseFirstSecond, Self::Close];
 
     /// Short name.
     pub fn name(self) -> &'static str {
         match self {
             Self::KeepAlive => "keep-alive",
+            Self::CloseFirstSecond => "close-1s",
             Self::Close => "close",
         }
     }
@@ -125,6 +129,11 @@ pub struct Sample {
     /// Whole-machine busy CPU during the run (/proc/stat), ms.
     pub busy_ms: f64,
     pub cpu_ms_per_1k: f64,
+    /// SYNs the client had to send again (TcpExt TCPSynRetrans).
+    pub syn_retrans: u64,
+    /// SYNs the backends dropped on a TIME_WAIT tuple for an older timestamp (TcpExt
+    /// PAWSTimewait): a NAT reused a tuple for another client connection within 60 s.
+    pub paws_timewait: u64,
 }
 
 /// Medians of a path and mode over the runs.
@@ -138,6 +147,10 @@ pub struct Summary {
     pub cpu_ms_per_1k: f64,
     /// wrk's errors over all runs.
     pub errors: u64,
+    /// The client's SYN retransmissions over all runs.
+    pub syn_retrans: u64,
+    /// The backends' PAWSTimewait drops over all runs.
+    pub paws_timewait: u64,
 }
 
 /// A comparison of two paths: the median of the run-by-run ratios.
@@ -165,6 +178,7 @@ pub struct Setup {
     pub nftables: String,
     pub lb_agent: String,
     pub nftables_sysctls: String,
+    pub client_sysctls: String,
     pub wrk: Vec<String>,
     pub order: Vec<Vec<PathKind>>,
 }
@@ -326,6 +340,9 @@ fn nft_rules(lab: &Lab) -> String {
     )
 }
 
+const CLIENT_SYSCTLS: &str =
+    "sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1";
+
 const NFT_SYSCTLS: &str = "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 \
                            net.ipv4.conf.eth0.send_redirects=0";
 
@@ -363,7 +380,7 @@ fn wrk_args(o: &E2eOptions, mode: Mode, url: &str, d: Duration) -> Vec<String> {
         format!("-d{}s", d.as_secs().max(1)),
         "--latency".to_string(),
     ];
-    if mode == Mode::Close {
+    if mode != Mode::KeepAlive {
         a.push("-H".into());
         a.push("Connection: close".into());
     }
@@ -400,6 +417,18 @@ fn wrk(lab: &Lab, args: &[String]) -> Result<Wrk> {
         String::from_utf8_lossy(&out.stderr)
     );
     parse::wrk(&text)
+}
+
+/// Whoever closes first keeps the tuple in TIME_WAIT for 60 s: wrk closes as soon as it has
+/// the response, the backends close after it, HAProxy in between. The source ports of
+/// HAProxy, nftables and the client overlap, so without this a path would pay for what the
+/// path before it left behind (slow connect() on a client short of ports, SYNs dropped by
+/// PAWS on a backend). Called before a path is set up and before each close run; within a
+/// run it accumulates, as it would in production.
+fn flush_time_wait(lab: &Lab) {
+    for h in lab.backends.iter().chain(&lab.lbs).chain([&lab.client]) {
+        let _ = h.ns.try_sh("ss -K state time-wait >/dev/null 2>&1");
+    }
 }
 
 /// A path set up; undone when dropped.
@@ -456,14 +485,7 @@ impl<'a> Ctx<'a> {
                 "an XDP program is attached on the LB before {p:?}"
             );
         }
-        // A backend keeps each connection it closed in TIME_WAIT for 60 s, and this kernel
-        // gives every connection its own TCP timestamp offset: a SYN from another client
-        // connection on the same tuple fails PAWS and stalls for a second. HAProxy's and
-        // nftables' source ports overlap, so without this a path would pay for the
-        // TIME_WAIT left by the path before it. Within a path's own runs it accumulates.
-        for h in &lab.backends {
-            let _ = h.ns.try_sh("ss -K state time-wait >/dev/null 2>&1");
-        }
+        flush_time_wait(lab);
         let active = match p {
             PathKind::Direct => Active::Direct,
             PathKind::Lb => {
@@ -566,7 +588,14 @@ impl<'a> Ctx<'a> {
     }
 
     fn measure(&mut self, p: PathKind, mode: Mode, run: usize) -> Result<Sample> {
-        let args = wrk_args(self.o, mode, &self.url(p), self.o.duration);
+        let d = match mode {
+            Mode::CloseFirstSecond => Duration::from_secs(1),
+            _ => self.o.duration,
+        };
+        if mode != Mode::KeepAlive {
+            flush_time_wait(self.lab);
+        }
+        let args = wrk_args(self.o, mode, &self.url(p), d);
         let cmd = format!(
             "ip netns exec {} wrk {}",
             self.lab.client.ns.name,
@@ -580,9 +609,17 @@ impl<'a> Ctx<'a> {
         {
             self.setup.wrk.push(cmd);
         }
+        let (syn0, paws0) = (
+            self.counter(&[&self.lab.client.ns], SYN_RETRANS),
+            self.backends_counter(PAWS_TW),
+        );
         let before = cpu_now()?;
         let w = wrk(self.lab, &args)?;
         let after = cpu_now()?;
+        let (syn1, paws1) = (
+            self.counter(&[&self.lab.client.ns], SYN_RETRANS),
+            self.backends_counter(PAWS_TW),
+        );
         let busy_ms = after.busy_since(&before) as f64 * 1000.0 / clk_tck();
         ensure!(
             w.requests > 0,
@@ -597,9 +634,27 @@ impl<'a> Ctx<'a> {
             cpu_ms_per_1k: busy_ms / (w.requests as f64 / 1000.0),
             busy_ms,
             wrk: w,
+            syn_retrans: syn1.saturating_sub(syn0),
+            paws_timewait: paws1.saturating_sub(paws0),
         })
     }
+
+    /// A TCP counter summed over namespaces (absent counters count 0).
+    fn counter(&self, nss: &[&Netns], name: &str) -> u64 {
+        nss.iter()
+            .filter_map(|ns| ns.try_sh("cat /proc/net/netstat /proc/net/snmp").ok())
+            .map(|t| parse::net_counters(&t).get(name).copied().unwrap_or(0))
+            .sum()
+    }
+
+    fn backends_counter(&self, name: &str) -> u64 {
+        let nss: Vec<&Netns> = self.lab.backends.iter().map(|h| &h.ns).collect();
+        self.counter(&nss, name)
+    }
 }
+
+const SYN_RETRANS: &str = "TcpExt:TCPSynRetrans";
+const PAWS_TW: &str = "TcpExt:PAWSTimewait";
 
 /// Starts nginx on every backend and waits until each answers.
 pub fn start_backends(lab: &Lab) -> Result<(Vec<Proc>, String)> {
@@ -649,6 +704,9 @@ pub fn run(
     // The VIP on the LB answers ARP for every path; lb's XDP program takes its packets
     // before the stack, HAProxy binds it, nftables translates it.
     lab.add_vip(0);
+    // The client is only the load generator: more ports, and reuse of its own TIME_WAIT
+    // tuples, so that wrk's connect() is not what limits the close runs.
+    sh(&lab.client.ns, CLIENT_SYSCTLS)?;
     let mut c = Ctx {
         lab,
         o,
@@ -657,6 +715,7 @@ pub fn run(
             haproxy: haproxy_cfg(lab),
             nftables: nft_rules(lab),
             nftables_sysctls: NFT_SYSCTLS.to_string(),
+            client_sysctls: CLIENT_SYSCTLS.to_string(),
             ..Default::default()
         },
         checks: Vec::new(),
@@ -678,7 +737,7 @@ pub fn run(
             for mode in Mode::ALL {
                 let s = c.measure(p, mode, run)?;
                 log(&format!(
-                    "e2e run {}: {:<9} {:<10} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  {:>6.1} CPU ms/1k req{}",
+                    "e2e run {}: {:<9} {:<10} {:>9.0} req/s  p50 {:>7.0} us  p99 {:>7.0} us  {:>6.1} CPU ms/1k req{}{}",
                     run + 1,
                     p.name(),
                     mode.name(),
@@ -686,6 +745,11 @@ pub fn run(
                     s.wrk.p50_us,
                     s.wrk.p99_us,
                     s.cpu_ms_per_1k,
+                    if s.syn_retrans > 0 {
+                        format!("  {} SYN retransmits ({} PAWS drops on backends)", s.syn_retrans, s.paws_timewait)
+                    } else {
+                        String::new()
+                    },
                     if s.wrk.errors() > 0 {
                         format!("  ({} errors)", s.wrk.errors())
                     } else {
@@ -740,6 +804,16 @@ pub fn summarize(
                     .iter()
                     .filter(|s| s.path == p && s.mode == m)
                     .map(|s| s.wrk.errors())
+                    .sum(),
+                syn_retrans: samples
+                    .iter()
+                    .filter(|s| s.path == p && s.mode == m)
+                    .map(|s| s.syn_retrans)
+                    .sum(),
+                paws_timewait: samples
+                    .iter()
+                    .filter(|s| s.path == p && s.mode == m)
+                    .map(|s| s.paws_timewait)
                     .sum(),
             });
         }
@@ -810,6 +884,8 @@ mod tests {
             },
             busy_ms: 0.0,
             cpu_ms_per_1k: cpu,
+            syn_retrans: 0,
+            paws_timewait: 0,
         }
     }
 
@@ -871,6 +947,16 @@ mod tests {
         assert_eq!(
             shell_words(&a),
             "-t2 -c32 -d10s --latency -H 'Connection: close' http://198.18.0.100:6443/"
+        );
+        let a = wrk_args(
+            &o,
+            Mode::CloseFirstSecond,
+            "http://x/",
+            Duration::from_secs(1),
+        );
+        assert_eq!(
+            shell_words(&a),
+            "-t2 -c32 -d1s --latency -H 'Connection: close' http://x/"
         );
         let a = wrk_args(&o, Mode::KeepAlive, "http://x/", Duration::from_millis(300));
         assert_eq!(shell_words(&a), "-t2 -c32 -d1s --latency http://x/");

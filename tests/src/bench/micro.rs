@@ -513,20 +513,18 @@ fn flow_bytes(maps: &[MapMem]) -> u64 {
 pub fn run(o: &MicroOptions, log: &mut dyn FnMut(&str)) -> Result<Micro> {
     let pass = pass_program()?;
     let pass_prog: &Xdp = pass.program(PROG_PASS).context("XDP_PASS")?.try_into()?;
+    // The base configuration first: the floor and the main table are measured on it.
     let mut configs: Vec<(usize, u32)> = vec![(BASE_BACKENDS, BASE_FLOWS)];
-    for &b in &o.backends {
-        configs.push((b, BASE_FLOWS));
+    let wanted = o
+        .backends
+        .iter()
+        .map(|&b| (b, BASE_FLOWS))
+        .chain(o.flows.iter().map(|&fl| (BASE_BACKENDS, fl)));
+    for c in wanted {
+        if !configs.contains(&c) {
+            configs.push(c);
+        }
     }
-    for &fl in &o.flows {
-        configs.push((BASE_BACKENDS, fl));
-    }
-    configs.dedup();
-    let mut seen = Vec::new();
-    configs.retain(|c| {
-        let new = !seen.contains(c);
-        seen.push(*c);
-        new
-    });
 
     let mut main = None;
     let mut points: Vec<Point> = Vec::new();

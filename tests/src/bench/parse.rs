@@ -198,6 +198,34 @@ pub fn map_fdinfo(text: &str) -> Result<MapInfo> {
     })
 }
 
+/// Counters of /proc/net/netstat or /proc/net/snmp ("TcpExt:" header lines followed by
+/// value lines), keyed "TcpExt:TCPSynRetrans", "Tcp:RetransSegs"...
+pub fn net_counters(text: &str) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.windows(2) {
+        let (Some((h, names)), Some((v, values))) =
+            (pair[0].split_once(':'), pair[1].split_once(':'))
+        else {
+            continue;
+        };
+        if h != v
+            || names
+                .split_whitespace()
+                .next()
+                .is_some_and(|n| n.parse::<i64>().is_ok())
+        {
+            continue;
+        }
+        for (n, x) in names.split_whitespace().zip(values.split_whitespace()) {
+            if let Ok(x) = x.parse::<u64>() {
+                out.insert(format!("{h}:{n}"), x);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +326,23 @@ Transfer/sec:      2.04MB
                  123 45 0 0 20 0 3 0 999 1000000 200 18446744073709551615";
         assert_eq!(pid_stat_cpu(t).unwrap(), 168);
         assert!(pid_stat_cpu("4242 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn netstat_counters() {
+        let t = "TcpExt: SyncookiesSent PAWSTimewait TCPSynRetrans\nTcpExt: 0 31 62\n\
+                 IpExt: InNoRoutes\nIpExt: 4\n\
+                 Tcp: RtoAlgorithm RetransSegs MaxConn\nTcp: 1 83 -1\n";
+        let c = net_counters(t);
+        assert_eq!(c["TcpExt:PAWSTimewait"], 31);
+        assert_eq!(c["TcpExt:TCPSynRetrans"], 62);
+        assert_eq!(c["IpExt:InNoRoutes"], 4);
+        assert_eq!(c["Tcp:RetransSegs"], 83);
+        assert!(
+            !c.contains_key("Tcp:MaxConn"),
+            "negative values are skipped"
+        );
+        assert!(!c.contains_key("TcpExt:0"), "a value line is not a header");
     }
 
     #[test]

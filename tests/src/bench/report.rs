@@ -234,14 +234,31 @@ fn us(v: f64) -> String {
 }
 
 fn mib(b: f64) -> String {
-    format!("{:.1} MiB", b / 1048576.0)
+    if b < 1048576.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{:.1} MiB", b / 1048576.0)
+    }
+}
+
+/// The kernel's name of a BPF map type (enum bpf_map_type).
+fn map_type(t: u32) -> String {
+    match t {
+        1 => "hash".into(),
+        2 => "array".into(),
+        5 => "percpu hash".into(),
+        6 => "percpu array".into(),
+        9 => "LRU hash".into(),
+        10 => "LRU percpu hash".into(),
+        _ => t.to_string(),
+    }
 }
 
 fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -304,11 +321,11 @@ fn scale_table(head: &str, points: &[Point], key: fn(&Point) -> String) -> Strin
 pub fn e2e_table(e: &E2e, mode: Mode) -> String {
     let what = match mode {
         Mode::KeepAlive => "requests/s",
-        Mode::Close => "new connections/s",
+        Mode::CloseFirstSecond | Mode::Close => "new connections/s",
     };
     let mut s = format!(
-        "| path | {what} | p50 | p99 | CPU ms per 1000 req | CPU over direct | wrk errors |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n"
+        "| path | {what} | p50 | p99 | CPU ms per 1000 req | CPU over direct | SYN retransmits | wrk errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n"
     );
     for p in PathKind::ALL {
         let Some(v) = e.get(p, mode) else { continue };
@@ -318,12 +335,17 @@ pub fn e2e_table(e: &E2e, mode: Mode) -> String {
             opt(e.overhead(p, mode), |v| format!("{v:+.2} ms"))
         };
         s.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {:.2} | {over} | {} |\n",
+            "| {} | {:.0} | {} | {} | {:.2} | {over} | {} | {} |\n",
             p.label(),
             v.rps,
             us(v.p50_us),
             us(v.p99_us),
             v.cpu_ms_per_1k,
+            if v.paws_timewait > 0 {
+                format!("{} ({} PAWS)", v.syn_retrans, v.paws_timewait)
+            } else {
+                v.syn_retrans.to_string()
+            },
             v.errors
         ));
     }
@@ -332,25 +354,28 @@ pub fn e2e_table(e: &E2e, mode: Mode) -> String {
 
 /// The ratios of the end-to-end comparison (also printed).
 pub fn ratio_table(e: &E2e) -> String {
-    let mut s = String::from("| ratio | keep-alive (req/s) | close (conn/s) |\n|---|---:|---:|\n");
-    for name in ["lb/direct", "lb/haproxy", "lb/nftables"] {
+    let mut s = String::from(
+        "| ratio | keep-alive (req/s) | close (conn/s) | close, first second (conn/s) |\n\
+         |---|---:|---:|---:|\n",
+    );
+    let two = |v: f64| format!("{v:.2}");
+    let row = |s: &mut String, label: &str, name: &str, f: fn(f64) -> String| {
         s.push_str(&format!(
-            "| {name} | {} | {} |\n",
-            opt(e.ratio(name, Mode::KeepAlive), x),
-            opt(e.ratio(name, Mode::Close), x)
+            "| {label} | {} | {} | {} |\n",
+            opt(e.ratio(name, Mode::KeepAlive), f),
+            opt(e.ratio(name, Mode::Close), f),
+            opt(e.ratio(name, Mode::CloseFirstSecond), f)
         ));
+    };
+    for name in ["lb/direct", "lb/haproxy", "lb/nftables"] {
+        row(&mut s, name, name, x);
     }
-    s.push_str(&format!(
-        "| lb's CPU overhead / HAProxy's | {} | {} |\n",
-        opt(
-            e.ratio("lb overhead/haproxy overhead", Mode::KeepAlive),
-            |v| format!("{v:.2}")
-        ),
-        opt(
-            e.ratio("lb overhead/haproxy overhead", Mode::Close),
-            |v| format!("{v:.2}")
-        )
-    ));
+    row(
+        &mut s,
+        "lb's CPU overhead / HAProxy's",
+        "lb overhead/haproxy overhead",
+        two,
+    );
     s
 }
 
@@ -467,19 +492,62 @@ pub fn markdown(r: &Results) -> String {
         ));
         s.push_str("### Keep-alive\n\n");
         s.push_str(&e2e_table(e2e, Mode::KeepAlive));
-        s.push_str("\n### One request per connection (`Connection: close`)\n\n");
+        s.push_str(&format!(
+            "\n### One request per connection (`Connection: close`), {} s\n\n",
+            o.duration.as_secs()
+        ));
         s.push_str(&e2e_table(e2e, Mode::Close));
+        s.push_str(
+            "\n### The same, first second only\n\n\
+             One second of `Connection: close` right after TIME_WAIT was cleared everywhere: \
+             what each path does before a NAT has to hand out a source port a second time.\n\n",
+        );
+        s.push_str(&e2e_table(e2e, Mode::CloseFirstSecond));
         s.push_str("\n### Ratios (median of the run-by-run ratios)\n\n");
         s.push_str(&ratio_table(e2e));
         s.push('\n');
+        if let Some(lb) = e2e
+            .get(PathKind::Lb, Mode::Close)
+            .filter(|v| v.paws_timewait > 0)
+        {
+            s.push_str(&format!(
+                "**Why lb's new connections/s trail.** In the close runs the client had to \
+                 resend {} SYNs through lb, and the backends dropped {} SYNs by PAWS on a \
+                 tuple in TIME_WAIT. Every connection leaves its backend holding the tuple \
+                 (SNAT address:port, backend:6443) in TIME_WAIT for 60 s. lb hands out a \
+                 backend's SNAT ports in turn over `snat_ports` (4,536 ports by default), so \
+                 above about 4536 / 60 = 75 new connections per second per backend a port \
+                 comes back while the backend still holds it; this kernel gives each \
+                 connection its own TCP timestamp offset, so the new client connection's SYN \
+                 usually carries an older timestamp than the one remembered for the tuple, \
+                 is dropped, and the client retries a second later (a second time if the \
+                 retry gets another such port). HAProxy (its own connections keep one \
+                 timestamp clock per tuple) and nftables (it keeps the client's port, so a \
+                 backend tuple stays with one client tuple) do not hit this. At these \
+                 rates a backend's ring comes round after its first 4,536 connections, \
+                 within the first second or two of a run, so the longer the run the lower \
+                 lb's figure. This, not the XDP program's cost, holds lb back here: in \
+                 the first second, before any ring comes round, lb makes {} new connections/s \
+                 ({} HAProxy's, {} nftables').\n\n",
+                lb.syn_retrans,
+                lb.paws_timewait,
+                opt(
+                    e2e.get(PathKind::Lb, Mode::CloseFirstSecond).map(|v| v.rps),
+                    |v| format!("{v:.0}")
+                ),
+                opt(e2e.ratio("lb/haproxy", Mode::CloseFirstSecond), x),
+                opt(e2e.ratio("lb/nftables", Mode::CloseFirstSecond), x),
+            ));
+        }
     }
 
     s.push_str("## 3. Failover\n\n");
     match &r.failover {
         None => s.push_str(
-            "Not measured: VRRP is not implemented yet. <!-- FAILOVER: when VRRP lands, \
-             lb-bench measures here the time from stopping the master's agent to the first \
-             request answered through the backup, and connections lost. -->\n\n",
+            "Not measured (VRRP not implemented yet when this benchmark was written). \
+             <!-- FAILOVER: lb-bench (tests/src/bin/lb-bench.rs, marked there) is to measure \
+             here the time from stopping the master's agent to the first request answered \
+             through the backup, and the connections lost. -->\n\n",
         ),
         Some(v) => s.push_str(&code("json", &v.to_string())),
     }
@@ -501,13 +569,13 @@ pub fn markdown(r: &Results) -> String {
                 .unwrap_or_default()
         ));
         s.push_str(
-            "| map | type | key | value | max entries | memory |\n|---|---:|---:|---:|---:|---:|\n",
+            "| map | type | key | value | max entries | memory |\n|---|---|---:|---:|---:|---:|\n",
         );
         for mm in &mm.maps {
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} |\n",
                 mm.name,
-                mm.info.map_type,
+                map_type(mm.info.map_type),
                 mm.info.key_size,
                 mm.info.value_size,
                 thousands(mm.info.max_entries as u64),
@@ -582,6 +650,14 @@ pub fn markdown(r: &Results) -> String {
         s.push_str("wrk, in the client's namespace (the lab's namespaces carry a per-run id):\n\n");
         s.push_str(&code("sh", &st.wrk.join("\n")));
         s.push_str(&format!(
+            "\nThe client's namespace is set up with `{}` (the load generator's own \
+             limits must not be what is measured). Before a path is set up, `ss -K state \
+             time-wait` runs in every namespace: whoever closes first holds the tuple for \
+             60 s, and HAProxy's, nftables' and the client's ports overlap, so a path \
+             would otherwise pay for the TIME_WAIT of the path before it.\n",
+            st.client_sysctls
+        ));
+        s.push_str(&format!(
             "\nPath order per run: {}.\n\n",
             st.order
                 .iter()
@@ -632,10 +708,19 @@ the LB's bridge port for every path, so all paths pay the same). On a real NIC t
 avoids the stack entirely and the gap to the kernel paths is larger; here both sides pay for \
 the veth and bridge.
 - **Direct is one backend.** The direct path sends all load to backend 1's single nginx \
-process, the LB paths spread it over three; when one nginx saturates, lb/direct can exceed 1.
+process, the LB paths spread it over three; when one nginx saturates, lb/direct can exceed 1. \
+One busy nginx also does more per wake-up than three less busy ones, so \"CPU over direct\" \
+includes the cost of spreading the load over three backends, the same for every LB path: \
+it overstates each path's own cost, and lb's share of HAProxy's overhead with it.
 - **HAProxy** runs with the kubeadm guide's settings (two threads, the default on this VM) \
 but without logging, which would cost it more in production. **nftables** (dnat + \
 masquerade with conntrack) stands in for IPVS, which this kernel does not have.
+- **Per packet, lb is far above its floor.** An established packet costs a FIB lookup \
+(`bpf_fib_lookup`, for the next hop's MAC), hash lookups in VIPS and FLOWS, array lookups \
+(BACKENDS, AGENT_META, counters), `bpf_ktime_get_ns` and per-CPU counter updates; a new flow \
+adds two inserts into LRU hashes (NAT_REVERSE, FLOWS), which dominate its cost. The \
+XDP_PASS floor does none of this. This VM's kernel runs with retpolines and \"Safe RET\" \
+(SRSO) mitigations, which make every helper call dearer than on bare metal.
 - **The microbenchmark** runs the program on one buffer again and again, so the flow entry, \
 the Maglev slot and the FIB entry stay in the CPU cache: it is the program's cost without \
 cache misses, a floor for a busy LB whose tables exceed the cache. The flow-table rows show \
@@ -643,7 +728,7 @@ what a fuller hash table costs the SYN path (inserts) more than the established 
 key, always cached). The backends sit at the VIP's own address there so that each run's \
 rewrite yields the next run's packet (see `tests/src/bench/micro.rs`); the program does the \
 same work whatever the addresses.
-- **Not measured here:** failover (no VRRP yet), DSR modes, many clients (all traffic comes \
+- **Not measured here:** failover, DSR modes, many clients (all traffic comes \
 from one address), long-lived watches, packet loss.
 
 ";

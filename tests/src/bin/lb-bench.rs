@@ -117,7 +117,17 @@ fn main() -> Result<()> {
                 c.name, c.ns, c.x_floor
             );
         }
-        for p in m.by_backends.iter().chain(&m.by_flows) {
+        for (i, p) in m.by_backends.iter().chain(&m.by_flows).enumerate() {
+            if i == 0 || i == m.by_backends.len() {
+                println!(
+                    "  by {}:",
+                    if i == 0 {
+                        "backends"
+                    } else {
+                        "flows in the table"
+                    }
+                );
+            }
             println!(
                 "  {:>4} backends, {:>7} flows: SYN {:>7.1} ns ({:.2}x), established {:>6.1} ns ({:.2}x)",
                 p.backends, p.flows, p.syn.ns, p.syn.x_floor, p.established.ns, p.established.x_floor
