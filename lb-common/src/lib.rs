@@ -289,7 +289,8 @@ pub struct FlowValue {
     /// `flow_flags::*`.
     pub flags: u8,
     pub _pad: u8,
-    pub _pad2: u32,
+    /// Added to the client's TCP timestamps towards the backend (0: none).
+    pub ts_off: u32,
     /// bpf_ktime_get_ns of the last packet.
     pub last_seen_ns: u64,
 }
@@ -313,6 +314,9 @@ pub struct ReverseValue {
     /// `flow_flags::*`.
     pub flags: u8,
     pub _pad: [u8; 3],
+    /// Subtracted from the backend's timestamp echo towards the client (see FlowValue).
+    pub ts_off: u32,
+    pub _pad2: u32,
     /// bpf_ktime_get_ns of the last packet either way.
     pub last_seen_ns: u64,
 }
@@ -430,7 +434,7 @@ const _: () = {
     assert!(core::mem::size_of::<BackendInfo>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<FlowValue>() == 24);
-    assert!(core::mem::size_of::<ReverseValue>() == 32);
+    assert!(core::mem::size_of::<ReverseValue>() == 40);
     assert!(core::mem::size_of::<TrafficStats>() == 40);
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);

@@ -24,3 +24,19 @@ pub fn apply(check: u16, sum: u32) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     !(s as u16)
 }
+
+/// Applies the change of a 32-bit field at an `odd` or even offset from the start of the
+/// checksummed data. At an odd offset every byte sits in the other half of its 16-bit word,
+/// which swaps the bytes of the one's complement difference.
+#[inline(always)]
+pub fn apply32(check: u16, old: u32, new: u32, odd: bool) -> u16 {
+    let mut s = diff32(0, old, new);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    let s = if odd {
+        (s as u16).swap_bytes()
+    } else {
+        s as u16
+    };
+    apply(check, s as u32)
+}

@@ -21,6 +21,8 @@ pub struct Decision {
     pub snat_addr: u32,
     pub snat_port: u16,
     pub new_flow: bool,
+    /// Added to the client's TCP timestamps (see FlowValue::ts_off).
+    pub ts_off: u32,
 }
 
 /// The NAT_REVERSE key of a flow: the backend's reply as it arrives.
@@ -114,6 +116,7 @@ fn alloc_port(
     index: u32,
     backend: &BackendInfo,
     now: u64,
+    ts_off: u32,
 ) -> Result<u16, u32> {
     let min = vip.snat_port_min as u32;
     let max = vip.snat_port_max as u32;
@@ -130,6 +133,8 @@ fn alloc_port(
         backend: index,
         flags: 0,
         _pad: [0; 3],
+        ts_off,
+        _pad2: 0,
         last_seen_ns: now,
     };
     let cursor = SNAT_CURSOR
@@ -163,17 +168,29 @@ fn alloc_port(
 
 /// Creates a flow: Maglev pick, SNAT port, reverse entry, then forward entry (rolled back on
 /// failure so neither table holds half a flow).
+///
+/// `syn_tsval` is the SYN's TCP timestamp (0: none). The flow shifts the client's
+/// timestamps so the backend sees one clock, this host's milliseconds, on every tuple: a
+/// SYN reusing a tuple the backend still holds in TIME_WAIT then carries a newer timestamp
+/// than the last connection's and is accepted (RFC 6191), where the client's own clock (a
+/// random offset per connection on Linux) would fail PAWS half the time and stall a second.
 #[inline(always)]
-fn create(key: &FlowKey, vip: &VipInfo, now: u64) -> Result<Decision, u32> {
+fn create(key: &FlowKey, vip: &VipInfo, now: u64, syn_tsval: u32) -> Result<Decision, u32> {
     let (index, backend) = pick(key, vip)?;
-    let port = alloc_port(key, vip, index, &backend, now)?;
+    let ts_off = if syn_tsval == 0 {
+        0
+    } else {
+        // 0 means "no timestamps": a shift that happens to be 0 becomes 1 ms.
+        ((now / 1_000_000) as u32).wrapping_sub(syn_tsval).max(1)
+    };
+    let port = alloc_port(key, vip, index, &backend, now, ts_off)?;
     let value = FlowValue {
         backend: index,
         snat_addr: vip.snat_addr,
         snat_port: port,
         flags: 0,
         _pad: 0,
-        _pad2: 0,
+        ts_off,
         last_seen_ns: now,
     };
     if FLOWS.insert(key, value, BPF_ANY as u64).is_err() {
@@ -186,6 +203,7 @@ fn create(key: &FlowKey, vip: &VipInfo, now: u64) -> Result<Decision, u32> {
         snat_addr: vip.snat_addr,
         snat_port: port,
         new_flow: true,
+        ts_off,
     })
 }
 
@@ -209,6 +227,7 @@ pub fn lookup_or_create(
     syn: bool,
     rst: bool,
     close: u8,
+    syn_tsval: u32,
 ) -> Result<Decision, u32> {
     let now = unsafe { bpf_ktime_get_ns() };
     if let Some(f) = FLOWS.get_ptr_mut(key) {
@@ -230,6 +249,7 @@ pub fn lookup_or_create(
                     snat_addr: flow.snat_addr,
                     snat_port: flow.snat_port,
                     new_flow: false,
+                    ts_off: flow.ts_off,
                 });
             }
             // Its backend is gone (or the client reuses a closed tuple): free the old
@@ -245,7 +265,9 @@ pub fn lookup_or_create(
     if rst {
         return Err(reason::DROP_RST_NO_FLOW);
     }
-    create(key, vip, now)
+    // A flow placed afresh mid-stream (its backend died) keeps the client's timestamps:
+    // the new backend resets it anyway.
+    create(key, vip, now, if syn { syn_tsval } else { 0 })
 }
 
 /// Updates a reply's reverse entry (and on FIN/RST the forward one) and returns a copy.

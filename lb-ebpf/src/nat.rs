@@ -70,7 +70,16 @@ fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &lb_common::VipIn
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let rst = flags & TCP_RST != 0;
     let close = close_flags(flags, flow_flags::FIN_CLIENT);
-    let d = match flow::lookup_or_create(key, vip, syn, rst, close) {
+    let syn_tsval = if syn {
+        parse::tcp_ts(ctx, pkt)
+            .map(|at| pkt.tcp as usize + (at & 63))
+            .filter(|&a| a + 4 <= ctx.data_end())
+            .map(|a| u32::from_be_bytes(unsafe { *(a as *const [u8; 4]) }))
+            .unwrap_or(0)
+    } else {
+        0
+    };
+    let d = match flow::lookup_or_create(key, vip, syn, rst, close, syn_tsval) {
         Ok(d) => d,
         Err(r) => {
             stats::reason(r);
@@ -89,7 +98,36 @@ fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &lb_common::VipIn
         d.backend.addr,
         d.backend.port,
     );
+    if d.ts_off != 0 {
+        if let Some(at) = parse::tcp_ts(ctx, pkt) {
+            shift_ts(ctx, pkt, at, d.ts_off);
+        }
+    }
     fib::send(ctx, pkt)
+}
+
+/// Adds `delta` to the big-endian timestamp at `at` bytes into the TCP header; fixes the
+/// TCP checksum.
+#[inline(always)]
+fn shift_ts(ctx: &XdpContext, pkt: &Packet, at: usize, delta: u32) {
+    let at = at & 63;
+    let addr = pkt.tcp as usize + at;
+    if addr + 4 > ctx.data_end() {
+        return;
+    }
+    let p = addr as *mut [u8; 4];
+    let odd = at & 1 == 1;
+    unsafe {
+        let old = *p;
+        let new = u32::from_be_bytes(old).wrapping_add(delta).to_be_bytes();
+        *p = new;
+        (*pkt.tcp).check = csum::apply32(
+            (*pkt.tcp).check,
+            u32::from_ne_bytes(old),
+            u32::from_ne_bytes(new),
+            odd,
+        );
+    }
 }
 
 #[inline(always)]
@@ -99,6 +137,12 @@ fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut lb_common::ReverseValue) -> u
     let bytes = u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64;
     stats::reply(r.vip, r.backend, bytes);
     rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
+    if r.ts_off != 0 {
+        if let Some(at) = parse::tcp_ts(ctx, pkt) {
+            // The echo of a timestamp we shifted: shift it back for the client.
+            shift_ts(ctx, pkt, at + 4, r.ts_off.wrapping_neg());
+        }
+    }
     fib::send(ctx, pkt)
 }
 

@@ -133,3 +133,41 @@ pub fn parse(ctx: &XdpContext) -> Result<Packet, NotTcp> {
         fragment: frag & 0x2000 != 0,
     })
 }
+
+/// Offset from the TCP header of the TSval of the packet's timestamp option, if any.
+///
+/// Linux puts NOP, NOP, TS first on every segment after the handshake: that case is one
+/// comparison. Anything else (SYNs, other stacks) walks the options, at most 40 bytes.
+/// Offsets stay relative to the TCP header and masked, so the verifier can bound them.
+#[inline(always)]
+pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
+    let tcp = pkt.tcp as usize;
+    let end = ctx.data_end();
+    let doff = ((unsafe { (*pkt.tcp).doff_res } >> 4) as usize) * 4;
+    if doff <= size_of::<TcpHdr>() {
+        return None;
+    }
+    let opts = size_of::<TcpHdr>();
+    if tcp + opts + 12 <= end && opts + 12 <= doff {
+        let first = unsafe { *((tcp + opts) as *const [u8; 4]) };
+        if first == [1, 1, 8, 10] {
+            return Some(opts + 4);
+        }
+    }
+    let mut at = opts;
+    for _ in 0..40 {
+        let a = at & 63;
+        if a + 2 > doff || tcp + a + 2 > end {
+            return None;
+        }
+        let [k, len] = unsafe { *((tcp + a) as *const [u8; 2]) };
+        match k {
+            0 => return None,
+            1 => at = a + 1,
+            8 if len == 10 && a + 10 <= doff => return Some(a + 2),
+            _ if len < 2 => return None,
+            _ => at = a + len as usize,
+        }
+    }
+    None
+}

@@ -59,6 +59,7 @@ pub struct Frame {
     payload: Vec<u8>,
     vlan: Option<u16>,
     options: Vec<u8>,
+    tcp_options: Vec<u8>,
     more_fragments: bool,
 }
 
@@ -83,6 +84,7 @@ impl Frame {
             payload: Vec::new(),
             vlan: None,
             options: Vec::new(),
+            tcp_options: Vec::new(),
             more_fragments: false,
         }
     }
@@ -98,6 +100,32 @@ impl Frame {
         assert_eq!(o.len() % 4, 0);
         self.options = o.to_vec();
         self
+    }
+    /// Raw TCP options (padded with NOPs to a multiple of 4).
+    pub fn tcp_options(mut self, o: &[u8]) -> Self {
+        let mut o = o.to_vec();
+        while !o.len().is_multiple_of(4) {
+            o.push(1);
+        }
+        self.tcp_options = o;
+        self
+    }
+    /// A timestamp option laid out as Linux does: after MSS and SACK-permitted on a SYN,
+    /// behind two NOPs otherwise.
+    pub fn timestamps(self, tsval: u32, tsecr: u32) -> Self {
+        let mut o = Vec::new();
+        if self.flags & TcpFlags::SYN != 0 {
+            o.extend_from_slice(&[2, 4, 0x05, 0xb4, 4, 2]);
+        } else {
+            o.extend_from_slice(&[1, 1]);
+        }
+        o.extend_from_slice(&[8, 10]);
+        o.extend_from_slice(&tsval.to_be_bytes());
+        o.extend_from_slice(&tsecr.to_be_bytes());
+        if self.flags & TcpFlags::SYN != 0 {
+            o.extend_from_slice(&[1, 3, 3, 7]);
+        }
+        self.tcp_options(&o)
     }
     pub fn more_fragments(mut self) -> Self {
         self.more_fragments = true;
@@ -125,10 +153,11 @@ impl Frame {
             })
             .to_be_bytes(),
         );
-        tcp.push(5 << 4);
+        tcp.push((((20 + self.tcp_options.len()) / 4) << 4) as u8);
         tcp.push(self.flags);
         tcp.extend_from_slice(&64240u16.to_be_bytes());
         tcp.extend_from_slice(&[0, 0, 0, 0]);
+        tcp.extend_from_slice(&self.tcp_options);
         tcp.extend_from_slice(&self.payload);
         let c = checksum(&tcp, pseudo(self.src, self.dst, tcp.len()));
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
@@ -174,6 +203,27 @@ pub struct Parsed {
     pub flags: u8,
     pub ip_csum_ok: bool,
     pub tcp_csum_ok: bool,
+    /// The timestamp option's (TSval, TSecr), if any.
+    pub timestamps: Option<(u32, u32)>,
+}
+
+/// Finds the timestamp option in a TCP header.
+fn timestamps(tcp: &[u8]) -> Option<(u32, u32)> {
+    let doff = (tcp[12] >> 4) as usize * 4;
+    let mut i = 20;
+    while i < doff.min(tcp.len()) {
+        match tcp[i] {
+            0 => return None,
+            1 => i += 1,
+            8 => {
+                let v = u32::from_be_bytes(tcp[i + 2..i + 6].try_into().ok()?);
+                let e = u32::from_be_bytes(tcp[i + 6..i + 10].try_into().ok()?);
+                return Some((v, e));
+            }
+            _ => i += (*tcp.get(i + 1)? as usize).max(2),
+        }
+    }
+    None
 }
 
 pub fn parse(f: &[u8]) -> Option<Parsed> {
@@ -207,6 +257,7 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
         flags: tcp[13],
         ip_csum_ok: checksum(&ip[..hl], 0) == 0,
         tcp_csum_ok: checksum(tcp, pseudo(src, dst, tcp.len())) == 0,
+        timestamps: timestamps(tcp),
     })
 }
 

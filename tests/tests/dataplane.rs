@@ -281,3 +281,84 @@ fn frames_for_another_hosts_mac_are_left_to_the_kernel() {
     let (v, _) = f.run(&syn(40000).bytes());
     assert_eq!(v, XDP_TX);
 }
+
+/// Milliseconds of CLOCK_MONOTONIC, the clock bpf_ktime_get_ns reads.
+fn monotonic_ms() -> u32 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: t is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64 * 1000 + t.tv_nsec as u64 / 1_000_000) as u32
+}
+
+#[test]
+fn client_timestamps_reach_the_backend_on_this_hosts_clock_and_come_back_unchanged() {
+    let Some(f) = Fixture::new("dpts") else {
+        return;
+    };
+    let client_ts = 3_000_000_000u32;
+    let before = monotonic_ms();
+    let (v, out) = f.run(&syn(41000).timestamps(client_ts, 0).bytes());
+    let after = monotonic_ms();
+    let fwd = assert_forwarded(&f, v, &out, 41000);
+    let (tsval, tsecr) = fwd.timestamps.expect("timestamp option kept");
+    assert!(
+        tsval.wrapping_sub(before) <= after.wrapping_sub(before),
+        "the backend sees this host's clock ({before}..={after} ms), got {tsval}"
+    );
+    assert_eq!(tsecr, 0);
+    let off = tsval.wrapping_sub(client_ts);
+
+    // SYN-ACK echoing the shifted timestamp: the client gets its own back.
+    let bmac = BACKENDS[f.backend_by_addr(fwd.dst)].1;
+    let synack = Frame::tcp(
+        bmac,
+        LB_MAC,
+        fwd.dst,
+        6443,
+        LB_ADDR,
+        fwd.sport,
+        TcpFlags::SYN | TcpFlags::ACK,
+    )
+    .timestamps(777, tsval);
+    let (v, out) = f.run(&synack.bytes());
+    assert_eq!(v, XDP_TX);
+    let back = packet::parse(&out).unwrap();
+    assert!(
+        back.tcp_csum_ok && back.ip_csum_ok,
+        "checksums after the echo is shifted back"
+    );
+    assert_eq!(
+        back.timestamps,
+        Some((777, client_ts)),
+        "backend's TSval untouched, TSecr restored"
+    );
+
+    // Later segments (NOP, NOP, TS) move by the same offset.
+    let ack = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 41000, VIP, 6443, TcpFlags::ACK)
+        .timestamps(client_ts.wrapping_add(5), 777)
+        .payload(b"GET / HTTP/1.1\r\n\r\n");
+    let (v, out) = f.run(&ack.bytes());
+    let p = assert_forwarded(&f, v, &out, 41000);
+    assert_eq!(
+        p.timestamps,
+        Some((client_ts.wrapping_add(5).wrapping_add(off), 777))
+    );
+
+    // A timestamp option at an odd offset (one NOP before it): the checksum still holds.
+    let odd = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 41000, VIP, 6443, TcpFlags::ACK)
+        .tcp_options(&[1, 8, 10, 0xb2, 0xd0, 0x5e, 0x0a, 0, 0, 3, 9]);
+    let (v, out) = f.run(&odd.bytes());
+    let p = assert_forwarded(&f, v, &out, 41000);
+    assert_eq!(
+        p.timestamps,
+        Some((0xb2d0_5e0a_u32.wrapping_add(off), 0x309))
+    );
+
+    // No timestamps on the SYN: none added, none shifted.
+    let (v, out) = f.run(&syn(41001).bytes());
+    let p = assert_forwarded(&f, v, &out, 41001);
+    assert_eq!(p.timestamps, None);
+}

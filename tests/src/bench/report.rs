@@ -508,7 +508,9 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
         if let Some(lb) = e2e
             .get(PathKind::Lb, Mode::Close)
-            .filter(|v| v.paws_timewait > 0)
+            // Only when clients actually waited: lb shifts timestamps onto its own clock,
+            // so PAWS drops without retransmits are other paths' leftovers.
+            .filter(|v| v.syn_retrans > 0)
         {
             s.push_str(&format!(
                 "**Why lb's new connections/s trail.** In the close runs the client had to \
