@@ -5,7 +5,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
     flow_flags, maglev_index, reason, state, BackendInfo, FlowKey, FlowValue, ReverseValue,
@@ -13,6 +13,17 @@ use lb_common::{
 };
 
 use crate::{BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SNAT_CURSOR};
+
+/// How stale `last_seen_ns` may get before a packet refreshes it: writing it on every
+/// packet dirties a cache line other CPUs read, for a value only compared with seconds.
+const TOUCH_NS: u64 = 100_000_000;
+
+/// Monotonic time for flow ages and the timestamp clock; the coarse clock (a tick's
+/// resolution) costs a fraction of the precise one and is all they need.
+#[inline(always)]
+fn now() -> u64 {
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
 
 /// A flow's decision for this packet.
 pub struct Decision {
@@ -229,16 +240,18 @@ pub fn lookup_or_create(
     close: u8,
     syn_tsval: u32,
 ) -> Result<Decision, u32> {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     if let Some(f) = FLOWS.get_ptr_mut(key) {
         let flow = unsafe { *f };
         if let Some(b) = BACKENDS.get(flow.backend) {
             let b = *b;
             let reused_tuple = syn && closed(flow.flags);
             if b.state != state::DOWN && b.state != state::UNUSED && !reused_tuple {
-                unsafe {
-                    (*f).last_seen_ns = now;
-                    (*f).flags |= close;
+                if close != 0 || now.wrapping_sub(flow.last_seen_ns) > TOUCH_NS {
+                    unsafe {
+                        (*f).last_seen_ns = now;
+                        (*f).flags |= close;
+                    }
                 }
                 if close != 0 {
                     mark_reverse(&reverse_key(&b, flow.snat_addr, flow.snat_port), close, now);
@@ -273,9 +286,11 @@ pub fn lookup_or_create(
 /// Updates a reply's reverse entry (and on FIN/RST the forward one) and returns a copy.
 #[inline(always)]
 pub fn touch_reverse(r: *mut ReverseValue, close: u8) -> ReverseValue {
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
     unsafe {
-        (*r).last_seen_ns = now;
+        if close != 0 || now.wrapping_sub((*r).last_seen_ns) > TOUCH_NS {
+            (*r).last_seen_ns = now;
+        }
         if close != 0 {
             (*r).flags |= close;
             let fk = forward_key(&*r);
