@@ -362,7 +362,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}",
+            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}  probes {}",
             v.name,
             v.address,
             v.port,
@@ -370,7 +370,8 @@ pub fn render(r: &Report) -> String {
             v.mode,
             v.snat_address,
             v.snat_ports,
-            v.maglev_table_size
+            v.maglev_table_size,
+            v.probe.as_deref().unwrap_or("?")
         );
         let _ = writeln!(
             o,
