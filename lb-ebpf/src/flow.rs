@@ -229,8 +229,8 @@ fn mark_reverse(rkey: &FlowKey, flags: u8, now: u64) {
     }
 }
 
-/// Decides where a client packet for `vip` goes. `tcp_flags` are the packet's TCP flags;
-/// `close` the flow_flags it carries (FIN_CLIENT/RST).
+/// Decides where a client packet for `vip` goes: `syn` (without ACK) and `rst` describe the
+/// packet, `close` the flow_flags it carries (FIN_CLIENT/RST), `syn_tsval` its timestamp.
 #[inline(always)]
 pub fn lookup_or_create(
     key: &FlowKey,
