@@ -80,17 +80,19 @@ impl Lab {
         )
     }
 
-    /// SIGKILLs `proc` and every other process of LB `i` (keepalived's VRRP child among
-    /// them) and takes its link down at once: the node is gone.
+    /// Takes LB `i`'s link down and SIGKILLs `proc` and every other process of LB `i`
+    /// (keepalived's VRRP child among them): the node is gone. The link goes first: when
+    /// keepalived's parent dies its VRRP child gets SIGTERM (PR_SET_PDEATHSIG) and would
+    /// resign with a priority 0 advert, which a dead host never sends.
     pub fn kill_node(&self, i: usize, proc: &mut Proc) {
-        proc.signal(nix::sys::signal::Signal::SIGKILL);
+        self.lbs[i].ns.sh("ip link set eth0 down");
         let _ = std::process::Command::new("sh")
             .args([
                 "-c",
                 &format!("ip netns pids {} | xargs -r kill -9", self.lbs[i].ns.name),
             ])
             .status();
-        self.lbs[i].ns.sh("ip link set eth0 down");
+        proc.signal(nix::sys::signal::Signal::SIGKILL);
         let _ = proc.wait(Duration::from_secs(5));
     }
 
