@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use super::{
     e2e::{E2e, Mode, PathKind},
+    failover::{Failover, Stack, Stop, Variant},
     micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS},
     probe::ProbeCost,
 };
@@ -50,8 +51,8 @@ pub struct Results {
     pub env: Env,
     pub micro: Option<Micro>,
     pub e2e: Option<E2e>,
-    /// Failover time once VRRP exists; None: not measured.
-    pub failover: Option<serde_json::Value>,
+    /// Failover: lb against keepalived + HAProxy; None: not measured.
+    pub failover: Option<Failover>,
     pub probe: Vec<ProbeCost>,
     pub targets: Vec<Target>,
 }
@@ -110,6 +111,7 @@ pub fn env(quick: bool) -> Env {
             ("nginx", first_line("nginx", &["-v"])),
             ("wrk", first_line("wrk", &["--version"])),
             ("nft", first_line("nft", &["--version"])),
+            ("keepalived", first_line("keepalived", &["--version"])),
         ]
         .into_iter()
         .map(|(a, b)| (a.to_string(), b))
@@ -545,13 +547,8 @@ pub fn markdown(r: &Results) -> String {
 
     s.push_str("## 3. Failover\n\n");
     match &r.failover {
-        None => s.push_str(
-            "Not measured (VRRP not implemented yet when this benchmark was written). \
-             <!-- FAILOVER: lb-bench (tests/src/bin/lb-bench.rs, marked there) is to measure \
-             here the time from stopping the master's agent to the first request answered \
-             through the backup, and the connections lost. -->\n\n",
-        ),
-        Some(v) => s.push_str(&code("json", &v.to_string())),
+        None => s.push_str("Not measured in this run (`lb-bench --only` left it out).\n\n"),
+        Some(f) => s.push_str(&failover_section(f)),
     }
 
     s.push_str("## 4. Memory and health probes\n\n");
@@ -633,8 +630,8 @@ pub fn markdown(r: &Results) -> String {
     s.push_str("## Exactly what ran\n\n");
     s.push_str(&format!("`{}` as root", e.command));
     s.push_str(
-        " (it builds the release binaries, installs wrk, haproxy, nftables and nginx-light \
-         when missing, and runs `target/release/lb-bench`).\n\n",
+        " (it builds the release binaries, installs wrk, haproxy, nftables, nginx-light and \
+         keepalived when missing, and runs `target/release/lb-bench`).\n\n",
     );
     if !e.tools.is_empty() {
         s.push_str("Tools: ");
@@ -689,10 +686,344 @@ pub fn markdown(r: &Results) -> String {
             s.push('\n');
         }
     }
+    if let Some(f) = &r.failover {
+        s.push_str(&failover_setup(f));
+    }
     if let Some(p) = r.probe.last() {
         s.push_str("lb-agent config for the 100-backend probe measurement (first backends):\n\n");
         let short: Vec<&str> = p.config.lines().take(30).collect();
         s.push_str(&code("toml", &format!("{}\n# ...", short.join("\n"))));
+        s.push('\n');
+    }
+    s
+}
+
+/// Within 25% of each other.
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 0.25 * a.max(b)
+}
+
+/// A gap in ms; a run that ended in the outage gives only a lower bound.
+fn gap_ms(v: f64, recovered: bool) -> String {
+    format!("{}{v:.0} ms", if recovered { "" } else { ">= " })
+}
+
+/// The failover table: median gap per path, advert interval and way of stopping (also
+/// printed).
+pub fn failover_table(f: &Failover) -> String {
+    let mut s = String::from(
+        "| path | adverts | takeover due by (kill / SIGTERM) | master killed: longest gap | runs | \
+         master stopped (SIGTERM): longest gap | runs | VIP on the backup after (kill / SIGTERM) |\n\
+         |---|---|---:|---:|---|---:|---|---:|\n",
+    );
+    for v in Variant::ALL {
+        let cells: Vec<(String, String, String)> = Stop::ALL
+            .iter()
+            .map(|&stop| match f.get(v, stop) {
+                None => ("n/a".into(), "-".into(), "n/a".into()),
+                Some(x) => (
+                    x.median_gap_ms
+                        .map(|m| gap_ms(m, x.all_recovered))
+                        .unwrap_or_else(|| "n/a".into()),
+                    x.gaps_ms
+                        .iter()
+                        .map(|g| format!("{g:.0}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    opt(x.median_vip_moved_ms, |m| format!("{m:.0}")),
+                ),
+            })
+            .collect();
+        if cells.iter().all(|c| c.0 == "n/a") {
+            continue;
+        }
+        s.push_str(&format!(
+            "| {} | {} | {:.0} / {:.0} ms | {} | {} | {} | {} | {} / {} ms |\n",
+            v.path_label(),
+            v.advert_label(),
+            v.takeover_bound(Stop::Kill).as_secs_f64() * 1000.0,
+            v.takeover_bound(Stop::Term).as_secs_f64() * 1000.0,
+            cells[0].0,
+            cells[0].1,
+            cells[1].0,
+            cells[1].1,
+            cells[0].2,
+            cells[1].2,
+        ));
+    }
+    s
+}
+
+/// Every failover run.
+pub fn failover_runs_table(f: &Failover) -> String {
+    let mut s = String::from(
+        "| path | adverts | stop | run | longest gap | VIP on the backup after | gaps over 60 ms (from the stop) | requests ok / failed | failures | SYN retransmits (PAWS drops on backends) |\n\
+         |---|---|---|---:|---:|---:|---|---:|---|---:|\n",
+    );
+    let mut samples: Vec<_> = f.samples.iter().collect();
+    samples.sort_by_key(|x| {
+        (
+            Variant::ALL.iter().position(|v| *v == x.variant),
+            x.stop == Stop::Term,
+            x.run,
+        )
+    });
+    for x in samples {
+        let lead = x.lead_ms as f64;
+        let gaps = if x.client.gaps.is_empty() {
+            "-".to_string()
+        } else {
+            x.client
+                .gaps
+                .iter()
+                .map(|(a, b)| format!("{:+.0} to {:+.0} ms", a - lead, b - lead))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {gaps} | {} / {} | {} | {} ({}) |\n",
+            match x.variant.stack {
+                Stack::Lb => "lb",
+                Stack::Keepalived => "keepalived + HAProxy",
+            },
+            x.variant.advert_label(),
+            match x.stop {
+                Stop::Kill => "kill",
+                Stop::Term => "SIGTERM",
+            },
+            x.run + 1,
+            gap_ms(x.client.max_gap_ms, x.client.recovered),
+            opt(x.vip_moved_ms, |m| format!("{m:.0} ms")),
+            x.client.ok,
+            x.client.failed,
+            if x.client.errors.is_empty() {
+                "-".to_string()
+            } else {
+                x.client
+                    .errors
+                    .iter()
+                    .map(|(k, n)| format!("{n} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+            x.client_syn_retrans,
+            x.backend_paws_drops
+        ));
+    }
+    s
+}
+
+fn failover_section(f: &Failover) -> String {
+    let o = &f.options;
+    let mut s = format!(
+        "Two LBs share the VIP by VRRP (virtual router 51, the master lb1, the backup lb2) \
+         in front of three lb-stub apiservers (HTTPS); one client in its own namespace opens \
+         a new TLS connection to the VIP every {} ms and asks for `/version`, giving each \
+         request {} ms (connect, handshake, answer). The figure is the client's longest time \
+         without a successful answer. The master goes away in two ways: **killed** (its link \
+         set down and every process of its namespace SIGKILLed at once: the host died) and \
+         **stopped** (SIGTERM: an orderly shutdown). The client starts {:.1} s before the \
+         stop ({:.1} s with 1 s adverts) and runs on {:.1} s past the moment VRRP says the \
+         backup must have taken over (3 × advert + skew time after a kill, the skew time \
+         after a resignation; the backup has priority 100). Then the old master returns, \
+         takes the VIP back (preemption) and serves again before the next case. {}\n\n",
+        o.interval.as_millis(),
+        o.timeout.as_millis(),
+        o.lead.as_secs_f64(),
+        o.lead_slow.as_secs_f64(),
+        o.margin.as_secs_f64(),
+        if o.runs == 1 {
+            "One run per case (`--quick`; `cargo xtask bench` runs each case three times \
+             and reports the median), the variants visited in turn, the stacks alternating."
+                .to_string()
+        } else {
+            format!(
+                "{} runs per case and their median; the variants visited in turn, the stacks \
+                 alternating, the order rotating run by run.",
+                o.runs
+            )
+        }
+    );
+    s.push_str(
+        "- **lb**: lb-agent on both LBs (priority 110 and 100, VRRPv3, NAT mode with native \
+         XDP, the default health checks: HTTPS /readyz every second). At 1 s adverts lb runs VRRPv3 with \
+         `advert_interval = \"1s\"`: the same timers as v2's `advert_int 1`.\n\
+         - **keepalived + HAProxy**, the kubeadm HA guide's \"keepalived and haproxy\" \
+         option: keepalived (VRRP only) with the guide's config (`state MASTER`/`BACKUP`, \
+         priority 101/100, `auth_type PASS` for v2), once at the guide's default \
+         `advert_int 1` (VRRPv2) and once at `vrrp_version 3` with `advert_int 0.1`; HAProxy \
+         2.6 in mode tcp on `*:6443` on both LBs. Killing the master SIGKILLs keepalived and \
+         HAProxy; stopping it sends SIGTERM to both at once (keepalived then advertises \
+         priority 0 and drops the VIP; HAProxy closes its listener). No lb-agent and no XDP \
+         on this path.\n\n",
+    );
+    s.push_str(&failover_table(f));
+    s.push('\n');
+    let gap = |v: Variant, stop: Stop| f.get(v, stop).and_then(|x| x.median_gap_ms);
+    let [lb100, ka100, lb1s, ka1s] = Variant::ALL;
+    if let (Some(a), Some(b)) = (gap(lb100, Stop::Kill), gap(ka1s, Stop::Kill)) {
+        s.push_str(&format!(
+            "A dead master: with the guide's settings (keepalived `advert_int 1`) the client \
+             went {b:.0} ms without an answer, through lb at 100 ms adverts {a:.0} ms \
+             ({:.1}x shorter). ",
+            b / a
+        ));
+    }
+    if let (Some(a), Some(b), Some(c), Some(d)) = (
+        gap(lb100, Stop::Kill),
+        gap(ka100, Stop::Kill),
+        gap(lb1s, Stop::Kill),
+        gap(ka1s, Stop::Kill),
+    ) {
+        s.push_str(&format!(
+            "At the same advert interval the two stacks compare as {a:.0} ms (lb) against \
+             {b:.0} ms (keepalived + HAProxy) at 100 ms, and {c:.0} ms against {d:.0} ms at \
+             1 s{}",
+            if close(a, b) && close(c, d) {
+                ": after a crash the VRRP timers, the same on both stacks, set the gap: the \
+                 advert interval decides, not the stack. "
+            } else {
+                ". "
+            }
+        ));
+    }
+    if let (Some(a), Some(b), Some(c), Some(d)) = (
+        gap(lb100, Stop::Term),
+        gap(ka100, Stop::Term),
+        gap(lb1s, Stop::Term),
+        gap(ka1s, Stop::Term),
+    ) {
+        s.push_str(&format!(
+            "A stopped master resigns with priority 0 and the backup takes over after its \
+             skew time: the client saw gaps of {a:.0} ms (lb) and {b:.0} ms (keepalived + \
+             HAProxy) at 100 ms adverts, {c:.0} ms and {d:.0} ms at 1 s{}.",
+            if a.max(c) < b.min(d) {
+                "; lb's resigning agent keeps forwarding until the backup has taken over, \
+                 where HAProxy stops at once and the client waits for the backup"
+            } else {
+                ""
+            }
+        ));
+    }
+    s.push_str("\n\n");
+    s.push_str("### Every run\n\n");
+    s.push_str(&failover_runs_table(f));
+    s.push_str(
+        "\n\"VIP on the backup after\" is when `ip addr` first showed the VIP on lb2, polled \
+         every ~10 ms from the stop; the client notices later (the backup's gratuitous ARP, \
+         then its next request).\n\n",
+    );
+    s.push_str(FAILOVER_SHOWS);
+    s
+}
+
+const FAILOVER_SHOWS: &str = "What these figures show, and what they do not:
+
+- **The gap's resolution.** A request sent into the outage fails after its 200 ms timeout \
+(a SYN lost to a dead or departed master is not resent within it) or at once (a reset), and \
+the next one leaves 20 ms later; a request that left just before service came back waits \
+out its 200 ms. So the gap is the outage rounded up to the next step of about 205 ms \
+(timeout + interval, less the time a request takes), never shorter than it: after a kill it \
+reads about 420 ms whenever the backup takes over between about 205 and 405 ms after the \
+kill, whichever stack it is. The \"VIP on the backup after\" column (`ip addr` on the \
+backup polled every ~10 ms) is the finer figure. The phase of the kill against the adverts \
+varies too: the backup notices between 2 and 3 advert intervals + skew after the kill, \
+depending on when it heard the last advert.
+- **Killing a node takes its link down first**, then SIGKILLs every process in its \
+namespace. The other way round keepalived resigns on its way down: its VRRP child gets \
+SIGTERM when its parent dies (`PR_SET_PDEATHSIG`) and sends a priority 0 advert before it \
+is killed too, so the backup takes over after the skew time alone (about 0.6 s instead of \
+3.6 s at `advert_int 1`), which a host that loses power or its network never does.
+- **New connections only.** Each request opens a new connection, so the gap is how long \
+*new* connections fail. Connections already open through the old master do not survive \
+either stack: lb's NAT flow table is not shared between the LBs (and the SNAT address \
+changes), HAProxy's connections die with the HAProxy that held them; the new master resets \
+them when their next packet arrives, and clients (kubectl, kubelets, controllers) reconnect \
+and re-list/re-watch. That cost, and how long an idle connection to a dead master takes to \
+notice, is not measured here.
+- **A stopped master.** lb's agent keeps forwarding for two advert intervals after it \
+resigns (clients whose ARP caches still point at it), HAProxy stops at once; keepalived and \
+lb both hand over within the backup's skew time.
+- **Each case starts clean.** Before each client run the backends drop their TIME_WAIT \
+sockets (`ss -K state time-wait`). Without that, a case run just after lb1 was restarted \
+could pay for the restart: a new lb-agent hands out each backend's SNAT ports from a new \
+random point of its ring, which can land on ports its previous run used less than 60 s \
+before; the backend still holds those tuples in TIME_WAIT and drops the new SYNs by PAWS, \
+and those connections stall for a second (here: the client's 200 ms timeout). While \
+building this benchmark that happened after 4 of 12 crash-and-restart cycles of lb1: in \
+the 2 s after lb1 was master again, 2 to 4 failed requests and 7 to 12 PAWS drops on the \
+backends each time, none after the other 8. The failover cases themselves do not depend on it: the backup \
+that takes over has its own SNAT address.
+- **A lab, not a network.** veths on one bridge on this VM's two cores: the gratuitous ARP \
+reaches the client at once, with no switch to relearn the MAC. Backends are lb-stub, not \
+kube-apiservers, and stay healthy throughout.
+- **Health checks play no part.** keepalived runs without the guide's `check_apiserver` \
+track script (interval 3, weight -2, fall 10): it acts only while keepalived lives and \
+HAProxy or the apiserver does not (after about 30 s), which neither case here exercises; \
+lb's own probes and tracking likewise stay quiet. HAProxy's `default-server inter 10s \
+downinter 5s rise 2 fall 2 slowstart 60s maxconn 250 maxqueue 256 weight 100` is the common \
+variant of the guide's config (kubeadm's own page has plain `check` and `option \
+ssl-hello-chk`); with healthy backends and one client it changes nothing here.
+
+";
+
+/// The failover configs, for \"Exactly what ran\".
+fn failover_setup(f: &Failover) -> String {
+    let st = &f.setup;
+    let mut s = String::from("Failover (section 3): the client, in its own namespace:\n\n");
+    s.push_str(&code("sh", &st.loadgen));
+    let mut runs: Vec<String> = Vec::new();
+    for v in Variant::ALL {
+        for stop in Stop::ALL {
+            if let Some(x) = f.samples.iter().find(|x| x.variant == v && x.stop == stop) {
+                runs.push(format!(
+                    "{} {}: {:.1} s (stopped after {:.1} s)",
+                    v.name(),
+                    stop.name(),
+                    x.client_ms as f64 / 1000.0,
+                    x.lead_ms as f64 / 1000.0
+                ));
+            }
+        }
+    }
+    s.push_str(&format!("\n`DURATION` per case: {}.\n", runs.join("; ")));
+    s.push_str(&format!(
+        "\nVariant order per run: {}.\n\n",
+        st.order
+            .iter()
+            .map(|o| o.join(", "))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    ));
+    if let Some(c) = st.lb_agent.first() {
+        s.push_str(
+            "lb-agent on lb1 (`lb-agent run --config lb1.toml`; lb2: priority 100, its own pin \
+             path and socket; at 1 s adverts `advert_interval = \"1s\"`):\n\n",
+        );
+        s.push_str(&code("toml", c));
+        s.push('\n');
+    }
+    for (i, c) in st.keepalived.iter().enumerate() {
+        if i == 0 {
+            s.push_str(
+                "keepalived on lb1 (`keepalived --dont-fork --log-console --log-detail \
+                 --vrrp --use-file keepalived.conf`, Debian's keepalived 2.2; lb2: \
+                 `state BACKUP`, `priority 100`):\n\n",
+            );
+        }
+        s.push_str(&code("", c));
+        s.push('\n');
+    }
+    if !st.haproxy.is_empty() {
+        s.push_str("HAProxy on both LBs (`haproxy -db -f haproxy.cfg`):\n\n");
+        s.push_str(&code("haproxy", &st.haproxy));
+        s.push('\n');
+    }
+    if !f.checks.is_empty() {
+        s.push_str("Checked after each variant's runs:\n\n");
+        for c in &f.checks {
+            s.push_str(&format!("- {c}\n"));
+        }
         s.push('\n');
     }
     s
@@ -730,8 +1061,9 @@ what a fuller hash table costs the SYN path (inserts) more than the established 
 key, always cached). The backends sit at the VIP's own address there so that each run's \
 rewrite yields the next run's packet (see `tests/src/bench/micro.rs`); the program does the \
 same work whatever the addresses.
-- **Not measured here:** failover, DSR modes, many clients (all traffic comes \
-from one address), long-lived watches, packet loss.
+- **Not measured here:** DSR modes, many clients (all traffic comes from one address), \
+long-lived watches, packet loss, and what a failover does to connections already open \
+(see section 3).
 
 ";
 

@@ -1,6 +1,7 @@
 //! lb-bench: `cargo xtask bench [--quick]`. The XDP program per packet (BPF_PROG_TEST_RUN),
-//! lb against direct, HAProxy and nftables in the lab, the agent's memory and probing
-//! cost; writes docs/benchmarks.md and target/bench/results.json. Needs root.
+//! lb against direct, HAProxy and nftables in the lab, failover against keepalived +
+//! HAProxy, the agent's memory and probing cost; writes docs/benchmarks.md and
+//! target/bench/results.json. Needs root.
 
 use std::{
     fs,
@@ -13,6 +14,7 @@ use clap::{Parser, ValueEnum};
 use lb_tests::{
     bench::{
         e2e::{self, E2eOptions, Mode},
+        failover::{self, FailoverOptions},
         micro::{self, MicroOptions},
         probe::{self, ProbeOptions},
         report::{self, Results},
@@ -45,6 +47,7 @@ struct Cli {
 enum Part {
     Micro,
     E2e,
+    Failover,
     Probe,
 }
 
@@ -161,12 +164,6 @@ fn main() -> Result<()> {
             r.e2e = Some(e);
         }
 
-        // Failover (issue 4, item 3) belongs here once VRRP exists: two LBs, stop the
-        // master's agent during a wrk run, measure the time to the first request answered
-        // through the backup and the connections lost; store it in `r.failover`.
-        println!("failover: not measured (VRRP not implemented yet)\n");
-        r.failover = None;
-
         if want(Part::Probe) {
             let o = if cli.quick {
                 ProbeOptions::quick()
@@ -179,6 +176,29 @@ fn main() -> Result<()> {
         let left = footprint.leftovers();
         if !left.is_empty() {
             bail!("the lab left things behind: {left:?}");
+        }
+    }
+
+    if stopped() {
+        bail!("interrupted");
+    }
+
+    if want(Part::Failover) {
+        // Its own lab: two LBs sharing the VIP, lb-stub apiservers (HTTPS) behind them.
+        let lab = Lab::new("bench-failover", 2, 3).context("the lab needs root")?;
+        let footprint = lab.footprint();
+        let o = if cli.quick {
+            FailoverOptions::quick()
+        } else {
+            FailoverOptions::full()
+        };
+        let f = failover::run(&lab, &o, &stopped, &mut log)?;
+        println!("\nfailover:\n{}", report::failover_table(&f));
+        r.failover = Some(f);
+        drop(lab);
+        let left = footprint.leftovers();
+        if !left.is_empty() {
+            bail!("the failover lab left things behind: {left:?}");
         }
     }
 

@@ -412,8 +412,10 @@ async fn run_gap(
         .into_iter()
         .map(|(s, e)| json!({"start_ms": s, "end_ms": e}))
         .collect();
+    // False when the run ended in failures: its last gap is then only a lower bound.
+    let last_ok = events.last().is_some_and(|&(_, ok)| ok);
     json!({"mode": "gap", "ok": tally.ok, "failed": tally.failed,
-           "max_gap_ms": (max_gap * 1e3).round() / 1e3, "gaps": gaps,
+           "max_gap_ms": (max_gap * 1e3).round() / 1e3, "gaps": gaps, "last_ok": last_ok,
            "errors": tally.errors, "backends": tally.backends,
            "elapsed_ms": start.elapsed().as_millis() as u64})
 }
