@@ -271,8 +271,6 @@ pub struct Sample {
     /// How long the client ran; the master was stopped `lead_ms` into it.
     pub client_ms: u64,
     pub lead_ms: u64,
-    /// SYNs the client sent again during its run (TcpExt TCPSynRetrans).
-    pub client_syn_retrans: u64,
     /// SYNs the backends dropped on a tuple in TIME_WAIT during the client's run (TcpExt
     /// PAWSTimewait): an LB reused a source port a backend still held.
     pub backend_paws_drops: u64,
@@ -774,7 +772,7 @@ pub fn run(
                 }
                 let sample = measure(&mut pair, o, s, run, &mut setup)?;
                 log(&format!(
-                    "failover run {}: {:<20} {:<7} longest gap {:>6.0} ms{}  VIP on lb2 after {}  ({} ok, {} failed{}; {} SYN retransmits, {} PAWS drops on backends)",
+                    "failover run {}: {:<20} {:<7} longest gap {:>6.0} ms{}  VIP on lb2 after {}  ({} ok, {} failed{}; {} PAWS drops on backends)",
                     run + 1,
                     v.name(),
                     s.name(),
@@ -800,7 +798,6 @@ pub fn run(
                                 .join(", ")
                         )
                     },
-                    sample.client_syn_retrans,
                     sample.backend_paws_drops
                 ));
                 samples.push(sample);
@@ -862,7 +859,7 @@ fn measure(
     for h in &lab.backends {
         let _ = h.ns.try_sh("ss -K state time-wait >/dev/null 2>&1");
     }
-    let (syn0, paws0) = (client_syn_retrans(lab), backend_paws(lab));
+    let paws0 = backend_paws(lab);
     let client = lab.spawn_loadgen(
         &format!("failover-{}-{}-{run}", v.name(), stop.name()),
         "/version",
@@ -874,9 +871,8 @@ fn measure(
     let moved = poll_until(d - lead + Duration::from_secs(1), || lab.has_vip(1))
         .map(|t| (t - t0).as_secs_f64() * 1000.0);
     let report = client.finish(d + Duration::from_secs(15));
-    let (syn1, paws1) = (client_syn_retrans(lab), backend_paws(lab));
+    let paws1 = backend_paws(lab);
     Ok(Sample {
-        client_syn_retrans: syn1.saturating_sub(syn0),
         backend_paws_drops: paws1.saturating_sub(paws0),
         variant: v,
         stop,
@@ -893,10 +889,6 @@ fn tcp_counter(ns: &crate::netns::Netns, name: &str) -> u64 {
     ns.try_sh("cat /proc/net/netstat /proc/net/snmp")
         .map(|t| parse::net_counters(&t).get(name).copied().unwrap_or(0))
         .unwrap_or(0)
-}
-
-fn client_syn_retrans(lab: &Lab) -> u64 {
-    tcp_counter(&lab.client.ns, "TcpExt:TCPSynRetrans")
 }
 
 fn backend_paws(lab: &Lab) -> u64 {
@@ -1074,7 +1066,6 @@ mod tests {
             vip_moved_ms: Some(gap / 2.0),
             client_ms: 3000,
             lead_ms: 1500,
-            client_syn_retrans: 0,
             backend_paws_drops: 0,
         }
     }

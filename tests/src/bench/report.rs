@@ -757,7 +757,7 @@ pub fn failover_table(f: &Failover) -> String {
 /// Every failover run.
 pub fn failover_runs_table(f: &Failover) -> String {
     let mut s = String::from(
-        "| path | adverts | stop | run | longest gap | VIP on the backup after | gaps over 60 ms (from the stop) | requests ok / failed | failures | SYN retransmits (PAWS drops on backends) |\n\
+        "| path | adverts | stop | run | longest gap | VIP on the backup after | gaps over 60 ms (from the stop) | requests ok / failed | failures | SYNs dropped by PAWS on the backends |\n\
          |---|---|---|---:|---:|---:|---|---:|---|---:|\n",
     );
     let mut samples: Vec<_> = f.samples.iter().collect();
@@ -781,7 +781,7 @@ pub fn failover_runs_table(f: &Failover) -> String {
                 .join(", ")
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {gaps} | {} / {} | {} | {} ({}) |\n",
+            "| {} | {} | {} | {} | {} | {} | {gaps} | {} / {} | {} | {} |\n",
             match x.variant.stack {
                 Stack::Lb => "lb",
                 Stack::Keepalived => "keepalived + HAProxy",
@@ -806,7 +806,6 @@ pub fn failover_runs_table(f: &Failover) -> String {
                     .collect::<Vec<_>>()
                     .join(", ")
             },
-            x.client_syn_retrans,
             x.backend_paws_drops
         ));
     }
