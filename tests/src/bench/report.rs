@@ -909,8 +909,9 @@ fn failover_section(f: &Failover) -> String {
     s.push_str(&failover_runs_table(f));
     s.push_str(
         "\n\"VIP on the backup after\" is when `ip addr` first showed the VIP on lb2, polled \
-         every ~10 ms from the stop; the client notices later (the backup's gratuitous ARP, \
-         then its next request).\n\n",
+         every ~10 ms from the stop (each poll runs `ip` in the namespace, so it can read some \
+         20 ms late, past the takeover due); the client notices later (the backup's \
+         gratuitous ARP, then its next request).\n\n",
     );
     s.push_str(FAILOVER_SHOWS);
     s
