@@ -274,6 +274,16 @@ pub struct Sample {
     /// SYNs the backends dropped on a tuple in TIME_WAIT during the client's run (TcpExt
     /// PAWSTimewait): an LB reused a source port a backend still held.
     pub backend_paws_drops: u64,
+    /// The machine's 1-minute load average after the run (other work shares the cores).
+    pub load1: Option<f64>,
+}
+
+impl Sample {
+    /// The backup held the VIP later than VRRP allows (plus 50 ms for the polling).
+    pub fn late(&self) -> bool {
+        let due = self.variant.takeover_bound(self.stop).as_secs_f64() * 1000.0 + 50.0;
+        self.vip_moved_ms.is_none_or(|m| m > due)
+    }
 }
 
 /// The runs of one case and their median.
@@ -459,13 +469,24 @@ fn loadgen_args(o: &FailoverOptions, d: Duration) -> Vec<String> {
     ]
 }
 
-/// The client's run: the lead, the takeover bound and the margin, rounded up to 100 ms.
-fn client_duration(o: &FailoverOptions, v: Variant, stop: Stop) -> (Duration, Duration) {
-    let lead = if v.advert_ms >= 1000 {
+/// The client's lead before the stop and its whole run. Run `run` of `o.runs` adds
+/// (run + 1/2) / runs of an advert interval to the lead, so the runs stop the master at
+/// points spread evenly over the advert cycle; the run is the lead, the takeover bound and
+/// the margin, rounded up to 100 ms.
+fn client_duration(
+    o: &FailoverOptions,
+    v: Variant,
+    stop: Stop,
+    run: usize,
+) -> (Duration, Duration) {
+    let base = if v.advert_ms >= 1000 {
         o.lead_slow
     } else {
         o.lead
     };
+    let runs = o.runs.max(1) as u64;
+    let phase_ms = (v.advert_ms * (2 * run as u64 + 1)).div_ceil(2 * runs);
+    let lead = base + Duration::from_millis(phase_ms);
     let d = lead + v.takeover_bound(stop) + o.margin;
     let ms = d.as_millis().div_ceil(100) * 100;
     (lead, Duration::from_millis(ms as u64))
@@ -842,7 +863,7 @@ fn measure(
 ) -> Result<Sample> {
     let lab = pair.lab;
     let v = pair.v;
-    let (lead, d) = client_duration(o, v, stop);
+    let (lead, d) = client_duration(o, v, stop, run);
     let args = loadgen_args(o, d);
     if setup.loadgen.is_empty() {
         setup.loadgen = format!(
@@ -874,6 +895,9 @@ fn measure(
     let paws1 = backend_paws(lab);
     Ok(Sample {
         backend_paws_drops: paws1.saturating_sub(paws0),
+        load1: fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next()?.parse().ok()),
         variant: v,
         stop,
         run,
@@ -1002,17 +1026,23 @@ mod tests {
             Duration::from_nanos(3_609_375_000)
         );
         let o = FailoverOptions::full();
+        // The lead adds 1/6, 3/6, 5/6 of an advert interval over three runs.
         assert_eq!(
-            client_duration(&o, lb100, Stop::Kill),
-            (Duration::from_millis(1500), Duration::from_millis(2900))
+            client_duration(&o, lb100, Stop::Kill, 0),
+            (Duration::from_millis(1517), Duration::from_millis(2900))
         );
         assert_eq!(
-            client_duration(&o, ka1s, Stop::Kill),
-            (Duration::from_secs(2), Duration::from_millis(6700))
+            client_duration(&o, ka1s, Stop::Kill, 1),
+            (Duration::from_millis(2500), Duration::from_millis(7200))
         );
         assert_eq!(
-            client_duration(&o, ka1s, Stop::Term),
-            (Duration::from_secs(2), Duration::from_millis(3700))
+            client_duration(&o, ka1s, Stop::Term, 2),
+            (Duration::from_millis(2834), Duration::from_millis(4500))
+        );
+        // One run (--quick): half an interval.
+        assert_eq!(
+            client_duration(&FailoverOptions::quick(), lb1s, Stop::Kill, 0),
+            (Duration::from_millis(2000), Duration::from_millis(6300))
         );
         assert_eq!(
             loadgen_args(&o, Duration::from_millis(2900)).join(" "),
@@ -1067,6 +1097,7 @@ mod tests {
             client_ms: 3000,
             lead_ms: 1500,
             backend_paws_drops: 0,
+            load1: None,
         }
     }
 
@@ -1096,5 +1127,12 @@ mod tests {
         assert!(k.all_recovered);
         assert!(!f.get(lb100, Stop::Term).unwrap().all_recovered);
         assert!(f.get(ka100, Stop::Term).is_none());
+        // Due by 361 ms (+ 50 ms of polling): 350 is in time, 420 late.
+        assert!(!f.samples[4].late());
+        assert!(!f.samples[2].late());
+        let mut s = sample(lb100, Stop::Kill, 0, 840.0, true);
+        assert!(s.late());
+        s.vip_moved_ms = None;
+        assert!(s.late());
     }
 }

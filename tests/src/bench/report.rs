@@ -822,7 +822,9 @@ fn failover_section(f: &Failover) -> String {
          without a successful answer. The master goes away in two ways: **killed** (its link \
          set down and every process of its namespace SIGKILLed at once: the host died) and \
          **stopped** (SIGTERM: an orderly shutdown). The client starts {:.1} s before the \
-         stop ({:.1} s with 1 s adverts) and runs on {:.1} s past the moment VRRP says the \
+         stop ({:.1} s with 1 s adverts), plus (r + ½)/{} of an advert interval in run r \
+         (counting from 0) so that the runs stop the master at points spread over the advert \
+         cycle, and runs on {:.1} s past the moment VRRP says the \
          backup must have taken over (3 × advert + skew time after a kill, the skew time \
          after a resignation; the backup has priority 100). Then the old master returns, \
          takes the VIP back (preemption) and serves again before the next case. {}\n\n",
@@ -830,6 +832,7 @@ fn failover_section(f: &Failover) -> String {
         o.timeout.as_millis(),
         o.lead.as_secs_f64(),
         o.lead_slow.as_secs_f64(),
+        o.runs,
         o.margin.as_secs_f64(),
         if o.runs == 1 {
             "One run per case (`--quick`; `cargo xtask bench` runs each case three times \
@@ -905,6 +908,32 @@ fn failover_section(f: &Failover) -> String {
         ));
     }
     s.push_str("\n\n");
+    let late: Vec<String> = f
+        .samples
+        .iter()
+        .filter(|x| x.late())
+        .map(|x| {
+            format!(
+                "{} {} run {}: VIP on the backup after {} (due by {:.0} ms; load average {})",
+                x.variant.name(),
+                x.stop.name(),
+                x.run + 1,
+                opt(x.vip_moved_ms, |m| format!("{m:.0} ms")),
+                x.variant.takeover_bound(x.stop).as_secs_f64() * 1000.0,
+                opt(x.load1, |l| format!("{l:.2}"))
+            )
+        })
+        .collect();
+    if !late.is_empty() {
+        s.push_str(&format!(
+            "**Later than VRRP allows:** {}. A backup takes over at most 3 × advert + skew \
+             time after the master's last advert, so here the backup's timer, its adding \
+             the address or the bench's polling ran late: on a busy machine, or while other \
+             work creating or deleting interfaces and namespaces holds the kernel's rtnl \
+             lock, which every netlink change waits for.\n\n",
+            late.join("; ")
+        ));
+    }
     s.push_str("### Every run\n\n");
     s.push_str(&failover_runs_table(f));
     s.push_str(
