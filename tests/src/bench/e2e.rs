@@ -269,12 +269,9 @@ http {{
     )
 }
 
-/// HAProxy as the kubeadm HA guide (docs/ha-considerations.md, "haproxy configuration")
-/// sets it up, with plain-HTTP checks since the backends here speak plain HTTP; its `log`
-/// lines are left out (no syslog in the lab), which spares HAProxy the logging.
-fn haproxy_cfg(lab: &Lab) -> String {
-    let mut t = format!(
-        "global
+/// The kubeadm HA guide's HAProxy `global` and `defaults` sections, shared by the
+/// throughput and the failover benchmarks.
+pub const HAPROXY_GUIDE_DEFAULTS: &str = "global
     # kubeadm's guide: log /dev/log local0 (no syslog here); daemon (run in the foreground)
 
 defaults
@@ -292,7 +289,14 @@ defaults
     timeout http-keep-alive 10s
     timeout check           10s
 
-frontend apiserver
+";
+
+/// HAProxy as the kubeadm HA guide (docs/ha-considerations.md, "haproxy configuration")
+/// sets it up, with plain-HTTP checks since the backends here speak plain HTTP; its `log`
+/// lines are left out (no syslog in the lab), which spares HAProxy the logging.
+fn haproxy_cfg(lab: &Lab) -> String {
+    let mut t = format!(
+        "{HAPROXY_GUIDE_DEFAULTS}frontend apiserver
     bind {VIP}:{VIP_PORT}
     mode tcp
     option tcplog

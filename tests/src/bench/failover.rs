@@ -17,7 +17,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::Signal;
 use serde::Serialize;
 
-use super::{parse, stats};
+use super::{e2e::HAPROXY_GUIDE_DEFAULTS, parse, stats};
 use crate::{
     lab::{backend_name, Lab, Proc, VIP, VIP_PORT},
     vrrp_lab::poll_until,
@@ -401,25 +401,7 @@ pub fn keepalived_conf(v: Variant, node: usize) -> String {
 /// speak HTTPS) and the `default-server` line of the common variant of that config.
 pub fn haproxy_cfg(lab: &Lab) -> String {
     let mut t = format!(
-        "global
-    # kubeadm's guide: log /dev/log local0 (no syslog here); daemon (run in the foreground)
-
-defaults
-    mode                    http
-    option                  dontlognull
-    option http-server-close
-    option forwardfor       except 127.0.0.0/8
-    option                  redispatch
-    retries                 1
-    timeout http-request    10s
-    timeout queue           20s
-    timeout connect         5s
-    timeout client          35s
-    timeout server          35s
-    timeout http-keep-alive 10s
-    timeout check           10s
-
-frontend apiserver
+        "{HAPROXY_GUIDE_DEFAULTS}frontend apiserver
     bind *:{VIP_PORT}
     mode tcp
     option tcplog
