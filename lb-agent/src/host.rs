@@ -142,8 +142,16 @@ impl Sysctls {
             .filter(|s| !s.is_empty())
             .map(str::to_string)
             .collect();
+        // A crashed agent never restored the value: its ranges are already there.
         for (a, b) in ranges {
-            parts.push(format!("{a}-{b}"));
+            let r = if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            };
+            if !parts.contains(&r) {
+                parts.push(r);
+            }
         }
         self.set(path, &parts.join(","))
     }
