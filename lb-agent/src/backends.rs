@@ -1,5 +1,6 @@
-//! Where a backend's state changes: probe results (health), operator drains and weights
-//! combine into the one state the data plane sees, written through `dataplane::writer`.
+//! Where a backend's state is decided: probe results (health), operator drains and weights
+//! combine into the one state the data plane should see. `dataplane::writer` owns the map
+//! writes; a write that fails leaves the plan ahead of the maps until `reconcile` succeeds.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,8 +10,9 @@ use tokio::time::Instant;
 
 use crate::{
     config::{Config, HealthKind},
+    control::Peer,
     dataplane::{
-        writer::{VipPlan, Writer},
+        writer::{Reconciled, VipPlan, Writer},
         DataplaneError,
     },
     health::{
@@ -70,12 +72,17 @@ pub struct VipHealth {
     pub backends: Vec<BackendHealth>,
 }
 
-/// Owns the VIPs' plans and the map writer; the only place backend states change.
+/// Owns the VIPs' plans (what the data plane should hold) and the map writer; the only
+/// place a backend's state is decided.
 pub struct Backends {
     writer: Writer,
     vips: Vec<VipPlan>,
     runtime: Vec<Vec<Runtime>>,
     probes: Vec<HealthKind>,
+    /// A write failed since the last look (the keeper schedules a retry).
+    write_failed: bool,
+    /// The maps are behind the plan (a write failed and no reconcile has succeeded since).
+    behind: bool,
 }
 
 fn unix_of(t: Instant) -> u64 {
@@ -125,6 +132,8 @@ impl Backends {
             vips,
             runtime,
             probes,
+            write_failed: false,
+            behind: false,
         })
     }
 
@@ -133,12 +142,34 @@ impl Backends {
         &mut self.writer
     }
 
+    /// The writer's counters.
+    pub fn writer_ref(&self) -> &Writer {
+        &self.writer
+    }
+
+    /// True once after a map write failed.
+    pub fn take_write_failed(&mut self) -> bool {
+        std::mem::take(&mut self.write_failed)
+    }
+
+    /// True while the maps are behind the plan.
+    pub fn maps_behind(&self) -> bool {
+        self.behind
+    }
+
+    /// Compares the maps with the plans and repairs them.
+    pub fn reconcile(&mut self) -> Result<Reconciled, DataplaneError> {
+        let r = self.writer.reconcile(&mut self.vips);
+        self.behind = r.is_err();
+        r
+    }
+
     /// Applies a probe result; logs and publishes a change of state.
-    pub fn on_probe(&mut self, ev: ProbeEvent) -> Result<(), DataplaneError> {
+    pub fn on_probe(&mut self, ev: ProbeEvent) {
         let now = Instant::now();
         let rt = &mut self.runtime[ev.vip][ev.backend];
         let Some(tr) = rt.tracker.record(now, ev.outcome) else {
-            return Ok(());
+            return;
         };
         let vip = &self.vips[ev.vip];
         let b = &vip.backends[ev.backend];
@@ -164,10 +195,12 @@ impl Backends {
                 _ => String::new(),
             }
         );
-        self.apply(ev.vip, ev.backend)
+        self.apply(ev.vip, ev.backend);
     }
 
-    fn apply(&mut self, v: usize, b: usize) -> Result<(), DataplaneError> {
+    /// Decides backend `b`'s state and writes it; a failed write is logged and left to the
+    /// keeper's retry (the plan already holds the new state).
+    fn apply(&mut self, v: usize, b: usize) {
         let rt = &self.runtime[v][b];
         let s = effective(
             &rt.tracker.health,
@@ -175,11 +208,26 @@ impl Backends {
             rt.drained,
             rt.weight,
         );
-        self.writer.set_state(&mut self.vips[v], b, s)
+        if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
+            log::error!(
+                "VIP {} backend {}: writing state {} to the data plane: {e} (retrying)",
+                self.vips[v].name,
+                self.vips[v].backends[b].name,
+                state::name(s)
+            );
+            self.write_failed = true;
+            self.behind = true;
+        }
     }
 
-    /// Drains (or undrains) backend `backend` of VIP `vip`, by name.
-    pub fn set_drain(&mut self, vip: &str, backend: &str, drain: bool) -> Result<String, String> {
+    /// Drains (or undrains) backend `backend` of VIP `vip`, by name, for `peer`.
+    pub fn set_drain(
+        &mut self,
+        vip: &str,
+        backend: &str,
+        drain: bool,
+        peer: &Peer,
+    ) -> Result<String, String> {
         let v = self
             .vips
             .iter()
@@ -191,11 +239,17 @@ impl Backends {
             .position(|p| p.name == backend)
             .ok_or_else(|| format!("VIP {vip:?} has no backend named {backend:?}"))?;
         self.runtime[v][b].drained = drain;
-        self.apply(v, b).map_err(|e| e.to_string())?;
+        let failures = self.writer.write_failures;
+        self.apply(v, b);
         let word = if drain { "drained" } else { "undrained" };
-        log::info!("VIP {vip} backend {backend}: {word} by the operator");
+        log::info!("VIP {vip} backend {backend}: {word} by {peer}");
+        let pending = if self.writer.write_failures != failures {
+            " (the map write failed; the agent retries it)"
+        } else {
+            ""
+        };
         Ok(format!(
-            "{vip}/{backend}: {word}; data plane state {}",
+            "{vip}/{backend}: {word}; data plane state {}{pending}",
             state::name(self.vips[v].backends[b].state)
         ))
     }

@@ -1,10 +1,17 @@
 //! The agent's control socket: one JSON request per connection, one JSON line back.
-//! `lb-agent status` asks it what only the running agent knows.
+//! `lb-agent status` asks it what only the running agent knows; `drain`/`undrain` change
+//! state through it.
+//!
+//! The socket is created 0600 (root only), or 0660 with `agent.control_socket_group`, and
+//! never with whatever mode the umask gives: it is bound under a temporary name, its mode
+//! and group set, then renamed into place. Requests that change state are also checked
+//! against the peer's credentials (SO_PEERCRED), so a socket made reachable by mistake (a
+//! chmod, a bind mount into a container) still only reports.
 
 use std::{
     io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
-    path::Path,
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -25,6 +32,68 @@ pub enum Request {
     Drain { vip: String, backend: String },
     /// Undo a drain.
     Undrain { vip: String, backend: String },
+    /// Configure a fault-injection point (agents built with the `failpoints` feature only).
+    Failpoint { name: String, actions: String },
+}
+
+impl Request {
+    /// True for requests that change what the agent does.
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status)
+    }
+}
+
+/// Who sent a request, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = nix::unistd::User::from_uid(self.uid.into())
+            .ok()
+            .flatten()
+            .map(|u| format!(" ({})", u.name))
+            .unwrap_or_default();
+        write!(f, "uid {}{name}", self.uid)?;
+        if let Some(pid) = self.pid {
+            write!(f, " pid {pid}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Who may change state: root, the agent's own user, members of the configured group.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub agent_uid: u32,
+    pub group: Option<u32>,
+}
+
+impl Access {
+    /// Whether `peer` may send requests that change state.
+    pub fn may_change(&self, peer: &Peer) -> bool {
+        if peer.uid == 0 || peer.uid == self.agent_uid {
+            return true;
+        }
+        let Some(g) = self.group else { return false };
+        peer.gid == g || peer.pid.is_some_and(|pid| supplementary_groups(pid).contains(&g))
+    }
+}
+
+/// The supplementary groups of process `pid` (empty when unreadable).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        })
+        .unwrap_or_default()
 }
 
 /// The running agent as it describes itself.
@@ -35,6 +104,18 @@ pub struct AgentInfo {
     pub config: String,
     pub interface: String,
     pub started_unix: u64,
+    /// Map entries the reconcile found wrong and repaired, since start.
+    #[serde(default)]
+    pub map_repairs: u64,
+    /// The last repair, in words.
+    #[serde(default)]
+    pub last_map_repair: Option<String>,
+    /// Map writes that failed (and were retried), since start.
+    #[serde(default)]
+    pub map_write_failures: u64,
+    /// Some map write has not succeeded yet: the data plane is behind the agent.
+    #[serde(default)]
+    pub maps_behind: bool,
 }
 
 /// The answer to a request.
@@ -63,9 +144,18 @@ impl Response {
             ..Default::default()
         }
     }
+
+    /// A successful answer that says what was done.
+    pub fn done(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
 }
 
-/// Errors talking to the control socket.
+/// Errors of the control socket, on either side.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("control socket {path}: {source}")]
@@ -74,21 +164,59 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
+    #[error("control socket {path}: permission denied (it is {mode}; run as root{group})")]
+    Denied {
+        path: String,
+        mode: String,
+        group: String,
+    },
     #[error("control socket {path}: bad answer: {source}")]
     Decode {
         path: String,
         #[source]
         source: serde_json::Error,
     },
+    #[error("agent.control_socket_group: no group {0:?} on this host")]
+    NoGroup(String),
 }
 
-/// A request with the way back to its client; the agent's main loop answers it.
-pub type Call = (Request, oneshot::Sender<Response>);
+/// A request with its sender and the way back to its client; the agent answers it.
+pub type Call = (Request, Peer, oneshot::Sender<Response>);
 
-/// Serves requests until `shutdown` turns true, handing each to `calls`.
+/// Binds the control socket at `path`: 0600, or 0660 owned by `group`.
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| match group {
+            Some(g) => nix::unistd::chown(&tmp, None, Some(g.into())).map_err(Into::into),
+            None => Ok(()),
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(listener)
+}
+
+/// Serves requests until `shutdown` turns true: state-changing requests from peers that
+/// `access` refuses are answered with an error; everything else goes to `calls`.
 pub async fn serve(
     listener: UnixListener,
     calls: mpsc::Sender<Call>,
+    access: Access,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -96,6 +224,13 @@ pub async fn serve(
             _ = shutdown.changed() => return,
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
+                let peer = match stream.peer_cred() {
+                    Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+                    Err(e) => {
+                        log::warn!("control socket: reading the peer's credentials: {e}");
+                        continue;
+                    }
+                };
                 let calls = calls.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = stream.into_split();
@@ -103,7 +238,7 @@ pub async fn serve(
                     let mut r = tokio::io::BufReader::new(r);
                     let read = tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await;
                     let resp = match read {
-                        Ok(Ok(_)) => handle(&line, &calls).await,
+                        Ok(Ok(_)) => handle(&line, peer, access, &calls).await,
                         _ => return,
                     };
                     let mut out = serde_json::to_vec(&resp).unwrap_or_default();
@@ -115,17 +250,45 @@ pub async fn serve(
     }
 }
 
-async fn handle(line: &str, calls: &mpsc::Sender<Call>) -> Response {
+async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Call>) -> Response {
     let req = match serde_json::from_str::<Request>(line) {
         Ok(r) => r,
         Err(e) => return Response::error(format!("bad request: {e}")),
     };
+    if req.changes_state() && !access.may_change(&peer) {
+        log::warn!("control socket: refused {req:?} from {peer}: not root, the agent's user or its group");
+        return Response::error(format!(
+            "permission denied: {peer} may read status but not change state (root, the agent's user{} only)",
+            if access.group.is_some() { " or agent.control_socket_group" } else { "" }
+        ));
+    }
+    if let Request::Failpoint { name, actions } = &req {
+        return failpoint(name, actions, peer);
+    }
     let (tx, rx) = oneshot::channel();
-    if calls.send((req, tx)).await.is_err() {
+    if calls.send((req, peer, tx)).await.is_err() {
         return Response::error("the agent is shutting down");
     }
     rx.await
         .unwrap_or_else(|_| Response::error("the agent dropped the request"))
+}
+
+#[cfg(feature = "failpoints")]
+fn failpoint(name: &str, actions: &str, peer: Peer) -> Response {
+    match fail::cfg(name, actions) {
+        Ok(()) => {
+            log::warn!("failpoint {name} set to {actions:?} by {peer}");
+            Response::done(format!("failpoint {name}: {actions}"))
+        }
+        Err(e) => Response::error(format!("failpoint {name}: {e}")),
+    }
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn failpoint(name: &str, _actions: &str, _peer: Peer) -> Response {
+    Response::error(format!(
+        "failpoint {name}: this lb-agent was built without the failpoints feature"
+    ))
 }
 
 /// Sends one request and waits (briefly) for the answer.
@@ -135,7 +298,13 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
         path: p.clone(),
         source,
     };
-    let mut s = UnixStream::connect(path).map_err(io)?;
+    let mut s = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(denied(path));
+        }
+        Err(e) => return Err(io(e)),
+    };
     s.set_read_timeout(Some(Duration::from_secs(2)))
         .map_err(io)?;
     let mut line = serde_json::to_vec(req).expect("requests serialize");
@@ -147,4 +316,103 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
         path: p.clone(),
         source,
     })
+}
+
+fn denied(path: &Path) -> ControlError {
+    use std::os::unix::fs::MetadataExt;
+    let (mode, group) = match std::fs::metadata(path) {
+        Ok(m) => {
+            let gname = nix::unistd::Group::from_gid(m.gid().into())
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+                .unwrap_or_else(|| m.gid().to_string());
+            (
+                format!("{:04o}, group {gname}", m.mode() & 0o7777),
+                if m.mode() & 0o020 != 0 {
+                    format!(" or as a member of group {gname}")
+                } else {
+                    ", or set agent.control_socket_group".to_string()
+                },
+            )
+        }
+        Err(_) => ("unreadable".into(), String::new()),
+    };
+    ControlError::Denied {
+        path: path.display().to_string(),
+        mode,
+        group,
+    }
+}
+
+/// The gid of group `name`.
+pub fn group_id(name: &str) -> Result<u32, ControlError> {
+    nix::unistd::Group::from_name(name)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| ControlError::NoGroup(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_may_change_state() {
+        let a = Access {
+            agent_uid: 0,
+            group: None,
+        };
+        let peer = |uid, gid| Peer {
+            uid,
+            gid,
+            pid: None,
+        };
+        assert!(a.may_change(&peer(0, 0)));
+        assert!(!a.may_change(&peer(1000, 1000)));
+        let g = Access {
+            agent_uid: 0,
+            group: Some(4242),
+        };
+        assert!(g.may_change(&peer(1000, 4242)), "primary group");
+        assert!(!g.may_change(&peer(1000, 1000)));
+        // Our own process is in our own supplementary groups.
+        let me = Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: Some(std::process::id() as i32),
+        };
+        let mine = supplementary_groups(std::process::id() as i32);
+        if let Some(&sg) = mine.first() {
+            let s = Access {
+                agent_uid: 0,
+                group: Some(sg),
+            };
+            assert!(s.may_change(&me), "supplementary group {sg}");
+        }
+        assert!(!Request::Status.changes_state());
+        assert!(Request::Drain {
+            vip: "a".into(),
+            backend: "b".into()
+        }
+        .changes_state());
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_0600_whatever_the_umask() {
+        let dir = std::env::temp_dir().join(format!("lb-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let l = bind(&path, None);
+        nix::sys::stat::umask(old);
+        let _l = l.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(std::fs::read_dir(&dir)
+            .unwrap()
+            .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::{
     fs,
-    net::Ipv4Addr,
     path::{Path, PathBuf},
 };
 
@@ -11,16 +10,18 @@ use std::{
 pub enum HostError {
     #[error("interface {0}: no such interface on this host")]
     NoInterface(String),
-    #[error("interface {0}: has no IPv4 address to use as SNAT source (set vip.snat_address)")]
-    NoIpv4(String),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("lb-agent {what} needs root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN (it loads XDP programs, pins maps and changes sysctls); run it as root, e.g. via `cargo xtask run`")]
-    Privileges { what: &'static str },
+    #[error("lb-agent {what} lacks {missing}; run it as root, or grant exactly {all} (systemd: AmbientCapabilities={all})")]
+    Privileges {
+        what: &'static str,
+        missing: String,
+        all: String,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HostError + '_ {
@@ -35,40 +36,96 @@ pub fn ifindex(name: &str) -> Result<u32, HostError> {
     nix::net::if_::if_nametoindex(name).map_err(|_| HostError::NoInterface(name.to_string()))
 }
 
-/// The interface's first IPv4 address (its primary one).
-pub fn primary_ipv4(name: &str) -> Result<Ipv4Addr, HostError> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| HostError::Io {
-        path: "getifaddrs".into(),
-        source: e.into(),
-    })?;
-    for a in addrs {
-        if a.interface_name != name {
-            continue;
-        }
-        if let Some(sin) = a.address.as_ref().and_then(|s| s.as_sockaddr_in()) {
-            return Ok(sin.ip());
-        }
-    }
-    Err(HostError::NoIpv4(name.to_string()))
+/// A Linux capability the agent may need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    NetAdmin = 12,
+    NetRaw = 13,
+    SysAdmin = 21,
+    SysNice = 23,
+    Bpf = 39,
 }
 
-/// Fails with a clear message unless the process can load XDP and pin maps.
-pub fn check_privileges(what: &'static str) -> Result<(), HostError> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let cap_eff = status
+impl Cap {
+    fn name(self) -> &'static str {
+        match self {
+            Cap::NetAdmin => "CAP_NET_ADMIN",
+            Cap::NetRaw => "CAP_NET_RAW",
+            Cap::SysAdmin => "CAP_SYS_ADMIN",
+            Cap::SysNice => "CAP_SYS_NICE",
+            Cap::Bpf => "CAP_BPF",
+        }
+    }
+}
+
+/// The effective capability set of this process.
+pub fn effective_caps() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix("CapEff:"))
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-        .unwrap_or(0);
-    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    if has(CAP_NET_ADMIN) && has(CAP_SYS_ADMIN) && (has(CAP_BPF) || has(CAP_SYS_ADMIN)) {
-        Ok(())
-    } else {
-        Err(HostError::Privileges { what })
+        .unwrap_or(0)
+}
+
+/// What `lb-agent run` needs the kernel to let it do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// VRRP is configured: raw sockets and gratuitous ARPs.
+    pub vrrp: bool,
+    /// vrrp.rt_priority is set: SCHED_RR.
+    pub realtime: bool,
+}
+
+/// The capabilities `needs` requires that `caps` lacks, each with why it is needed.
+pub fn missing_caps(caps: u64, needs: Needs) -> Vec<(&'static str, &'static str)> {
+    let has = |c: Cap| caps & (1u64 << c as u32) != 0;
+    let mut missing = Vec::new();
+    if !has(Cap::Bpf) && !has(Cap::SysAdmin) {
+        missing.push((Cap::Bpf.name(), "loading the XDP program and its maps"));
     }
+    if !has(Cap::NetAdmin) {
+        missing.push((
+            Cap::NetAdmin.name(),
+            "attaching XDP, the VIP addresses, sysctls",
+        ));
+    }
+    if needs.vrrp && !has(Cap::NetRaw) {
+        missing.push((
+            Cap::NetRaw.name(),
+            "VRRP's raw socket and gratuitous ARPs",
+        ));
+    }
+    if needs.realtime && !has(Cap::SysNice) {
+        missing.push((Cap::SysNice.name(), "vrrp.rt_priority (SCHED_RR)"));
+    }
+    missing
+}
+
+/// Fails naming every missing capability unless the process may do what `needs` says.
+pub fn check_privileges(what: &'static str, needs: Needs) -> Result<(), HostError> {
+    let missing = missing_caps(effective_caps(), needs);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(HostError::Privileges {
+        what,
+        missing: missing
+            .iter()
+            .map(|(c, why)| format!("{c} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        all: {
+            let mut all = vec![Cap::Bpf.name(), Cap::NetAdmin.name()];
+            if needs.vrrp {
+                all.push(Cap::NetRaw.name());
+            }
+            if needs.realtime {
+                all.push(Cap::SysNice.name());
+            }
+            all.join(" ")
+        },
+    })
 }
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -96,7 +153,13 @@ pub fn ensure_bpffs(pin_path: &Path) -> Result<(), HostError> {
     )
     .map_err(|e| HostError::Io {
         path: root.into(),
-        source: e.into(),
+        source: if e == nix::errno::Errno::EPERM {
+            std::io::Error::other(
+                "bpffs is not mounted and mounting it needs CAP_SYS_ADMIN (or mount it first: mount -t bpf bpf /sys/fs/bpf)",
+            )
+        } else {
+            e.into()
+        },
     })
 }
 
@@ -169,5 +232,37 @@ impl Sysctls {
 impl Drop for Sysctls {
     fn drop(&mut self) {
         self.restore();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_capabilities_are_named() {
+        let bit = |c: Cap| 1u64 << c as u32;
+        let run = bit(Cap::Bpf) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
+        assert!(missing_caps(run, Needs { vrrp: true, realtime: false }).is_empty());
+        let sys_admin = bit(Cap::SysAdmin) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
+        assert!(
+            missing_caps(sys_admin, Needs { vrrp: true, realtime: false }).is_empty(),
+            "CAP_SYS_ADMIN stands in for CAP_BPF on older kernels"
+        );
+        let no_raw = bit(Cap::Bpf) | bit(Cap::NetAdmin);
+        assert_eq!(
+            missing_caps(no_raw, Needs { vrrp: true, realtime: false }),
+            vec![("CAP_NET_RAW", "VRRP's raw socket and gratuitous ARPs")]
+        );
+        assert!(missing_caps(no_raw, Needs::default()).is_empty(), "no VRRP, no raw socket");
+        assert_eq!(
+            missing_caps(run, Needs { vrrp: true, realtime: true })[0].0,
+            "CAP_SYS_NICE"
+        );
+        let none = missing_caps(0, Needs { vrrp: true, realtime: false });
+        assert_eq!(
+            none.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
     }
 }

@@ -50,6 +50,12 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Testing aids (fault injection); not for production use.
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        cmd: DebugCmd,
+    },
     /// Show what is in the data plane's maps and what the agent says.
     Status {
         /// Config file, for its pin path and control socket (defaults otherwise).
@@ -61,13 +67,25 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum DebugCmd {
+    /// Configure a failpoint in the running agent (agents built with `failpoints` only),
+    /// e.g. `vrrp-loop panic` or `map-write 1*return`.
+    Failpoint {
+        name: String,
+        actions: String,
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
 /// Exit status for a mistake in the config file.
 const EXIT_CONFIG: u8 = 2;
 /// Exit status of `status` when no agent is running.
 const EXIT_NOT_RUNNING: u8 = 3;
 
 /// Loads and validates `path` against this host; prints the one-line error on failure.
-fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+fn load_config(path: &std::path::Path, rt: &tokio::runtime::Runtime) -> Result<Config, ExitCode> {
     let fail = |e: config::ConfigError| {
         eprintln!("lb-agent: {e}");
         ExitCode::from(EXIT_CONFIG)
@@ -77,12 +95,18 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
         Ok(range) => cfg.check_port_ranges(range).map_err(fail)?,
         Err(e) => log::warn!("cannot read net.ipv4.ip_local_port_range: {e}"),
     }
+    let error = |field: String, message: String| {
+        fail(config::ConfigError {
+            file: cfg.path.clone(),
+            field,
+            message,
+        })
+    };
     for (i, v) in cfg.vips.iter().enumerate() {
         if let Err(e) = lb_agent::health::tls_config(&v.health) {
-            return Err(fail(config::ConfigError {
-                file: cfg.path.clone(),
-                field: format!("vip[{i}].health.{}", e.field),
-                message: format!(
+            return Err(error(
+                format!("vip[{i}].health.{}", e.field),
+                format!(
                     "{}{}",
                     e.message,
                     if e.field == "ca_file" {
@@ -91,15 +115,52 @@ fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
                         ""
                     }
                 ),
-            }));
+            ));
         }
     }
     if lb_agent::host::ifindex(&cfg.agent.interface).is_err() {
-        return Err(fail(config::ConfigError {
-            file: cfg.path.clone(),
-            field: "agent.interface".into(),
-            message: format!("no interface {:?} on this host", cfg.agent.interface),
-        }));
+        return Err(error(
+            "agent.interface".into(),
+            format!("no interface {:?} on this host", cfg.agent.interface),
+        ));
+    }
+    if let Some(g) = &cfg.agent.control_socket_group {
+        if control::group_id(g).is_err() {
+            return Err(error(
+                "agent.control_socket_group".into(),
+                format!("no group {g:?} on this host"),
+            ));
+        }
+    }
+    if let Some(v) = &cfg.vrrp {
+        let Ok(index) = lb_agent::host::ifindex(&v.interface) else {
+            return Err(error(
+                "vrrp.interface".into(),
+                format!("no interface {:?} on this host", v.interface),
+            ));
+        };
+        if v.priority == lb_agent::vrrp::state::PRIORITY_OWNER {
+            // 255 means "these addresses are mine": a second master would follow otherwise.
+            let unowned = rt.block_on(async {
+                let nl = lb_agent::netlink::Netlink::connect()?;
+                lb_agent::vrrp::unowned_address(v, index, &nl)
+                    .await
+                    .map_err(|e| e.source)
+            });
+            match unowned {
+                Ok(None) => {}
+                Ok(Some((a, p))) => {
+                    return Err(error(
+                        "vrrp.priority".into(),
+                        format!(
+                            "255 is for the owner of the virtual addresses, but {a}/{p} is not an address of {} (use 1-254, or configure the address on the interface)",
+                            v.interface
+                        ),
+                    ))
+                }
+                Err(e) => log::warn!("cannot list the addresses of {}: {e}", v.interface),
+            }
+        }
     }
     Ok(cfg)
 }
@@ -133,11 +194,30 @@ fn drain(config: Option<PathBuf>, req: Request) -> ExitCode {
             eprintln!("lb-agent: {}", r.error.unwrap_or_default());
             ExitCode::FAILURE
         }
+        Err(e @ control::ControlError::Denied { .. }) => {
+            eprintln!("lb-agent: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("lb-agent: is the agent running? {e}");
             ExitCode::from(EXIT_NOT_RUNNING)
         }
     }
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    let mut b = b;
+    b.enable_all().build().map_err(|e| {
+        eprintln!("lb-agent: starting the runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 fn main() -> ExitCode {
@@ -146,33 +226,33 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::CheckConfig { config } => match load_config(&config) {
-            Ok(cfg) => {
-                println!(
-                    "{}: ok ({} VIPs, {} backends)",
-                    cfg.path.display(),
-                    cfg.vips.len(),
-                    cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Cmd::Run { config } => {
-            let cfg = match load_config(&config) {
-                Ok(c) => c,
+        Cmd::CheckConfig { config } => {
+            let rt = match runtime(1) {
+                Ok(rt) => rt,
                 Err(code) => return code,
             };
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("lb-agent: starting the runtime: {e}");
-                    return ExitCode::FAILURE;
+            match load_config(&config, &rt) {
+                Ok(cfg) => {
+                    println!(
+                        "{}: ok ({} VIPs, {} backends)",
+                        cfg.path.display(),
+                        cfg.vips.len(),
+                        cfg.vips.iter().map(|v| v.backends.len()).sum::<usize>()
+                    );
+                    ExitCode::SUCCESS
                 }
+                Err(code) => code,
+            }
+        }
+        Cmd::Run { config } => {
+            // Probes, the control socket and map writes; VRRP runs on a thread of its own.
+            let rt = match runtime(2) {
+                Ok(rt) => rt,
+                Err(code) => return code,
+            };
+            let cfg = match load_config(&config, &rt) {
+                Ok(c) => c,
+                Err(code) => return code,
             };
             match rt.block_on(app::run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -182,6 +262,14 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Debug {
+            cmd:
+                DebugCmd::Failpoint {
+                    name,
+                    actions,
+                    config,
+                },
+        } => drain(config, Request::Failpoint { name, actions }),
         Cmd::Drain {
             vip,
             backend,
@@ -197,10 +285,6 @@ fn main() -> ExitCode {
                 Ok(p) => p,
                 Err(code) => return code,
             };
-            if let Err(e) = lb_agent::host::check_privileges("status") {
-                eprintln!("lb-agent: {e}");
-                return ExitCode::FAILURE;
-            }
             match status::gather(&pin, &sock) {
                 Ok(r) => {
                     if json {

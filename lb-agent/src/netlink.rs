@@ -1,313 +1,288 @@
-//! rtnetlink for the virtual addresses VRRP moves (add, delete, list) and gratuitous ARP.
-//! Raw sockets through libc: a few messages do not need a netlink library.
+//! rtnetlink, through the design card's `rtnetlink` crate: the addresses VRRP moves (with a
+//! valid lifetime, so a dead agent's addresses expire by themselves), link state, the XDP
+//! program attached to a link, and a stream of link and address events.
+//!
+//! Every call is async. A `Netlink` drives its socket from a task on the runtime that opened
+//! it: the VRRP thread opens its own, so VRRP never waits on the main runtime's netlink.
 
-use std::{io, mem::size_of, net::Ipv4Addr};
+use std::{io, net::Ipv4Addr, time::Duration};
 
-const NLMSG_HDR: usize = 16;
-const IFADDRMSG: usize = 8;
-const RTA_HDR: usize = 4;
-const IFA_ADDRESS: u16 = 1;
-const IFA_LOCAL: u16 = 2;
+use futures_util::{Stream, StreamExt, TryStreamExt};
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::{
+    address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo},
+    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
+    RouteNetlinkMessage,
+};
+use rtnetlink::{MulticastGroup, new_connection, new_multicast_connection};
 
-fn align4(n: usize) -> usize {
-    (n + 3) & !3
+/// A netlink request that failed; `op` says what was asked.
+#[derive(Debug, thiserror::Error)]
+#[error("netlink {op}: {source}")]
+pub struct NetlinkError {
+    pub op: String,
+    #[source]
+    pub source: io::Error,
 }
 
-struct Netlink {
-    fd: i32,
-    seq: u32,
+impl NetlinkError {
+    fn new(op: impl Into<String>, e: rtnetlink::Error) -> Self {
+        let source = match e {
+            rtnetlink::Error::NetlinkError(m) => m.to_io(),
+            other => io::Error::other(other.to_string()),
+        };
+        Self {
+            op: op.into(),
+            source,
+        }
+    }
+
+    /// The errno the kernel answered with, if it answered with one.
+    pub fn errno(&self) -> Option<i32> {
+        self.source.raw_os_error()
+    }
+}
+
+/// What the agent needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Option<[u8; 6]>,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// Carrier present (IFF_RUNNING).
+    pub running: bool,
+    /// Id of the XDP program attached in any mode.
+    pub xdp_prog_id: Option<u32>,
+}
+
+impl Link {
+    /// Up and with carrier: VRRP can use it.
+    pub fn usable(&self) -> bool {
+        self.up && self.running
+    }
+
+    fn from_message(m: &LinkMessage) -> Self {
+        let mut link = Link {
+            index: m.header.index,
+            name: String::new(),
+            mac: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+            running: m.header.flags.contains(LinkFlags::Running),
+            xdp_prog_id: None,
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::IfName(n) => link.name = n.clone(),
+                LinkAttribute::Address(b) if b.len() == 6 => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(b);
+                    link.mac = Some(mac);
+                }
+                LinkAttribute::Xdp(x) => {
+                    for e in x {
+                        if let LinkXdp::ProgId(id) = e {
+                            if *id != 0 {
+                                link.xdp_prog_id = Some(*id);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// An IPv4 address on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Address {
+    pub index: u32,
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    /// Configured without a lifetime (an operator's or the system's address, not one of the
+    /// agent's VRRP addresses, which always carry one).
+    pub permanent: bool,
+}
+
+impl Address {
+    fn from_message(m: &AddressMessage) -> Option<Self> {
+        let mut addr = None;
+        let mut permanent = m.header.flags.contains(AddressHeaderFlags::Permanent);
+        for a in &m.attributes {
+            match a {
+                AddressAttribute::Local(std::net::IpAddr::V4(a)) => addr = Some(*a),
+                AddressAttribute::Address(std::net::IpAddr::V4(a)) if addr.is_none() => {
+                    addr = Some(*a)
+                }
+                AddressAttribute::Flags(f) => permanent |= f.contains(AddressFlags::Permanent),
+                _ => {}
+            }
+        }
+        Some(Address {
+            index: m.header.index,
+            addr: addr?,
+            prefix: m.header.prefix_len,
+            permanent,
+        })
+    }
+}
+
+/// A change the kernel announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A link changed (or was announced); `None` when it was deleted.
+    Link { index: u32, link: Option<Link> },
+    /// An IPv4 address appeared or changed.
+    AddressAdded(Address),
+    /// An IPv4 address went away (deleted, or its lifetime ran out).
+    AddressRemoved(Address),
+}
+
+/// A request connection to the kernel's routing netlink.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
 }
 
 impl Netlink {
-    fn open() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the fd is owned by Netlink and closed on drop.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: 2,
-            tv_usec: 0,
-        };
-        // SAFETY: valid fd and option buffer.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                &tv as *const _ as *const libc::c_void,
-                size_of::<libc::timeval>() as u32,
-            )
-        };
-        Ok(Self { fd, seq: 1 })
+    /// Opens a connection whose socket is driven by a task on the current runtime.
+    pub fn connect() -> io::Result<Self> {
+        let (conn, handle, _) = new_connection()?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
     }
 
-    fn send(&mut self, msg_type: u16, flags: u16, body: &[u8]) -> io::Result<u32> {
-        self.seq += 1;
-        let len = NLMSG_HDR + body.len();
-        let mut buf = Vec::with_capacity(len);
-        buf.extend_from_slice(&(len as u32).to_ne_bytes());
-        buf.extend_from_slice(&msg_type.to_ne_bytes());
-        buf.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
-        buf.extend_from_slice(&self.seq.to_ne_bytes());
-        buf.extend_from_slice(&0u32.to_ne_bytes());
-        buf.extend_from_slice(body);
-        // SAFETY: sockaddr_nl zeroed = the kernel; buf outlives the call.
-        let rc = unsafe {
-            let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-            sa.nl_family = libc::AF_NETLINK as u16;
-            libc::sendto(
-                self.fd,
-                buf.as_ptr() as *const libc::c_void,
-                buf.len(),
-                0,
-                &sa as *const _ as *const libc::sockaddr,
-                size_of::<libc::sockaddr_nl>() as u32,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
+    /// The link with index `index`.
+    pub async fn link(&self, index: u32) -> Result<Link, NetlinkError> {
+        let op = || format!("get link {index}");
+        let mut s = self.handle.link().get().match_index(index).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Link::from_message(&m)),
+            Ok(None) => Err(NetlinkError {
+                op: op(),
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            }),
+            Err(e) => Err(NetlinkError::new(op(), e)),
         }
-        Ok(self.seq)
     }
 
-    /// Reads messages for `seq` until the ACK/DONE; calls `f` on each payload.
-    fn recv(&mut self, seq: u32, mut f: impl FnMut(u16, &[u8])) -> io::Result<()> {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            // SAFETY: buf is valid for its length.
-            let n =
-                unsafe { libc::recv(self.fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut off = 0usize;
-            let n = n as usize;
-            while off + NLMSG_HDR <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
-                let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
-                let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap());
-                if len < NLMSG_HDR || off + len > n {
-                    return Err(io::Error::other("truncated netlink message"));
+    /// The link named `name`.
+    pub async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
+        let op = || format!("get link {name}");
+        let mut s = self.handle.link().get().match_name(name).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(Link::from_message(&m)),
+            Ok(None) => Err(NetlinkError {
+                op: op(),
+                source: io::Error::from_raw_os_error(libc::ENODEV),
+            }),
+            Err(e) => Err(NetlinkError::new(op(), e)),
+        }
+    }
+
+    /// The IPv4 addresses on link `index`, in the kernel's order (primary first).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<Address>, NetlinkError> {
+        let mut req = self.handle.address().get().set_link_index_filter(index);
+        req.message_mut().header.family = netlink_packet_route::AddressFamily::Inet;
+        let msgs: Vec<AddressMessage> = req
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::new(format!("list addresses of link {index}"), e))?;
+        Ok(msgs.iter().filter_map(Address::from_message).collect())
+    }
+
+    /// Adds `addr/prefix` to link `index`, or refreshes it if it is there. With a lifetime the
+    /// kernel removes the address when the lifetime runs out unless it is refreshed again.
+    pub async fn add_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+        lifetime: Option<Duration>,
+    ) -> Result<(), NetlinkError> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, addr.into(), prefix)
+            .replace();
+        if let Some(l) = lifetime {
+            // Whole seconds, at least one: the kernel refuses a zero valid lifetime.
+            let secs = l.as_secs().clamp(1, u32::MAX as u64 - 1) as u32;
+            let mut ci = CacheInfo::default();
+            ci.ifa_preferred = secs;
+            ci.ifa_valid = secs;
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::CacheInfo(ci));
+        }
+        req.execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("add {addr}/{prefix} to link {index}"), e))
+    }
+
+    /// Removes `addr/prefix` from link `index`; an address that is not there is fine.
+    pub async fn del_address(
+        &self,
+        index: u32,
+        addr: Ipv4Addr,
+        prefix: u8,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = netlink_packet_route::AddressFamily::Inet;
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr.into()));
+        msg.attributes.push(AddressAttribute::Address(addr.into()));
+        match self.handle.address().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NetlinkError::new(format!("remove {addr}/{prefix} from link {index}"), e);
+                if matches!(e.errno(), Some(libc::EADDRNOTAVAIL) | Some(libc::ENODEV)) {
+                    Ok(())
+                } else {
+                    Err(e)
                 }
-                let payload = &buf[off + NLMSG_HDR..off + len];
-                if mseq == seq {
-                    match ty as i32 {
-                        libc::NLMSG_ERROR => {
-                            let code = i32::from_ne_bytes(payload[0..4].try_into().unwrap());
-                            return if code == 0 {
-                                Ok(())
-                            } else {
-                                Err(io::Error::from_raw_os_error(-code))
-                            };
-                        }
-                        libc::NLMSG_DONE => return Ok(()),
-                        _ => f(ty, payload),
-                    }
-                }
-                off += align4(len);
             }
         }
     }
-}
 
-impl Drop for Netlink {
-    fn drop(&mut self) {
-        // SAFETY: our fd.
-        unsafe { libc::close(self.fd) };
+    /// The interface's first IPv4 address (its primary one).
+    pub async fn primary_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>, NetlinkError> {
+        Ok(self.addresses(index).await?.first().map(|a| a.addr))
     }
 }
 
-fn addr_body(ifindex: u32, addr: Ipv4Addr, prefix: u8) -> Vec<u8> {
-    // struct ifaddrmsg { family, prefixlen, flags, scope, index }
-    let mut b = vec![libc::AF_INET as u8, prefix, 0, 0];
-    b.extend_from_slice(&ifindex.to_ne_bytes());
-    for ty in [IFA_LOCAL, IFA_ADDRESS] {
-        b.extend_from_slice(&((RTA_HDR + 4) as u16).to_ne_bytes());
-        b.extend_from_slice(&ty.to_ne_bytes());
-        b.extend_from_slice(&addr.octets());
-    }
-    b
-}
+/// Link and address events, as `events` yields them.
+pub type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
 
-/// Adds `addr/prefix` to the interface; an address already there is fine.
-pub fn add_addr(ifindex: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    let mut nl = Netlink::open()?;
-    let flags = (libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_REPLACE) as u16;
-    let seq = nl.send(libc::RTM_NEWADDR, flags, &addr_body(ifindex, addr, prefix))?;
-    nl.recv(seq, |_, _| {})
-}
-
-/// Removes `addr/prefix` from the interface; an address not there is fine.
-pub fn del_addr(ifindex: u32, addr: Ipv4Addr, prefix: u8) -> io::Result<()> {
-    let mut nl = Netlink::open()?;
-    let seq = nl.send(
-        libc::RTM_DELADDR,
-        libc::NLM_F_ACK as u16,
-        &addr_body(ifindex, addr, prefix),
-    )?;
-    match nl.recv(seq, |_, _| {}) {
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
-        r => r,
-    }
-}
-
-/// The IPv4 addresses on the interface, with their prefix lengths.
-pub fn list_addrs(ifindex: u32) -> io::Result<Vec<(Ipv4Addr, u8)>> {
-    let mut nl = Netlink::open()?;
-    let mut body = vec![libc::AF_INET as u8, 0, 0, 0];
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    let seq = nl.send(libc::RTM_GETADDR, libc::NLM_F_DUMP as u16, &body)?;
-    let mut out = Vec::new();
-    nl.recv(seq, |ty, p| {
-        if ty != libc::RTM_NEWADDR || p.len() < IFADDRMSG {
-            return;
-        }
-        let prefix = p[1];
-        let idx = u32::from_ne_bytes(p[4..8].try_into().unwrap());
-        if idx != ifindex {
-            return;
-        }
-        let mut off = IFADDRMSG;
-        while off + RTA_HDR <= p.len() {
-            let len = u16::from_ne_bytes(p[off..off + 2].try_into().unwrap()) as usize;
-            let ty = u16::from_ne_bytes(p[off + 2..off + 4].try_into().unwrap());
-            if len < RTA_HDR || off + len > p.len() {
-                break;
-            }
-            if ty == IFA_LOCAL && len == RTA_HDR + 4 {
-                let a = &p[off + 4..off + 8];
-                out.push((Ipv4Addr::new(a[0], a[1], a[2], a[3]), prefix));
-            }
-            off += align4(len);
-        }
-    })?;
-    Ok(out)
-}
-
-/// The interface's MAC address and whether it is up and running.
-pub fn link_info(name: &str) -> io::Result<([u8; 6], bool)> {
-    let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
-    let mut mac = None;
-    let mut running = false;
-    for a in addrs {
-        if a.interface_name != name {
-            continue;
-        }
-        running = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_RUNNING)
-            && a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
-        if let Some(ll) = a.address.as_ref().and_then(|s| s.as_link_addr()) {
-            if let Some(m) = ll.addr() {
-                mac = Some(m);
-            }
-        }
-    }
-    mac.map(|m| (m, running))
-        .ok_or_else(|| io::Error::other(format!("interface {name}: no link-layer address")))
-}
-
-/// Sends one gratuitous ARP (a broadcast request for `addr` from `addr`) out of `ifindex`.
-pub fn send_garp(ifindex: u32, mac: [u8; 6], addr: Ipv4Addr) -> io::Result<()> {
-    let mut f = Vec::with_capacity(42);
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&0x0806u16.to_be_bytes());
-    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&mac);
-    f.extend_from_slice(&addr.octets());
-    f.extend_from_slice(&[0xff; 6]);
-    f.extend_from_slice(&addr.octets());
-    // SAFETY: AF_PACKET socket, closed below; sockaddr_ll filled for the interface.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            (libc::ETH_P_ARP as u16).to_be() as i32,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut sa: libc::sockaddr_ll = std::mem::zeroed();
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
-        sa.sll_ifindex = ifindex as i32;
-        sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-        let rc = libc::sendto(
-            fd,
-            f.as_ptr() as *const libc::c_void,
-            f.len(),
-            0,
-            &sa as *const _ as *const libc::sockaddr,
-            size_of::<libc::sockaddr_ll>() as u32,
-        );
-        let err = io::Error::last_os_error();
-        libc::close(fd);
-        if rc < 0 {
-            return Err(err);
-        }
-    }
-    Ok(())
-}
-
-const IFLA_XDP: u16 = 43;
-const IFLA_XDP_PROG_ID: u16 = 4;
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-fn attrs(mut p: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        if p.len() < RTA_HDR {
+/// Subscribes to link and IPv4 address events (what `ip monitor link address` shows). The
+/// socket is driven by a task on the current runtime; the stream ends if that task ends.
+pub fn events() -> io::Result<Events> {
+    let (conn, _handle, messages) =
+        new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])?;
+    tokio::spawn(conn);
+    Ok(messages.filter_map(|(m, _)| async move {
+        let NetlinkPayload::InnerMessage(m) = m.payload else {
             return None;
-        }
-        let len = u16::from_ne_bytes([p[0], p[1]]) as usize;
-        let ty = u16::from_ne_bytes([p[2], p[3]]) & NLA_TYPE_MASK;
-        if len < RTA_HDR || len > p.len() {
-            return None;
-        }
-        let value = &p[RTA_HDR..len];
-        p = &p[align4(len).min(p.len())..];
-        Some((ty, value))
-    })
-}
-
-/// The id of the XDP program attached to the interface (None: nothing attached).
-pub fn xdp_prog_id(ifindex: u32) -> io::Result<Option<u32>> {
-    let mut nl = Netlink::open()?;
-    // struct ifinfomsg { family, pad, type, index, flags, change }
-    let mut body = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
-    body.extend_from_slice(&(ifindex as i32).to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    body.extend_from_slice(&0u32.to_ne_bytes());
-    let seq = nl.send(libc::RTM_GETLINK, libc::NLM_F_ACK as u16, &body)?;
-    let mut id = None;
-    let res = nl.recv(seq, |ty, p| {
-        if ty != libc::RTM_NEWLINK || p.len() < 16 {
-            return;
-        }
-        for (t, v) in attrs(&p[16..]) {
-            if t == IFLA_XDP {
-                for (t2, v2) in attrs(v) {
-                    if t2 == IFLA_XDP_PROG_ID && v2.len() >= 4 {
-                        let pid = u32::from_ne_bytes(v2[..4].try_into().unwrap());
-                        if pid != 0 {
-                            id = Some(pid);
-                        }
-                    }
-                }
+        };
+        match m {
+            RouteNetlinkMessage::NewLink(l) => Some(Event::Link {
+                index: l.header.index,
+                link: Some(Link::from_message(&l)),
+            }),
+            RouteNetlinkMessage::DelLink(l) => Some(Event::Link {
+                index: l.header.index,
+                link: None,
+            }),
+            RouteNetlinkMessage::NewAddress(a) => Address::from_message(&a).map(Event::AddressAdded),
+            RouteNetlinkMessage::DelAddress(a) => {
+                Address::from_message(&a).map(Event::AddressRemoved)
             }
+            _ => None,
         }
-    });
-    // GETLINK answers with the link and no ACK when it succeeds; a read timeout after the
-    // answer is fine.
-    match res {
-        Ok(()) => Ok(id),
-        Err(e) if id.is_some() || e.kind() == io::ErrorKind::WouldBlock => Ok(id),
-        Err(e) => Err(e),
-    }
+    }).boxed())
 }

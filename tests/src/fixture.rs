@@ -222,9 +222,7 @@ impl Fixture {
                 pin: pin.clone(),
             },
         };
-        let mut writer = Writer {
-            maps: PinnedMaps::open(&pin).expect("open pins"),
-        };
+        let mut writer = Writer::new(PinnedMaps::open(&pin).expect("open pins"));
         let mut vips = writer::plan(&config(&pin, &o), LB_ADDR);
         writer.install(&mut vips).expect("install");
         Some(Self {

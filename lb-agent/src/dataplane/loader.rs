@@ -87,6 +87,25 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// Gives group `gid` read access to the pins (0750 directory, 0640 maps), so its members
+    /// can run `lb-agent status`.
+    pub fn share_with_group(&self, gid: u32) -> Result<(), DataplaneError> {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |p: &Path, mode: u32| -> Result<(), DataplaneError> {
+            let io = |source| DataplaneError::Io {
+                path: p.to_path_buf(),
+                source,
+            };
+            nix::unistd::chown(p, None, Some(gid.into())).map_err(|e| io(e.into()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).map_err(io)
+        };
+        set(&self.pin_path, 0o750)?;
+        for name in map::ALL {
+            set(&self.pin_path.join(name), 0o640)?;
+        }
+        Ok(())
+    }
+
     /// The loaded LB program (for BPF_PROG_TEST_RUN in tests and benchmarks).
     pub fn program(&self) -> &Xdp {
         self.ebpf

@@ -57,6 +57,9 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// A failure injected by a test (failpoints build only).
+    #[error("{0}: injected failure")]
+    Injected(&'static str),
     /// A batch syscall failed.
     #[error("map {name}: {op}: {source}")]
     Syscall {

@@ -32,15 +32,64 @@ pub struct PinnedMaps {
     pub snat_cursor: Array<MapData, u64>,
 }
 
-fn open(dir: &Path, name: &'static str) -> Result<Map, DataplaneError> {
-    let data = MapData::from_pin(dir.join(name)).map_err(map_err(name))?;
-    Map::from_map_data(data).map_err(map_err(name))
+/// BPF_F_RDONLY: a map fd that can only be read, for which read access to the pin suffices.
+const BPF_F_RDONLY: u32 = 1 << 3;
+const BPF_OBJ_GET: libc::c_long = 7;
+
+/// `union bpf_attr`'s `BPF_OBJ_*` member.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+}
+
+/// Opens a pinned map read-only (aya's `from_pin` asks for write access too).
+fn open_read_only(path: &Path) -> std::io::Result<MapData> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: BPF_F_RDONLY,
+        path_fd: 0,
+    };
+    // SAFETY: attr is a valid bpf_attr prefix and the path outlives the call; on success the
+    // kernel returns a new fd that we own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut attr as *mut ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from BPF_OBJ_GET.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    MapData::from_fd(fd).map_err(std::io::Error::other)
+}
+
+fn open_data(dir: &Path, name: &'static str, read_only: bool) -> Result<MapData, DataplaneError> {
+    let path = dir.join(name);
+    if read_only {
+        open_read_only(&path).map_err(|source| DataplaneError::Io { path, source })
+    } else {
+        MapData::from_pin(path).map_err(map_err(name))
+    }
+}
+
+fn open(dir: &Path, name: &'static str, read_only: bool) -> Result<Map, DataplaneError> {
+    Map::from_map_data(open_data(dir, name, read_only)?).map_err(map_err(name))
 }
 
 macro_rules! typed {
-    ($dir:expr, $name:expr) => {{
+    ($dir:expr, $name:expr, $ro:expr) => {{
         let name: &'static str = $name;
-        open($dir, name)?.try_into().map_err(map_err(name))?
+        open($dir, name, $ro)?.try_into().map_err(map_err(name))?
     }};
 }
 
@@ -50,22 +99,32 @@ impl PinnedMaps {
         dir.join(map::VIPS).exists()
     }
 
-    /// Opens every map pinned under `dir`.
+    /// Opens every map pinned under `dir` for reading and writing (the agent).
     pub fn open(dir: &Path) -> Result<Self, DataplaneError> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens every map pinned under `dir` for reading only: `lb-agent status` works for
+    /// whoever may read the pins.
+    pub fn open_read_only(dir: &Path) -> Result<Self, DataplaneError> {
+        Self::open_with(dir, true)
+    }
+
+    fn open_with(dir: &Path, ro: bool) -> Result<Self, DataplaneError> {
         Ok(Self {
             pin_path: dir.to_path_buf(),
-            vips: typed!(dir, map::VIPS),
-            backends: typed!(dir, map::BACKENDS),
-            maglev: MapData::from_pin(dir.join(map::MAGLEV)).map_err(map_err(map::MAGLEV))?,
-            flows: typed!(dir, map::FLOWS),
-            nat_reverse: typed!(dir, map::NAT_REVERSE),
-            stats_vip: typed!(dir, map::STATS_VIP),
-            stats_backend: typed!(dir, map::STATS_BACKEND),
-            stats_reason: typed!(dir, map::STATS_REASON),
-            vip_meta: typed!(dir, map::VIP_META),
-            backend_meta: typed!(dir, map::BACKEND_META),
-            agent_meta: typed!(dir, map::AGENT_META),
-            snat_cursor: typed!(dir, map::SNAT_CURSOR),
+            vips: typed!(dir, map::VIPS, ro),
+            backends: typed!(dir, map::BACKENDS, ro),
+            maglev: open_data(dir, map::MAGLEV, ro)?,
+            flows: typed!(dir, map::FLOWS, ro),
+            nat_reverse: typed!(dir, map::NAT_REVERSE, ro),
+            stats_vip: typed!(dir, map::STATS_VIP, ro),
+            stats_backend: typed!(dir, map::STATS_BACKEND, ro),
+            stats_reason: typed!(dir, map::STATS_REASON, ro),
+            vip_meta: typed!(dir, map::VIP_META, ro),
+            backend_meta: typed!(dir, map::BACKEND_META, ro),
+            agent_meta: typed!(dir, map::AGENT_META, ro),
+            snat_cursor: typed!(dir, map::SNAT_CURSOR, ro),
         })
     }
 

@@ -102,40 +102,59 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
         .collect()
 }
 
-/// Writes the data plane's maps.
+/// Writes the data plane's maps and keeps them equal to what the agent intends: every write
+/// that fails leaves the maps "dirty" and `reconcile` (called again until it succeeds, and
+/// periodically anyway) compares each map with the plans and repairs what differs.
 pub struct Writer {
     pub maps: PinnedMaps,
+    /// The agent-wide entry as it should be.
+    meta: Option<AgentMeta>,
+    /// Entries reconcile found wrong and rewrote, since start.
+    pub repairs: u64,
+    /// The last repair, in words.
+    pub last_repair: Option<String>,
+    /// Map writes that failed, since start.
+    pub write_failures: u64,
+}
+
+/// What one reconcile found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Entries found wrong and rewritten (or stale and deleted), in words.
+    pub repaired: Vec<String>,
 }
 
 impl Writer {
+    /// A writer for the maps pinned in `maps`.
+    pub fn new(maps: PinnedMaps) -> Self {
+        Self {
+            maps,
+            meta: None,
+            repairs: 0,
+            last_repair: None,
+            write_failures: 0,
+        }
+    }
+
+    fn failed<T>(&mut self, r: Result<T, DataplaneError>) -> Result<T, DataplaneError> {
+        if r.is_err() {
+            self.write_failures += 1;
+        }
+        r
+    }
+
     /// Writes everything for `vips`: names, backends, tables, and last the VIP entries that
     /// make the XDP program start serving them.
     pub fn install(&mut self, vips: &mut [VipPlan]) -> Result<(), DataplaneError> {
         for v in vips.iter_mut() {
             self.maps
                 .vip_meta
-                .set(
-                    v.info.index,
-                    VipMeta {
-                        name: name_bytes(&v.name),
-                        in_use: 1,
-                        _pad: 0,
-                    },
-                    0,
-                )
+                .set(v.info.index, vip_meta(v), 0)
                 .map_err(map_err(map::VIP_META))?;
             for b in &v.backends {
                 self.maps
                     .backend_meta
-                    .set(
-                        b.index,
-                        BackendMeta {
-                            name: name_bytes(&b.name),
-                            weight: b.weight,
-                            in_use: 1,
-                        },
-                        0,
-                    )
+                    .set(b.index, backend_meta(b), 0)
                     .map_err(map_err(map::BACKEND_META))?;
                 self.maps
                     .backends
@@ -155,10 +174,23 @@ impl Writer {
         Ok(())
     }
 
-    /// Builds the VIP's table from its up backends, writes the idle half, flips.
+    /// Builds the VIP's table from its up backends, writes the half the data plane is not
+    /// reading, flips. The live half is read from the map, not assumed: after a repair the
+    /// two can differ, and writing the live half would show the program a half-written table.
     pub fn publish(&mut self, vip: &mut VipPlan) -> Result<(), DataplaneError> {
+        let r = self.publish_inner(vip);
+        self.failed(r)
+    }
+
+    fn publish_inner(&mut self, vip: &mut VipPlan) -> Result<(), DataplaneError> {
+        fail::fail_point!("map-write", |_| Err(DataplaneError::Injected("map-write")));
+        let live = match self.maps.vips.get(&vip.key, 0) {
+            Ok(info) => info.active_half,
+            Err(aya::maps::MapError::KeyNotFound) => vip.info.active_half ^ 1,
+            Err(e) => return Err(map_err(map::VIPS)(e)),
+        };
         let table = table_for(vip);
-        let next = vip.info.active_half ^ 1;
+        let next = (live & 1) ^ 1;
         self.maps
             .maglev_write(maglev_index(vip.info.index, next, 0), &table)?;
         let mut info = vip.info;
@@ -171,8 +203,21 @@ impl Writer {
         Ok(())
     }
 
+    fn write_backend(&mut self, vip: &VipPlan, b: usize) -> Result<(), DataplaneError> {
+        fail::fail_point!("map-write", |_| Err(DataplaneError::Injected("map-write")));
+        let be = &vip.backends[b];
+        let r = self
+            .maps
+            .backends
+            .set(be.index, be.info(vip.info.index), 0)
+            .map_err(map_err(map::BACKENDS));
+        self.failed(r)
+    }
+
     /// Moves backend `b` of `vip` to `new_state`, in the order that never sends a new flow
     /// to a backend marked unusable: join = state first, then table; leave = table first.
+    /// The plan says `new_state` whatever happens: on an error the maps are behind the plan
+    /// and `reconcile` brings them level.
     pub fn set_state(
         &mut self,
         vip: &mut VipPlan,
@@ -184,29 +229,152 @@ impl Writer {
             return Ok(());
         }
         vip.backends[b].state = new_state;
-        let info = vip.backends[b].info(vip.info.index);
-        let index = vip.backends[b].index;
         if new_state == state::UP {
-            self.maps
-                .backends
-                .set(index, info, 0)
-                .map_err(map_err(map::BACKENDS))?;
+            self.write_backend(vip, b)?;
             self.publish(vip)
         } else {
             self.publish(vip)?;
-            self.maps
-                .backends
-                .set(index, info, 0)
-                .map_err(map_err(map::BACKENDS))
+            self.write_backend(vip, b)
         }
     }
 
     /// Records how the program is attached, for `lb-agent status`.
     pub fn set_agent_meta(&mut self, meta: AgentMeta) -> Result<(), DataplaneError> {
-        self.maps
+        self.meta = Some(meta);
+        let r = self
+            .maps
             .agent_meta
             .set(0, meta, 0)
-            .map_err(map_err(map::AGENT_META))
+            .map_err(map_err(map::AGENT_META));
+        self.failed(r)
+    }
+
+    /// Compares every map with `vips` and repairs what differs, in the same safe order as
+    /// `set_state`: backends that take new flows first, then tables, then the others.
+    pub fn reconcile(&mut self, vips: &mut [VipPlan]) -> Result<Reconciled, DataplaneError> {
+        let mut done = Reconciled::default();
+        let mut note = |what: String| done.repaired.push(what);
+        for pass_up in [true, false] {
+            for v in vips.iter_mut() {
+                for b in 0..v.backends.len() {
+                    if (v.backends[b].state == state::UP) != pass_up {
+                        continue;
+                    }
+                    let be = &v.backends[b];
+                    let want = be.info(v.info.index);
+                    let have = self.maps.backends.get(&be.index, 0).ok();
+                    if have != Some(want) {
+                        let what = format!(
+                            "BACKENDS[{}] ({}/{}): {} instead of {}",
+                            be.index,
+                            v.name,
+                            be.name,
+                            have.map(|h| state::name(h.state)).unwrap_or("unreadable"),
+                            state::name(want.state)
+                        );
+                        self.write_backend(v, b)?;
+                        note(what);
+                    }
+                    let be = &v.backends[b];
+                    let meta = backend_meta(be);
+                    if self.maps.backend_meta.get(&be.index, 0).ok() != Some(meta) {
+                        let r = self
+                            .maps
+                            .backend_meta
+                            .set(be.index, meta, 0)
+                            .map_err(map_err(map::BACKEND_META));
+                        self.failed(r)?;
+                        note(format!("BACKEND_META[{}] ({}/{})", be.index, v.name, be.name));
+                    }
+                }
+                if pass_up {
+                    if let Some(why) = self.table_differs(v)? {
+                        self.publish(v)?;
+                        note(format!("VIP {}: {why}", v.name));
+                    }
+                    let meta = vip_meta(v);
+                    if self.maps.vip_meta.get(&v.info.index, 0).ok() != Some(meta) {
+                        let r = self
+                            .maps
+                            .vip_meta
+                            .set(v.info.index, meta, 0)
+                            .map_err(map_err(map::VIP_META));
+                        self.failed(r)?;
+                        note(format!("VIP_META[{}] ({})", v.info.index, v.name));
+                    }
+                }
+            }
+        }
+        // VIP entries the agent did not write make the program serve what nobody configured.
+        let stale: Vec<VipKey> = self
+            .maps
+            .vips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !vips.iter().any(|v| v.key == *k))
+            .collect();
+        for k in stale {
+            let r = self.maps.vips.remove(&k).map_err(map_err(map::VIPS));
+            self.failed(r)?;
+            note(format!(
+                "VIPS: removed an entry for {}:{} that no VIP has",
+                Ipv4Addr::from(u32::from_be(k.addr)),
+                u16::from_be(k.port)
+            ));
+        }
+        if let Some(meta) = self.meta {
+            if self.maps.agent_meta.get(&0, 0).ok() != Some(meta) {
+                self.set_agent_meta(meta)?;
+                note("AGENT_META".into());
+            }
+        }
+        if let Some(last) = done.repaired.last() {
+            self.repairs += done.repaired.len() as u64;
+            self.last_repair = Some(last.clone());
+        }
+        Ok(done)
+    }
+
+    /// Why the live table of `vip` is not the one its plan gives, if it is not.
+    fn table_differs(&self, vip: &mut VipPlan) -> Result<Option<String>, DataplaneError> {
+        let info = match self.maps.vips.get(&vip.key, 0) {
+            Ok(i) => i,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(Some("VIPS entry missing".into())),
+            Err(e) => return Err(map_err(map::VIPS)(e)),
+        };
+        let expected = VipInfo {
+            active_half: info.active_half,
+            ..vip.info
+        };
+        if info != expected || info.active_half > 1 {
+            return Ok(Some("VIPS entry differs".into()));
+        }
+        // The plan follows the map's live half from here on.
+        vip.info.active_half = info.active_half;
+        let live = self.maps.maglev_read(
+            maglev_index(vip.info.index, info.active_half, 0),
+            vip.info.table_size,
+        )?;
+        let want = table_for(vip);
+        let wrong = live.iter().zip(&want).filter(|(a, b)| a != b).count()
+            + want.len().abs_diff(live.len());
+        Ok((wrong > 0).then(|| format!("{wrong} Maglev slots differ")))
+    }
+}
+
+fn vip_meta(v: &VipPlan) -> VipMeta {
+    VipMeta {
+        name: name_bytes(&v.name),
+        in_use: 1,
+        _pad: 0,
+    }
+}
+
+fn backend_meta(b: &BackendPlan) -> BackendMeta {
+    BackendMeta {
+        name: name_bytes(&b.name),
+        weight: b.weight,
+        in_use: 1,
     }
 }
 

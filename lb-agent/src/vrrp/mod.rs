@@ -1,29 +1,43 @@
 //! VRRP (v2 RFC 3768 / v3 RFC 5798) so the VIP moves to the standby LB when the master
-//! fails. `packet` and `state` are pure; this module owns the sockets, the timers, the
-//! virtual addresses (rtnetlink), gratuitous ARPs and the notify command.
+//! fails.
+//!
+//! `packet` and `state` are pure. `socket` (adverts), `garp`, `holder` (the virtual
+//! addresses, with lifetimes) and `notify` act at the edge. This module runs one instance on a
+//! thread of its own with its own single-threaded runtime and netlink socket, optionally at a
+//! real-time priority, so advert timing never waits on probes, Maglev rebuilds, map writes or
+//! the main runtime's netlink calls.
 
+pub mod garp;
+pub mod holder;
+pub mod notify;
 pub mod packet;
+pub mod socket;
 pub mod state;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     io,
-    mem::size_of,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    panic::AssertUnwindSafe,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::unix::AsyncFd,
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
     time::{sleep_until, Instant},
 };
 
-use crate::{config::VrrpConfig, netlink};
-use packet::{Advert, Expect, Version, VRRP_MCAST, VRRP_PROTO, VRRP_TTL};
+use crate::{
+    config::VrrpConfig,
+    netlink::{self, Event, Netlink},
+};
+use holder::{Command, Holder, Report};
+use notify::NotifyState;
+use packet::{Advert, Expect, Version, VRRP_MCAST};
 use state::{Action, Machine, Params, State};
 
 /// What `lb-agent status` shows of VRRP.
@@ -31,9 +45,13 @@ use state::{Action, Machine, Params, State};
 pub struct VrrpStatus {
     /// "master", "backup", "init" or "fault".
     pub state: String,
+    /// The instance name notify scripts get.
+    #[serde(default)]
+    pub name: String,
     pub version: u8,
     pub virtual_router_id: u8,
     pub base_priority: u8,
+    /// What we advertise: base minus tracking; 0 in the fault state.
     pub effective_priority: u8,
     /// The current master's address, as far as we know.
     pub master: Option<String>,
@@ -46,10 +64,30 @@ pub struct VrrpStatus {
     /// "backup -> master" and when (Unix time, with milliseconds).
     pub last_transition: Option<String>,
     pub last_transition_unix: Option<f64>,
+    /// Why the instance is in the fault state.
+    #[serde(default)]
+    pub fault_reason: Option<String>,
+    /// SCHED_RR priority of the VRRP thread (0: normal scheduler).
+    #[serde(default)]
+    pub rt_priority: u8,
 }
 
-/// Shared between the VRRP task and the control socket.
+/// Shared between the VRRP thread and the control socket.
 pub type Shared = Arc<Mutex<VrrpStatus>>;
+
+/// Errors starting VRRP.
+#[derive(Debug, thiserror::Error)]
+pub enum VrrpError {
+    #[error("VRRP on {interface}: {what}: {source}")]
+    Io {
+        interface: String,
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
 
 fn state_word(s: State) -> &'static str {
     match s {
@@ -60,16 +98,111 @@ fn state_word(s: State) -> &'static str {
     }
 }
 
-fn setsockopt<T>(fd: i32, level: i32, name: i32, v: &T) -> io::Result<()> {
-    // SAFETY: `v` is a valid T for the duration of the call.
+/// The VRRP thread: `stop` asks it to resign and end; `done` says how it ended.
+pub struct VrrpThread {
+    stop: watch::Sender<bool>,
+    done: Option<oneshot::Receiver<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl VrrpThread {
+    /// Starts the instance on its own thread and returns once it runs (or failed to start).
+    pub async fn spawn(
+        cfg: VrrpConfig,
+        ifindex: u32,
+        primary: Ipv4Addr,
+        status: Shared,
+        penalty: watch::Receiver<u8>,
+    ) -> Result<Self, VrrpError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (ready_tx, ready_rx) = oneshot::channel::<Result<(), VrrpError>>();
+        let (done_tx, done_rx) = oneshot::channel();
+        let interface = cfg.interface.clone();
+        let thread = std::thread::Builder::new()
+            .name("lb-vrrp".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(move || {
+                    thread_main(cfg, ifindex, primary, status, penalty, stop_rx, ready_tx)
+                }));
+                let result = match result {
+                    Ok(r) => r,
+                    Err(p) => Err(format!("panicked: {}", panic_message(&*p))),
+                };
+                let _ = done_tx.send(result);
+            })
+            .map_err(|source| VrrpError::Io {
+                interface,
+                what: "starting the VRRP thread",
+                source,
+            })?;
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(Self {
+                stop: stop_tx,
+                done: Some(done_rx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let why = match done_rx.await {
+                    Ok(Err(e)) => e,
+                    _ => "ended before it started".into(),
+                };
+                let _ = thread.join();
+                Err(VrrpError::Other(format!("VRRP thread: {why}")))
+            }
+        }
+    }
+
+    /// How the thread ends; resolves once (later calls never resolve).
+    pub fn take_done(&mut self) -> Option<oneshot::Receiver<Result<(), String>>> {
+        self.done.take()
+    }
+
+    /// Asks the instance to resign (priority 0 if master), remove its addresses and end.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits for the OS thread to exit, at most `timeout`; true when it did.
+    pub async fn join(&mut self, timeout: Duration) -> bool {
+        let Some(t) = self.thread.take() else {
+            return true;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        while !t.is_finished() {
+            if std::time::Instant::now() > deadline {
+                self.thread = Some(t);
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = t.join();
+        true
+    }
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".into()
+    }
+}
+
+/// SCHED_RR for the calling thread; processes it starts (notify scripts) get the normal
+/// scheduler back (SCHED_RESET_ON_FORK).
+fn set_rt_priority(priority: u8) -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: pid 0 is the calling thread; param is valid for the call.
     let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            v as *const T as *const libc::c_void,
-            size_of::<T>() as u32,
-        )
+        libc::sched_setscheduler(0, libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, &param)
     };
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -78,129 +211,200 @@ fn setsockopt<T>(fd: i32, level: i32, name: i32, v: &T) -> io::Result<()> {
     }
 }
 
-fn raw_socket(ifname: &str) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2); ownership passes to OwnedFd at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            VRRP_PROTO as i32,
-        )
+fn thread_main(
+    cfg: VrrpConfig,
+    ifindex: u32,
+    primary: Ipv4Addr,
+    status: Shared,
+    penalty: watch::Receiver<u8>,
+    stop: watch::Receiver<bool>,
+    ready: oneshot::Sender<Result<(), VrrpError>>,
+) -> Result<(), String> {
+    let interface = cfg.interface.clone();
+    if cfg.rt_priority > 0 {
+        if let Err(source) = set_rt_priority(cfg.rt_priority) {
+            let hint = if source.raw_os_error() == Some(libc::EPERM) {
+                " (needs CAP_SYS_NICE or RLIMIT_RTPRIO; or set vrrp.rt_priority = 0)"
+            } else {
+                ""
+            };
+            let _ = ready.send(Err(VrrpError::Other(format!(
+                "VRRP on {interface}: vrrp.rt_priority = {}: SCHED_RR: {source}{hint}",
+                cfg.rt_priority
+            ))));
+            return Ok(());
+        }
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(source) => {
+            let _ = ready.send(Err(VrrpError::Io {
+                interface,
+                what: "starting the VRRP runtime",
+                source,
+            }));
+            return Ok(());
+        }
     };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, owned descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(ifname).map_err(io::Error::other)?;
-    // SAFETY: the name buffer outlives the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            name.as_ptr() as *const libc::c_void,
-            name.as_bytes_with_nul().len() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(owned)
+    rt.block_on(async move {
+        let parts = match Instance::start(cfg, ifindex, primary, status).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = ready.send(Err(e));
+                return Ok(());
+            }
+        };
+        let _ = ready.send(Ok(()));
+        parts.run(penalty, stop).await
+    })
 }
 
-fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::AF_INET as u16,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
+/// At most one log line per (reason, sender) this often: a peer with the wrong password,
+/// version or interval otherwise gives a silent dual master, or a flood of lines.
+const REJECT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limited logging of rejected adverts.
+#[derive(Default)]
+struct RejectLog {
+    last: HashMap<(&'static str, Ipv4Addr), (Instant, u64)>,
+}
+
+impl RejectLog {
+    fn note(&mut self, reason: &'static str, src: Ipv4Addr, vrid: u8) {
+        let now = Instant::now();
+        if self.last.len() > 256 {
+            self.last.clear();
+        }
+        match self.last.get_mut(&(reason, src)) {
+            Some((at, suppressed)) if now.duration_since(*at) < REJECT_LOG_EVERY => {
+                *suppressed += 1;
+            }
+            Some((at, suppressed)) => {
+                log::warn!(
+                    "VRRP VRID {vrid}: rejected a packet from {src}: {reason} ({} more since the last report)",
+                    *suppressed
+                );
+                *at = now;
+                *suppressed = 0;
+            }
+            None => {
+                log::warn!(
+                    "VRRP VRID {vrid}: rejected a packet from {src}: {reason} (a peer with another version, password, interval or address list does not count as a master: check its config)"
+                );
+                self.last.insert((reason, src), (now, 0));
+            }
+        }
     }
 }
 
-fn mreqn(group: Ipv4Addr, ifindex: u32) -> libc::ip_mreqn {
-    libc::ip_mreqn {
-        imr_multiaddr: libc::in_addr {
-            s_addr: u32::from(group).to_be(),
-        },
-        imr_address: libc::in_addr { s_addr: 0 },
-        imr_ifindex: ifindex as i32,
-    }
+/// Why the instance is in Fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FaultCause {
+    LinkDown,
+    Addresses(String),
 }
 
-/// The VRRP instance: sockets, machine, addresses.
+/// Longest wait before trying the addresses again after they could not be added.
+const MAX_FAULT_RETRY: Duration = Duration::from_secs(60);
+/// How often the link is read as a backstop for missed netlink events.
+const LINK_POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// One VRRP instance: the machine and what it acts on.
 struct Instance {
     cfg: VrrpConfig,
-    ifname: String,
     ifindex: u32,
-    mac: [u8; 6],
     primary: Ipv4Addr,
     version: Version,
     expect: Expect,
-    /// Receiving socket (its readiness is awaited by `run`).
-    recv: OwnedFd,
-    send: OwnedFd,
+    sender: socket::Sender,
     machine: Machine,
     status: Shared,
-    /// When the second round of gratuitous ARPs is due.
-    garp_again: Option<Instant>,
+    base: u8,
+    holder: mpsc::Sender<Command>,
+    notify: Option<mpsc::UnboundedSender<(NotifyState, u8)>>,
+    link_usable: bool,
+    fault: Option<FaultCause>,
+    fault_retry: Option<Instant>,
+    fault_backoff: Duration,
+    rejects: RejectLog,
+}
+
+/// A started instance with the tasks and channels its loop selects on.
+struct Parts {
+    inst: Instance,
+    receiver: socket::Receiver,
+    events: netlink::Events,
+    reports: mpsc::Receiver<Report>,
+    links: mpsc::Receiver<bool>,
+    holder_task: JoinHandle<()>,
+    notify_task: JoinHandle<()>,
+    poll_task: JoinHandle<()>,
 }
 
 impl Instance {
-    fn new(cfg: VrrpConfig, ifindex: u32, primary: Ipv4Addr, status: Shared) -> io::Result<Self> {
+    async fn start(
+        cfg: VrrpConfig,
+        ifindex: u32,
+        primary: Ipv4Addr,
+        status: Shared,
+    ) -> Result<Parts, VrrpError> {
         let ifname = cfg.interface.clone();
-        let (mac, _) = netlink::link_info(&ifname)?;
+        let io = |what: &'static str| {
+            let interface = ifname.clone();
+            move |source: io::Error| VrrpError::Io {
+                interface,
+                what,
+                source,
+            }
+        };
+        let nl = Netlink::connect().map_err(io("opening netlink"))?;
+        // Subscribe before reading the link, so no change falls between the two.
+        let events = netlink::events().map_err(io("subscribing to link and address events"))?;
+        let link = nl
+            .link(ifindex)
+            .await
+            .map_err(|e| io("reading the interface")(e.source))?;
+        let mac = link.mac.ok_or_else(|| {
+            VrrpError::Other(format!("VRRP on {ifname}: the interface has no MAC address"))
+        })?;
         let version = if cfg.version == 2 {
             Version::V2
         } else {
             Version::V3
         };
         let multicast = cfg.unicast_peers.is_empty();
+        let receiver = socket::Receiver::open(&ifname, ifindex, multicast)
+            .map_err(io("opening the receiving raw socket (CAP_NET_RAW)"))?;
+        let sender = socket::Sender::open(&ifname, ifindex, primary)
+            .map_err(io("opening the sending raw socket (CAP_NET_RAW)"))?;
+        let garp = garp::Garp::open(ifindex, mac)
+            .map_err(io("opening the gratuitous ARP socket (CAP_NET_RAW)"))?;
 
-        // Receiving: unbound (a bound raw socket only sees packets for its address, and
-        // multicast adverts are for 224.0.0.18).
-        let recv = raw_socket(&ifname)?;
-        if multicast {
-            setsockopt(
-                recv.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_ADD_MEMBERSHIP,
-                &mreqn(VRRP_MCAST, ifindex),
-            )?;
-        }
-        // Sending: bound to our address, TTL 255 (receivers check it), no loop back.
-        let send = raw_socket(&ifname)?;
-        let fd = send.as_raw_fd();
-        setsockopt(fd, libc::IPPROTO_IP, libc::IP_TTL, &(VRRP_TTL as i32))?;
-        setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_MULTICAST_TTL,
-            &(VRRP_TTL as i32),
-        )?;
-        setsockopt(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_LOOP, &0i32)?;
-        setsockopt(
-            fd,
-            libc::IPPROTO_IP,
-            libc::IP_MULTICAST_IF,
-            &mreqn(Ipv4Addr::UNSPECIFIED, ifindex),
-        )?;
-        // Internetwork control, as keepalived sends.
-        setsockopt(fd, libc::IPPROTO_IP, libc::IP_TOS, &0xc0i32)?;
-        let sa = sockaddr(primary);
-        // SAFETY: sa is a valid sockaddr_in.
-        let rc = unsafe {
-            libc::bind(
-                fd,
-                &sa as *const _ as *const libc::sockaddr,
-                size_of::<libc::sockaddr_in>() as u32,
-            )
+        let (report_tx, reports) = mpsc::channel(16);
+        let (holder_tx, holder_rx) = mpsc::channel(64);
+        let holder = Holder {
+            nl: nl.clone(),
+            ifindex,
+            ifname: ifname.clone(),
+            addresses: cfg.virtual_addresses.clone(),
+            owner: cfg.priority == state::PRIORITY_OWNER,
+            garp,
+            garp_count: cfg.garp_count,
+            garp_refresh: cfg.garp_refresh,
+            reports: report_tx,
         };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let holder_task = tokio::spawn(holder.run(holder_rx));
+        let (notify_tx, notify_rx) = mpsc::unbounded_channel();
+        let notify_task = tokio::spawn(notify::run(
+            cfg.notify.clone(),
+            cfg.name.clone(),
+            notify_rx,
+        ));
+        let (link_tx, links) = mpsc::channel(4);
+        let poll_task = tokio::spawn(poll_link(nl, ifindex, link.usable(), link_tx));
 
         let machine = Machine::new(Params {
             vrid: cfg.virtual_router_id,
@@ -209,6 +413,7 @@ impl Instance {
             preempt: cfg.preempt,
             preempt_delay: cfg.preempt_delay,
             primary,
+            version: cfg.version,
         });
         let expect = Expect {
             version,
@@ -219,6 +424,7 @@ impl Instance {
         };
         {
             let mut st = status.lock().unwrap();
+            st.name = cfg.name.clone();
             st.version = cfg.version;
             st.virtual_router_id = cfg.virtual_router_id;
             st.base_priority = cfg.priority;
@@ -230,20 +436,35 @@ impl Instance {
                 .map(|(a, p)| format!("{a}/{p}"))
                 .collect();
             st.state = "init".into();
+            st.rt_priority = cfg.rt_priority;
         }
-        Ok(Self {
-            cfg,
-            ifname,
-            ifindex,
-            mac,
-            primary,
-            version,
-            expect,
-            recv,
-            send,
-            machine,
-            status,
-            garp_again: None,
+        let base = cfg.priority;
+        Ok(Parts {
+            inst: Instance {
+                cfg,
+                ifindex,
+                primary,
+                version,
+                expect,
+                sender,
+                machine,
+                status,
+                base,
+                holder: holder_tx,
+                notify: Some(notify_tx),
+                link_usable: link.usable(),
+                fault: None,
+                fault_retry: None,
+                fault_backoff: Duration::from_secs(1),
+                rejects: RejectLog::default(),
+            },
+            receiver,
+            events,
+            reports,
+            links,
+            holder_task,
+            notify_task,
+            poll_task,
         })
     }
 
@@ -258,6 +479,7 @@ impl Instance {
     }
 
     fn send_advert(&self, priority: u8) {
+        fail::fail_point!("vrrp-send-advert", |_| ());
         let ad = Advert {
             version: self.version,
             vrid: self.cfg.virtual_router_id,
@@ -272,61 +494,20 @@ impl Instance {
             self.cfg.unicast_peers.clone()
         };
         for dst in dsts {
-            let payload = ad.encode(self.primary, dst);
-            let sa = sockaddr(dst);
-            // SAFETY: payload and sa outlive the call.
-            let rc = unsafe {
-                libc::sendto(
-                    self.send.as_raw_fd(),
-                    payload.as_ptr() as *const libc::c_void,
-                    payload.len(),
-                    0,
-                    &sa as *const _ as *const libc::sockaddr,
-                    size_of::<libc::sockaddr_in>() as u32,
-                )
-            };
-            if rc < 0 {
-                log::warn!(
-                    "VRRP: sending an advert to {dst}: {}",
-                    io::Error::last_os_error()
-                );
-            } else {
-                self.status.lock().unwrap().adverts_sent += 1;
-            }
-        }
-    }
-
-    fn garps(&self) {
-        for (addr, _) in &self.cfg.virtual_addresses {
-            for _ in 0..self.cfg.garp_count {
-                if let Err(e) = netlink::send_garp(self.ifindex, self.mac, *addr) {
-                    log::warn!("VRRP: gratuitous ARP for {addr} on {}: {e}", self.ifname);
-                    break;
+            match self.sender.send(&ad.encode(self.primary, dst), dst) {
+                Ok(()) => self.status.lock().unwrap().adverts_sent += 1,
+                // A resignation on a link that just failed cannot get out; that is expected.
+                Err(e) if priority == state::PRIORITY_STOP && !self.link_usable => {
+                    log::debug!("VRRP: priority 0 advert to {dst}: {e}")
                 }
+                Err(e) => log::warn!("VRRP: sending an advert to {dst}: {e}"),
             }
         }
     }
 
-    fn add_addresses(&self) {
-        for (addr, prefix) in &self.cfg.virtual_addresses {
-            if let Err(e) = netlink::add_addr(self.ifindex, *addr, *prefix) {
-                log::error!("VRRP: adding {addr}/{prefix} to {}: {e}", self.ifname);
-            }
-        }
-    }
-
-    /// Removes the virtual addresses (also the stale ones a crashed agent left).
-    fn remove_addresses(&self) {
-        let present = netlink::list_addrs(self.ifindex).unwrap_or_default();
-        for (addr, prefix) in &self.cfg.virtual_addresses {
-            for (a, p) in &present {
-                if a == addr {
-                    if let Err(e) = netlink::del_addr(self.ifindex, *a, *p) {
-                        log::error!("VRRP: removing {a}/{p} from {}: {e}", self.ifname);
-                    }
-                }
-            }
-            let _ = prefix;
+    fn command(&self, c: Command) {
+        if let Err(e) = self.holder.try_send(c) {
+            log::error!("VRRP: the address holder is not keeping up: {e}");
         }
     }
 
@@ -340,31 +521,42 @@ impl Instance {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         log::info!(
-            "VRRP VRID {}: {} -> {} (priority {}, master {})",
+            "VRRP VRID {}: {} -> {} (priority {}, master {}){}",
             self.cfg.virtual_router_id,
             state_word(from),
             state_word(to),
-            self.machine.priority(),
+            self.effective_priority(),
             self.machine
                 .master_addr()
                 .map(|a| a.to_string())
-                .unwrap_or_else(|| "unknown".into())
+                .unwrap_or_else(|| "unknown".into()),
+            match &self.fault {
+                Some(FaultCause::LinkDown) if to == State::Fault => ": interface down".to_string(),
+                Some(FaultCause::Addresses(e)) if to == State::Fault => format!(": {e}"),
+                _ => String::new(),
+            }
         );
         {
             let mut st = self.status.lock().unwrap();
             st.last_transition = Some(format!("{} -> {}", state_word(from), state_word(to)));
             st.last_transition_unix = Some((now * 1000.0).round() / 1000.0);
         }
-        if let Some(cmd) = &self.cfg.notify {
-            let cmd = cmd.clone();
-            let word = state_word(to);
-            tokio::spawn(async move {
-                match tokio::process::Command::new(&cmd).arg(word).status().await {
-                    Ok(s) if s.success() => {}
-                    Ok(s) => log::warn!("VRRP notify {} {word}: {s}", cmd.display()),
-                    Err(e) => log::warn!("VRRP notify {} {word}: {e}", cmd.display()),
-                }
-            });
+        let ns = match to {
+            State::Master => NotifyState::Master,
+            State::Backup => NotifyState::Backup,
+            State::Fault => NotifyState::Fault,
+            State::Init => return,
+        };
+        if let Some(n) = &self.notify {
+            let _ = n.send((ns, self.effective_priority()));
+        }
+    }
+
+    fn effective_priority(&self) -> u8 {
+        if self.machine.state() == State::Fault {
+            state::PRIORITY_STOP
+        } else {
+            self.machine.priority()
         }
     }
 
@@ -372,180 +564,387 @@ impl Instance {
         for a in actions {
             match a {
                 Action::SendAdvert { priority } => self.send_advert(priority),
-                Action::BecomeMaster => {
-                    self.add_addresses();
-                    self.garps();
-                    // Repeated a few seconds later, as keepalived does, for switches and
-                    // hosts that missed the first round.
-                    self.garp_again = Some(Instant::now() + Duration::from_secs(5));
-                }
-                Action::BecomeBackup => {
-                    self.garp_again = None;
-                    self.remove_addresses();
-                }
+                Action::BecomeMaster => self.command(Command::Hold),
+                Action::BecomeBackup => self.command(Command::Release { done: None }),
+                Action::Garp => self.command(Command::Garp {
+                    count: self.cfg.garp_lower_prio_repeat,
+                }),
             }
         }
         self.transition(from);
         let mut st = self.status.lock().unwrap();
         st.state = state_word(self.machine.state()).into();
-        st.effective_priority = self.machine.priority();
+        st.effective_priority = self.effective_priority();
         st.master = self.machine.master_addr().map(|a| a.to_string());
+        st.fault_reason = match (&self.fault, self.machine.state()) {
+            (Some(FaultCause::LinkDown), State::Fault) => Some("interface down".into()),
+            (Some(FaultCause::Addresses(e)), State::Fault) => Some(e.clone()),
+            _ => None,
+        };
     }
 
-    /// Reads every queued packet and feeds the valid adverts to the machine.
-    fn drain_socket(&mut self) -> io::Result<()> {
-        let mut buf = [0u8; 2048];
-        loop {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.recv.as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                return if e.kind() == io::ErrorKind::WouldBlock {
-                    Ok(())
-                } else {
-                    Err(e)
-                };
-            }
-            let pkt = &buf[..n as usize];
-            let ip = match packet::parse_ipv4(pkt) {
-                Ok(ip) => ip,
-                Err(e) => {
-                    self.bump(e.reason());
-                    continue;
-                }
-            };
-            if ip.src == self.primary {
-                continue;
-            }
-            if !self.expect.multicast && !self.cfg.unicast_peers.contains(&ip.src) {
-                self.bump("unknown_peer");
-                continue;
-            }
-            let (ad, _form) = match Advert::decode(ip.payload(pkt), ip.src, ip.dst) {
-                Ok(a) => a,
-                Err(e) => {
-                    self.bump(e.reason());
-                    continue;
-                }
-            };
-            if let Err(reason) = packet::check(&ad, ip.ttl, &self.expect) {
-                if reason != "other_vrid" {
-                    self.bump(reason);
-                }
-                continue;
-            }
-            self.status.lock().unwrap().adverts_received += 1;
-            let from = self.machine.state();
-            let acts = self.machine.on_advert(
-                Instant::now().into_std(),
-                ip.src,
-                ad.priority,
-                ad.interval_duration(),
+    fn now() -> std::time::Instant {
+        Instant::now().into_std()
+    }
+
+    fn enter_fault(&mut self, cause: FaultCause) {
+        self.fault = Some(cause);
+        let from = self.machine.state();
+        let acts = self.machine.fault(Self::now());
+        self.perform(acts, from);
+    }
+
+    fn leave_fault(&mut self) {
+        self.fault = None;
+        self.fault_retry = None;
+        let from = self.machine.state();
+        let acts = self.machine.recover(Self::now());
+        self.perform(acts, from);
+    }
+
+    fn link_changed(&mut self, usable: bool) {
+        if usable == self.link_usable {
+            return;
+        }
+        self.link_usable = usable;
+        if !usable {
+            log::warn!(
+                "VRRP: interface {} is down: fault (resigning if master)",
+                self.cfg.interface
             );
+            self.enter_fault(FaultCause::LinkDown);
+        } else {
+            log::info!("VRRP: interface {} is up again", self.cfg.interface);
+            if self.machine.state() == State::Fault {
+                self.leave_fault();
+            }
+        }
+    }
+
+    fn hold_failed(&mut self, why: String) {
+        log::error!(
+            "VRRP: cannot hold the virtual addresses: {why}; fault (priority 0), trying again in {}s",
+            self.fault_backoff.as_secs()
+        );
+        self.fault_retry = Some(Instant::now() + self.fault_backoff);
+        self.fault_backoff = (self.fault_backoff * 2).min(MAX_FAULT_RETRY);
+        self.enter_fault(FaultCause::Addresses(why));
+    }
+
+    fn apply_penalty(&mut self, p: u8) {
+        let prio = if self.base == state::PRIORITY_OWNER {
+            self.base
+        } else {
+            self.base.saturating_sub(p).max(1)
+        };
+        if prio != self.machine.priority() {
+            log::info!(
+                "VRRP: effective priority {prio} (base {}, tracking -{p})",
+                self.base
+            );
+            let from = self.machine.state();
+            let acts = self.machine.set_priority(Self::now(), prio);
             self.perform(acts, from);
+        }
+    }
+
+    /// Feeds one received packet (IP header included) to the machine if it is a valid advert.
+    fn on_packet(&mut self, pkt: &[u8]) {
+        let ip = match packet::parse_ipv4(pkt) {
+            Ok(ip) => ip,
+            Err(e) => {
+                self.bump(e.reason());
+                return;
+            }
+        };
+        if ip.src == self.primary {
+            return;
+        }
+        let vrid = self.cfg.virtual_router_id;
+        if !self.expect.multicast && !self.cfg.unicast_peers.contains(&ip.src) {
+            self.bump("unknown_peer");
+            self.rejects.note("unknown_peer", ip.src, vrid);
+            return;
+        }
+        let (ad, _form) = match Advert::decode(ip.payload(pkt), ip.src, ip.dst) {
+            Ok(a) => a,
+            Err(e) => {
+                self.bump(e.reason());
+                self.rejects.note(e.reason(), ip.src, vrid);
+                return;
+            }
+        };
+        if let Err(reason) = packet::check(&ad, ip.ttl, &self.expect) {
+            // Other VRIDs on the same segment are other routers' business.
+            if reason != "other_vrid" {
+                self.bump(reason);
+                self.rejects.note(reason, ip.src, vrid);
+            }
+            return;
+        }
+        self.status.lock().unwrap().adverts_received += 1;
+        let from = self.machine.state();
+        let acts = self
+            .machine
+            .on_advert(Self::now(), ip.src, ad.priority, ad.interval_duration());
+        self.perform(acts, from);
+    }
+}
+
+impl Parts {
+    /// Runs until `stop` turns true, then resigns (priority 0 if master), removes the
+    /// addresses and runs the STOP notifications. An error means a part of the instance died.
+    async fn run(
+        self,
+        mut penalty: watch::Receiver<u8>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let Parts {
+            mut inst,
+            receiver,
+            mut events,
+            mut reports,
+            mut links,
+            mut holder_task,
+            mut notify_task,
+            mut poll_task,
+        } = self;
+        // A crashed agent may have left the addresses: nobody holds them before the election.
+        let (done_tx, done_rx) = oneshot::channel();
+        inst.command(Command::Release {
+            done: Some(done_tx),
+        });
+        let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+
+        if inst.link_usable {
+            let from = inst.machine.state();
+            let acts = inst.machine.start(Instance::now());
+            inst.perform(acts, from);
+        } else {
+            log::warn!(
+                "VRRP: interface {} is down at start: fault",
+                inst.cfg.interface
+            );
+            inst.enter_fault(FaultCause::LinkDown);
+        }
+        let p = *penalty.borrow_and_update();
+        inst.apply_penalty(p);
+        let far = || Instant::now() + Duration::from_secs(3600);
+        let mut packets: Vec<Vec<u8>> = Vec::new();
+        let result = loop {
+            fail::fail_point!("vrrp-loop", |_| Err(
+                "injected failure (failpoint vrrp-loop)".to_string()
+            ));
+            let deadline = inst
+                .machine
+                .deadline()
+                .map(Instant::from_std)
+                .unwrap_or_else(far);
+            let retry = inst.fault_retry;
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break Ok(()),
+                r = receiver.recv_all(|p| packets.push(p.to_vec())) => {
+                    if let Err(e) = r {
+                        log::warn!("VRRP: receiving: {e}");
+                    }
+                    for p in packets.drain(..) {
+                        inst.on_packet(&p);
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let from = inst.machine.state();
+                    let acts = inst.machine.tick(Instance::now());
+                    inst.perform(acts, from);
+                }
+                r = penalty.changed() => {
+                    if r.is_err() {
+                        break Err("the tracking channel closed".into());
+                    }
+                    let p = *penalty.borrow_and_update();
+                    inst.apply_penalty(p);
+                }
+                ev = events.next() => match ev {
+                    None => break Err("the netlink event stream ended".into()),
+                    Some(Event::Link { index, link }) if index == inst.ifindex => {
+                        inst.link_changed(link.is_some_and(|l| l.usable()));
+                    }
+                    Some(Event::AddressRemoved(a)) if a.index == inst.ifindex => {
+                        inst.command(Command::Removed(a));
+                    }
+                    Some(_) => {}
+                },
+                Some(usable) = links.recv() => inst.link_changed(usable),
+                Some(report) = reports.recv() => match report {
+                    Report::HoldFailed(why) => {
+                        if inst.machine.state() == State::Master {
+                            inst.hold_failed(why);
+                        } else {
+                            log::warn!("VRRP: {why}");
+                        }
+                    }
+                },
+                _ = sleep_until(retry.unwrap_or_else(far)), if retry.is_some() => {
+                    inst.fault_retry = None;
+                    if inst.link_usable && inst.machine.state() == State::Fault {
+                        log::info!("VRRP: trying the virtual addresses again");
+                        inst.leave_fault();
+                    }
+                }
+                r = &mut holder_task => break Err(format!("the address holder ended: {}", join_word(r))),
+                r = &mut notify_task => break Err(format!("the notify runner ended: {}", join_word(r))),
+                r = &mut poll_task => break Err(format!("the link poller ended: {}", join_word(r))),
+            }
+        };
+        if result.is_err() {
+            return result;
+        }
+        let from = inst.machine.state();
+        let prio = inst.effective_priority();
+        let acts = inst.machine.shutdown(Instance::now());
+        inst.perform(acts, from);
+        let (done_tx, done_rx) = oneshot::channel();
+        inst.command(Command::Release {
+            done: Some(done_tx),
+        });
+        if tokio::time::timeout(Duration::from_secs(2), done_rx)
+            .await
+            .is_err()
+        {
+            log::warn!("VRRP: removing the virtual addresses took more than 2s; their lifetime ends them");
+        }
+        if let Some(n) = inst.notify.take() {
+            let _ = n.send((NotifyState::Stop, prio));
+        }
+        if tokio::time::timeout(Duration::from_secs(2), &mut notify_task)
+            .await
+            .is_err()
+        {
+            log::warn!("VRRP: notify scripts still running at exit");
+        }
+        st_init(&inst.status);
+        Ok(())
+    }
+}
+
+fn st_init(status: &Shared) {
+    let mut st = status.lock().unwrap();
+    st.state = "init".into();
+    st.master = None;
+}
+
+fn join_word(r: Result<(), tokio::task::JoinError>) -> String {
+    match r {
+        Ok(()) => "returned".into(),
+        Err(e) if e.is_panic() => format!("panicked: {}", panic_message(&*e.into_panic())),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// Reads the link now and then and reports changes: a backstop for link events lost when
+/// the netlink event socket overflows.
+async fn poll_link(nl: Netlink, ifindex: u32, mut last: bool, tx: mpsc::Sender<bool>) {
+    let mut tick = tokio::time::interval(LINK_POLL_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let usable = match nl.link(ifindex).await {
+            Ok(l) => l.usable(),
+            Err(e) if e.errno() == Some(libc::ENODEV) => false,
+            Err(e) => {
+                log::warn!("VRRP: reading link {ifindex}: {e}");
+                continue;
+            }
+        };
+        if usable != last {
+            last = usable;
+            if tx.send(usable).await.is_err() {
+                return;
+            }
         }
     }
 }
 
-/// Runs VRRP until `shutdown` turns true; then resigns (priority 0) and removes the
-/// addresses. `penalty` is how much tracking lowers the priority right now.
-pub async fn run(
-    cfg: VrrpConfig,
+/// Gives up the VIP for an instance whose thread died: a priority 0 advert if it held or may
+/// have held the addresses, then the addresses removed. Runs on the caller's runtime with
+/// fresh sockets, since the instance's own are gone.
+pub async fn resign_after_failure(
+    cfg: &VrrpConfig,
     ifindex: u32,
     primary: Ipv4Addr,
-    status: Shared,
-    mut penalty: watch::Receiver<u8>,
-    mut shutdown: watch::Receiver<bool>,
-) -> io::Result<()> {
-    let base = cfg.priority;
-    let mut inst = Instance::new(cfg, ifindex, primary, status)?;
-    let dup = inst.recv.try_clone()?;
-    // SAFETY: `dup` is an owned duplicate of the receive socket, open for as long as the
-    // AsyncFd that now owns it.
-    let readable = unsafe { AsyncFd::register(dup) }.map_err(io::Error::from)?;
-    // A crashed agent may have left the addresses: nobody holds them before the election.
-    inst.remove_addresses();
-    let from = inst.machine.state();
-    let start = Instant::now().into_std();
-    let acts = inst.machine.start(start);
-    inst.perform(acts, from);
-    let apply_penalty = |inst: &mut Instance, p: u8| {
-        let prio = if base == state::PRIORITY_OWNER {
-            base
-        } else {
-            base.saturating_sub(p).max(1)
-        };
-        if prio != inst.machine.priority() {
-            log::info!("VRRP: effective priority {prio} (base {base}, tracking -{p})");
-            let from = inst.machine.state();
-            let acts = inst.machine.set_priority(Instant::now().into_std(), prio);
-            inst.perform(acts, from);
+    status: &Shared,
+    nl: &Netlink,
+) {
+    let was_master = status.lock().unwrap().state == "master";
+    let present: Vec<_> = match nl.addresses(ifindex).await {
+        Ok(a) => a
+            .into_iter()
+            .filter(|a| cfg.virtual_addresses.iter().any(|(v, _)| *v == a.addr))
+            .collect(),
+        Err(e) => {
+            log::error!("VRRP: listing addresses on {}: {e}", cfg.interface);
+            Vec::new()
         }
     };
-    let p = *penalty.borrow();
-    apply_penalty(&mut inst, p);
-    let mut link_check = tokio::time::interval(Duration::from_millis(250));
-    loop {
-        let deadline = inst
-            .machine
-            .deadline()
-            .map(Instant::from_std)
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let garp_at = inst
-            .garp_again
-            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => break,
-            r = readable.readable() => {
-                let mut guard = r?;
-                let res = inst.drain_socket();
-                guard.clear_ready();
-                if let Err(e) = res {
-                    log::warn!("VRRP: receiving: {e}");
+    let owner = cfg.priority == state::PRIORITY_OWNER;
+    if was_master || !present.is_empty() {
+        let version = if cfg.version == 2 {
+            Version::V2
+        } else {
+            Version::V3
+        };
+        let ad = Advert {
+            version,
+            vrid: cfg.virtual_router_id,
+            priority: state::PRIORITY_STOP,
+            interval: version.interval_field(cfg.advert_interval),
+            addresses: cfg.virtual_addresses.iter().map(|(a, _)| *a).collect(),
+            auth_pass: cfg.auth_pass.as_deref().map(packet::pass_bytes),
+        };
+        match socket::Sender::open(&cfg.interface, ifindex, primary) {
+            Ok(s) => {
+                let dsts = if cfg.unicast_peers.is_empty() {
+                    vec![VRRP_MCAST]
+                } else {
+                    cfg.unicast_peers.clone()
+                };
+                for dst in dsts {
+                    match s.send(&ad.encode(primary, dst), dst) {
+                        Ok(()) => log::warn!("VRRP: sent a priority 0 advert to {dst}: the backup takes over now"),
+                        Err(e) => log::error!("VRRP: priority 0 advert to {dst}: {e}"),
+                    }
                 }
             }
-            _ = sleep_until(deadline) => {
-                let from = inst.machine.state();
-                let acts = inst.machine.tick(Instant::now().into_std());
-                inst.perform(acts, from);
-            }
-            _ = sleep_until(garp_at) => {
-                inst.garp_again = None;
-                if inst.machine.state() == State::Master {
-                    inst.garps();
-                }
-            }
-            _ = penalty.changed() => {
-                let p = *penalty.borrow();
-                apply_penalty(&mut inst, p);
-            }
-            _ = link_check.tick() => {
-                let running = netlink::link_info(&inst.ifname).map(|(_, r)| r).unwrap_or(false);
-                let from = inst.machine.state();
-                if !running && from != State::Fault {
-                    log::warn!("VRRP: interface {} is down: fault", inst.ifname);
-                    let acts = inst.machine.fault(Instant::now().into_std());
-                    inst.perform(acts, from);
-                } else if running && from == State::Fault {
-                    log::info!("VRRP: interface {} is up again", inst.ifname);
-                    let acts = inst.machine.recover(Instant::now().into_std());
-                    inst.perform(acts, from);
-                }
+            Err(e) => log::error!("VRRP: opening a socket for the priority 0 advert: {e}"),
+        }
+    }
+    if !owner {
+        for a in present {
+            match nl.del_address(ifindex, a.addr, a.prefix).await {
+                Ok(()) => log::warn!(
+                    "VRRP: removed {}/{} from {}",
+                    a.addr,
+                    a.prefix,
+                    cfg.interface
+                ),
+                Err(e) => log::error!("VRRP: {e} (its lifetime ends it within 2s)"),
             }
         }
     }
-    let from = inst.machine.state();
-    let acts = inst.machine.shutdown(Instant::now().into_std());
-    inst.perform(acts, from);
-    // Whatever the state was, nobody should find our addresses after we stop.
-    inst.remove_addresses();
-    Ok(())
+    st_init(status);
+}
+
+/// For priority 255: every virtual address must already be the interface's own (permanent)
+/// address; returns the first that is not.
+pub async fn unowned_address(
+    cfg: &VrrpConfig,
+    ifindex: u32,
+    nl: &Netlink,
+) -> Result<Option<(Ipv4Addr, u8)>, netlink::NetlinkError> {
+    let present = nl.addresses(ifindex).await?;
+    Ok(cfg
+        .virtual_addresses
+        .iter()
+        .find(|(v, _)| !present.iter().any(|a| a.addr == *v && a.permanent))
+        .copied())
 }

@@ -44,6 +44,8 @@ pub struct Params {
     pub preempt_delay: Duration,
     /// Our primary address: the advert source and the tie-break between equal priorities.
     pub primary: Ipv4Addr,
+    /// 2 (RFC 3768: Skew_Time counts in seconds) or 3 (RFC 5798: in advert intervals).
+    pub version: u8,
 }
 
 /// What the agent must do after an input; the agent adds/removes addresses, sends GARPs and runs notify scripts.
@@ -58,6 +60,10 @@ pub enum Action {
     BecomeMaster,
     /// We are no longer (or not) master: make sure the virtual addresses are gone.
     BecomeBackup,
+    /// Still master, but another router believes it is master too (it sent a lower
+    /// priority): announce the addresses again, since its gratuitous ARPs may have moved
+    /// clients to it (keepalived's garp_lower_prio_repeat).
+    Garp,
 }
 
 /// The last advert we heard from another router while Backup.
@@ -130,9 +136,16 @@ impl Machine {
         self.master_adver_interval
     }
 
-    /// Skew_Time = ((256 - priority) * Master_Adver_Interval) / 256.
+    /// Skew_Time: ((256 - priority) * Master_Adver_Interval) / 256 in VRRPv3 (RFC 5798);
+    /// (256 - priority) / 256 seconds in VRRPv2 (RFC 3768), whatever the interval, as
+    /// keepalived computes it for v2 peers.
     pub fn skew_time(&self) -> Duration {
-        self.master_adver_interval * (256 - u32::from(self.params.priority)) / 256
+        let unit = if self.params.version == 2 {
+            Duration::from_secs(1)
+        } else {
+            self.master_adver_interval
+        };
+        unit * (256 - u32::from(self.params.priority)) / 256
     }
 
     /// Master_Down_Interval = 3 * Master_Adver_Interval + Skew_Time.
@@ -254,16 +267,22 @@ impl Machine {
         }
     }
 
-    /// Interface down: Master gives up its addresses; state becomes Fault, where nothing is sent and adverts are ignored.
+    /// Interface down, or the virtual addresses could not be added: Master resigns (a
+    /// priority 0 advert, which may not get out on a dead link, then drops the addresses);
+    /// state becomes Fault, where nothing is sent and adverts are ignored.
     pub fn fault(&mut self, _now: Instant) -> Vec<Action> {
         if self.state == State::Fault {
             return Vec::new();
         }
-        // No priority-0 advert: the link it would go out on is the one that failed.
         let was_master = self.state == State::Master;
         self.reset(State::Fault);
         if was_master {
-            vec![Action::BecomeBackup]
+            vec![
+                Action::SendAdvert {
+                    priority: PRIORITY_STOP,
+                },
+                Action::BecomeBackup,
+            ]
         } else {
             Vec::new()
         }
@@ -402,9 +421,14 @@ impl Machine {
         }
         // Priority 0: a resigning backup-to-be wants a prompt advert (RFC 5798 §6.4.3).
         // Lower priority: another router thinks it is master; answering at once (keepalived,
-        // RFC 9568) makes it back off now rather than after our next periodic advert.
+        // RFC 9568) makes it back off now rather than after our next periodic advert, and
+        // fresh gratuitous ARPs undo whatever its own announced.
         self.adver_timer = Some(now + self.params.advert_interval);
-        vec![self.advert()]
+        if priority == PRIORITY_STOP {
+            vec![self.advert()]
+        } else {
+            vec![self.advert(), Action::Garp]
+        }
     }
 }
 
@@ -430,6 +454,7 @@ mod tests {
             preempt: true,
             preempt_delay: Duration::ZERO,
             primary,
+            version: 3,
         }
     }
 
@@ -606,10 +631,37 @@ mod tests {
         let t = t0 + ms(300);
         assert_eq!(
             m.on_advert(t, B, 100, SEC),
-            vec![Action::SendAdvert { priority: 110 }]
+            vec![Action::SendAdvert { priority: 110 }, Action::Garp],
+            "answer at once and announce the addresses again"
         );
         assert_eq!(m.state(), State::Master);
         assert_eq!(m.deadline(), Some(t + SEC));
+        // A resigning peer only wants the prompt advert.
+        assert_eq!(
+            m.on_advert(t + ms(10), B, 0, SEC),
+            vec![Action::SendAdvert { priority: 110 }]
+        );
+    }
+
+    #[test]
+    fn v2_skew_time_counts_in_seconds_whatever_the_interval() {
+        // RFC 3768 §6.1: Skew_Time = (256 - Priority) / 256 seconds.
+        let v2 = |interval| {
+            Machine::new(Params {
+                version: 2,
+                advert_interval: interval,
+                ..params(100, A)
+            })
+        };
+        let m = v2(3 * SEC);
+        assert_eq!(m.skew_time(), SEC * 156 / 256);
+        assert_eq!(m.master_down_interval(), 9 * SEC + SEC * 156 / 256);
+        // v3 scales the skew with the interval.
+        let m = Machine::new(Params {
+            advert_interval: 3 * SEC,
+            ..params(100, A)
+        });
+        assert_eq!(m.skew_time(), 3 * SEC * 156 / 256);
     }
 
     #[test]
@@ -629,7 +681,7 @@ mod tests {
         assert!(C < A);
         assert_eq!(
             m.on_advert(t0 + ms(1), C, 100, SEC),
-            vec![Action::SendAdvert { priority: 100 }]
+            vec![Action::SendAdvert { priority: 100 }, Action::Garp]
         );
         assert_eq!(m.state(), State::Master);
     }
@@ -643,7 +695,7 @@ mod tests {
         assert_eq!(a.on_advert(t0, B, 100, SEC), vec![Action::BecomeBackup]);
         assert_eq!(
             b.on_advert(t0, A, 100, SEC),
-            vec![Action::SendAdvert { priority: 100 }]
+            vec![Action::SendAdvert { priority: 100 }, Action::Garp]
         );
         assert_eq!((a.state(), b.state()), (State::Backup, State::Master));
     }
@@ -888,7 +940,7 @@ mod tests {
         m.start(t0);
         assert_eq!(
             m.on_advert(t0 + ms(5), B, 254, SEC),
-            vec![Action::SendAdvert { priority: 255 }]
+            vec![Action::SendAdvert { priority: 255 }, Action::Garp]
         );
         assert_eq!(m.state(), State::Master);
     }
@@ -978,7 +1030,11 @@ mod tests {
     fn fault_and_recover() {
         let t0 = base();
         let mut m = master_at(t0, params(110, A));
-        assert_eq!(m.fault(t0 + ms(10)), vec![Action::BecomeBackup]);
+        assert_eq!(
+            m.fault(t0 + ms(10)),
+            vec![Action::SendAdvert { priority: 0 }, Action::BecomeBackup],
+            "a master that faults resigns first"
+        );
         assert_eq!(m.state(), State::Fault);
         assert_eq!(m.deadline(), None);
         assert_eq!(m.master_addr(), None);
@@ -1088,7 +1144,7 @@ mod tests {
                         }
                     }
                     Action::BecomeMaster => self.nodes[i].became_master = Some(self.now),
-                    Action::BecomeBackup => {}
+                    Action::BecomeBackup | Action::Garp => {}
                 }
             }
         }

@@ -13,6 +13,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod vrrp;
+pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
+use vrrp::{validate_vrrp, RawVrrp};
+
 // Names are NUL-padded in the maps, so at most NAME_LEN - 1 bytes.
 use lb_common::{
     DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH, MAX_BACKENDS, MAX_MAGLEV_SIZE, MAX_VIPS, NAME_LEN,
@@ -28,6 +32,8 @@ const SLOTS_PER_BACKEND: u64 = 100;
 const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// Ports below this are privileged/well-known; SNAT must not steal them.
 const MIN_SNAT_PORT: u32 = 1024;
+/// A repair is due this long after a map was changed behind the agent's back, at most.
+const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 const EPHEMERAL_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 
 /// A validated lb configuration.
@@ -43,51 +49,6 @@ pub struct Config {
     pub vrrp: Option<VrrpConfig>,
 }
 
-/// The `[vrrp]` section: the agent runs VRRP for the virtual addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VrrpConfig {
-    /// Interface adverts go out of and addresses go on.
-    pub interface: String,
-    pub virtual_router_id: u8,
-    /// Base priority, 1..=255 (255 = address owner).
-    pub priority: u8,
-    /// 2 (RFC 3768) or 3 (RFC 5798).
-    pub version: u8,
-    pub advert_interval: Duration,
-    pub preempt: bool,
-    pub preempt_delay: Duration,
-    /// v2 simple password (keepalived's auth_type PASS).
-    pub auth_pass: Option<String>,
-    pub unicast_src: Option<Ipv4Addr>,
-    /// Empty: multicast to 224.0.0.18.
-    pub unicast_peers: Vec<Ipv4Addr>,
-    /// Addresses (with prefix length) held by the master.
-    pub virtual_addresses: Vec<(Ipv4Addr, u8)>,
-    /// Gratuitous ARPs sent on becoming master (and again a few seconds later).
-    pub garp_count: u32,
-    /// Command run with the new state ("master", "backup", "fault") as argument.
-    pub notify: Option<PathBuf>,
-    pub track: TrackConfig,
-}
-
-/// `[vrrp.track]`: how much the priority drops while something is wrong.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TrackConfig {
-    /// While a VIP has no healthy backend.
-    pub no_healthy_backend: u8,
-    /// While the XDP program is not attached.
-    pub dataplane_down: u8,
-}
-
-impl Default for TrackConfig {
-    fn default() -> Self {
-        Self {
-            no_healthy_backend: 50,
-            dataplane_down: 100,
-        }
-    }
-}
-
 /// The `[agent]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -99,6 +60,10 @@ pub struct AgentConfig {
     pub pin_path: PathBuf,
     /// Unix socket of the agent's control interface.
     pub control_socket: PathBuf,
+    /// Group that may use the control socket (mode 0660); None = root only (0600).
+    pub control_socket_group: Option<String>,
+    /// How often the agent compares the maps with what it intends and repairs them.
+    pub reconcile_interval: Duration,
 }
 
 /// XDP attach mode requested in the config.
@@ -253,12 +218,12 @@ impl ConfigError {
 
 /// A validation failure before the file name is attached.
 #[derive(Debug)]
-struct Issue {
+pub(crate) struct Issue {
     field: String,
     message: String,
 }
 
-fn issue(field: impl Into<String>, message: impl Into<String>) -> Issue {
+pub(crate) fn issue(field: impl Into<String>, message: impl Into<String>) -> Issue {
     Issue {
         field: field.into(),
         message: message.into(),
@@ -381,220 +346,14 @@ struct RawConfig {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [vrrp] table")]
-struct RawVrrp {
-    interface: Option<String>,
-    virtual_router_id: Option<i64>,
-    priority: Option<i64>,
-    version: Option<i64>,
-    advert_interval: Option<String>,
-    preempt: Option<bool>,
-    preempt_delay: Option<String>,
-    auth_pass: Option<String>,
-    unicast_src: Option<String>,
-    #[serde(default)]
-    unicast_peers: Vec<String>,
-    virtual_addresses: Option<Vec<String>>,
-    garp_count: Option<i64>,
-    notify: Option<String>,
-    track: Option<RawTrack>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a [vrrp.track] table")]
-struct RawTrack {
-    no_healthy_backend: Option<i64>,
-    dataplane_down: Option<i64>,
-}
-
-fn validate_vrrp(
-    raw: RawVrrp,
-    agent: &AgentConfig,
-    vips: &[VipConfig],
-) -> Result<VrrpConfig, Issue> {
-    let at = |f: &str| format!("vrrp.{f}");
-    let interface = match raw.interface {
-        None => agent.interface.clone(),
-        Some(i) => validate_ifname(i).map_err(|m| issue(at("interface"), m))?,
-    };
-    let virtual_router_id = match raw.virtual_router_id {
-        None => {
-            return Err(issue(
-                at("virtual_router_id"),
-                "required (1-255, the same on every LB of the pair)",
-            ))
-        }
-        Some(v) if (1..=255).contains(&v) => v as u8,
-        Some(v) => {
-            return Err(issue(
-                at("virtual_router_id"),
-                format!("{v} is out of range (1-255)"),
-            ))
-        }
-    };
-    let priority = match raw.priority {
-        None => 100,
-        Some(p) if (1..=255).contains(&p) => p as u8,
-        Some(p) => {
-            return Err(issue(
-                at("priority"),
-                format!("{p} is out of range (1-254; 255 = the address owner)"),
-            ))
-        }
-    };
-    let version = match raw.version {
-        None => 3,
-        Some(v @ (2 | 3)) => v as u8,
-        Some(v) => {
-            return Err(issue(
-                at("version"),
-                format!("{v} is not a VRRP version (2 or 3)"),
-            ))
-        }
-    };
-    let advert_interval = match raw.advert_interval {
-        None => Duration::from_secs(1),
-        Some(s) => {
-            let d = humantime::parse_duration(&s).map_err(|e| {
-                issue(
-                    at("advert_interval"),
-                    format!("{s:?} is not a duration like \"100ms\" or \"1s\": {e}"),
-                )
-            })?;
-            let ms = d.as_millis();
-            if version == 3 && (!(10..=40_950).contains(&ms) || ms % 10 != 0) {
-                return Err(issue(
-                    at("advert_interval"),
-                    format!("{s:?}: VRRPv3 counts in centiseconds, 10ms to 40.95s"),
-                ));
-            }
-            if version == 2 && (!(1000..=255_000).contains(&ms) || ms % 1000 != 0) {
-                return Err(issue(
-                    at("advert_interval"),
-                    format!("{s:?}: VRRPv2 counts in whole seconds, 1s to 255s (use version = 3 for less)"),
-                ));
-            }
-            d
-        }
-    };
-    let preempt_delay = match raw.preempt_delay {
-        None => Duration::ZERO,
-        Some(s) => humantime::parse_duration(&s)
-            .map_err(|e| issue(at("preempt_delay"), format!("{s:?} is not a duration: {e}")))?,
-    };
-    if preempt_delay > Duration::from_secs(1000) {
-        return Err(issue(at("preempt_delay"), "at most 1000s"));
-    }
-    let auth_pass = match raw.auth_pass {
-        None => None,
-        Some(_) if version == 3 => return Err(issue(
-            at("auth_pass"),
-            "VRRPv3 has no authentication (RFC 5798 removed it); use version = 2 or drop auth_pass",
-        )),
-        Some(p) if p.is_empty() || p.len() > 8 || !p.is_ascii() => {
-            return Err(issue(
-                at("auth_pass"),
-                "1 to 8 ASCII characters (keepalived would silently truncate a longer one)",
-            ))
-        }
-        Some(p) => Some(p),
-    };
-    let unicast_src = match raw.unicast_src.as_deref() {
-        None => None,
-        Some(s) => Some(validate_ipv4(&at("unicast_src"), Some(s))?),
-    };
-    let mut unicast_peers = Vec::new();
-    for (i, p) in raw.unicast_peers.iter().enumerate() {
-        unicast_peers.push(validate_ipv4(&format!("vrrp.unicast_peers[{i}]"), Some(p))?);
-    }
-    let virtual_addresses = match raw.virtual_addresses {
-        None => vips.iter().map(|v| (v.address, 32)).collect(),
-        Some(list) if list.is_empty() => {
-            return Err(issue(
-                at("virtual_addresses"),
-                "must name at least one address",
-            ))
-        }
-        Some(list) => {
-            let mut out = Vec::new();
-            for (i, a) in list.iter().enumerate() {
-                let field = format!("vrrp.virtual_addresses[{i}]");
-                let (ip, prefix) = match a.split_once('/') {
-                    None => (a.as_str(), 32),
-                    Some((ip, p)) => match p.parse::<u8>() {
-                        Ok(p) if (1..=32).contains(&p) => (ip, p),
-                        _ => {
-                            return Err(issue(field, format!("{a:?}: prefix length must be 1-32")))
-                        }
-                    },
-                };
-                out.push((validate_ipv4(&field, Some(ip))?, prefix));
-            }
-            out
-        }
-    };
-    let garp_count = match raw.garp_count {
-        None => 5,
-        Some(n) if (0..=100).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(issue(
-                at("garp_count"),
-                format!("{n} is out of range (0-100)"),
-            ))
-        }
-    };
-    let notify = match raw.notify {
-        None => None,
-        Some(n) if n.trim().is_empty() => return Err(issue(at("notify"), "must not be empty")),
-        Some(n) => Some(PathBuf::from(n)),
-    };
-    let d = TrackConfig::default();
-    let weight = |f: &str, v: Option<i64>, def: u8| -> Result<u8, Issue> {
-        match v {
-            None => Ok(def),
-            Some(n) if (0..=254).contains(&n) => Ok(n as u8),
-            Some(n) => Err(issue(
-                format!("vrrp.track.{f}"),
-                format!("{n} is out of range (0-254)"),
-            )),
-        }
-    };
-    let track = match raw.track {
-        None => d,
-        Some(t) => TrackConfig {
-            no_healthy_backend: weight(
-                "no_healthy_backend",
-                t.no_healthy_backend,
-                d.no_healthy_backend,
-            )?,
-            dataplane_down: weight("dataplane_down", t.dataplane_down, d.dataplane_down)?,
-        },
-    };
-    Ok(VrrpConfig {
-        interface,
-        virtual_router_id,
-        priority,
-        version,
-        advert_interval,
-        preempt: raw.preempt.unwrap_or(true),
-        preempt_delay,
-        auth_pass,
-        unicast_src,
-        unicast_peers,
-        virtual_addresses,
-        garp_count,
-        notify,
-        track,
-    })
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [agent] table")]
 struct RawAgent {
     interface: Option<String>,
     xdp_mode: Option<String>,
     pin_path: Option<String>,
     control_socket: Option<String>,
+    control_socket_group: Option<String>,
+    reconcile_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -786,16 +545,46 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
         raw.control_socket,
         DEFAULT_CONTROL_SOCKET,
     )?;
+    let control_socket_group = match raw.control_socket_group {
+        None => None,
+        Some(g) if g.is_empty() || g.contains(':') || g.chars().any(char::is_whitespace) => {
+            return Err(issue(
+                "agent.control_socket_group",
+                format!("{g:?} is not a group name"),
+            ))
+        }
+        Some(g) => Some(g),
+    };
+    let reconcile_interval = match raw.reconcile_interval {
+        None => DEFAULT_RECONCILE_INTERVAL,
+        Some(s) => {
+            let d = humantime::parse_duration(&s).map_err(|e| {
+                issue(
+                    "agent.reconcile_interval",
+                    format!("{s:?} is not a duration like \"10s\": {e}"),
+                )
+            })?;
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+                return Err(issue(
+                    "agent.reconcile_interval",
+                    format!("{s:?}: between 100ms and 1h"),
+                ));
+            }
+            d
+        }
+    };
     Ok(AgentConfig {
         interface,
         xdp_mode,
         pin_path,
         control_socket,
+        control_socket_group,
+        reconcile_interval,
     })
 }
 
 /// Mirrors the kernel's dev_valid_name() so a bad name fails here rather than at attach time.
-fn validate_ifname(name: String) -> Result<String, String> {
+pub(crate) fn validate_ifname(name: String) -> Result<String, String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
@@ -1091,7 +880,7 @@ fn validate_name(field: &str, value: Option<String>) -> Result<String, Issue> {
     Ok(name)
 }
 
-fn validate_ipv4(field: &str, value: Option<&str>) -> Result<Ipv4Addr, Issue> {
+pub(crate) fn validate_ipv4(field: &str, value: Option<&str>) -> Result<Ipv4Addr, Issue> {
     let Some(s) = value else {
         return Err(issue(field, "required"));
     };
@@ -1206,7 +995,7 @@ fn next_prime_at_least(n: u64) -> Option<u32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const FILE: &str = "/etc/lb/lb.toml";
@@ -1217,6 +1006,8 @@ interface = "eth0"
 xdp_mode = "native"
 pin_path = "/sys/fs/bpf/lb-test"
 control_socket = "/run/lb-test.sock"
+control_socket_group = "lbadmin"
+reconcile_interval = "2s"
 
 [[vip]]
 name = "kube-apiserver"
@@ -1254,19 +1045,19 @@ port = 8132
 
     /// A minimal valid config with `vip_extra` appended to the VIP table and
     /// `backend_extra` appended to its only backend.
-    fn minimal(vip_extra: &str, backend_extra: &str) -> String {
+    pub(super) fn minimal(vip_extra: &str, backend_extra: &str) -> String {
         format!(
             "{MINIMAL_AGENT}\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n{vip_extra}\n\
              [[vip.backend]]\nname = \"master01\"\naddress = \"198.18.0.11\"\n{backend_extra}\n"
         )
     }
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new(FILE), text)
     }
 
     /// Asserts the first error is at `field` and its message contains `needle`.
-    fn assert_err(text: &str, field: &str, needle: &str) -> ConfigError {
+    pub(super) fn assert_err(text: &str, field: &str, needle: &str) -> ConfigError {
         let err = parse(text).expect_err("config should be rejected");
         check_err(&err, field, needle);
         err
@@ -1312,104 +1103,6 @@ port = 8132
             .vips[0]
             .health;
         assert_eq!(h.timeout, Duration::from_millis(100));
-    }
-
-    #[test]
-    fn vrrp_section() {
-        let cfg = parse(&format!(
-            "{}\n[vrrp]\nvirtual_router_id = 51\npriority = 110\nadvert_interval = \"100ms\"\n\
-             unicast_src = \"198.18.0.2\"\nunicast_peers = [\"198.18.0.3\"]\n\
-             virtual_addresses = [\"198.18.0.100/24\"]\npreempt = false\npreempt_delay = \"2s\"\n\
-             garp_count = 3\nnotify = \"/usr/local/bin/lb-notify\"\n[vrrp.track]\nno_healthy_backend = 60\n",
-            minimal("", "")
-        ))
-        .unwrap();
-        let v = cfg.vrrp.unwrap();
-        assert_eq!(v.interface, "eth0", "defaults to agent.interface");
-        assert_eq!((v.virtual_router_id, v.priority, v.version), (51, 110, 3));
-        assert_eq!(v.advert_interval, Duration::from_millis(100));
-        assert!(!v.preempt);
-        assert_eq!(v.preempt_delay, Duration::from_secs(2));
-        assert_eq!(v.unicast_peers, vec![Ipv4Addr::new(198, 18, 0, 3)]);
-        assert_eq!(
-            v.virtual_addresses,
-            vec![(Ipv4Addr::new(198, 18, 0, 100), 24)]
-        );
-        assert_eq!(v.track.no_healthy_backend, 60);
-        assert_eq!(v.track.dataplane_down, 100);
-        // Defaults: every VIP address as /32, v3, 1s, preempt.
-        let v = parse(&format!(
-            "{}\n[vrrp]\nvirtual_router_id = 7\n",
-            minimal("", "")
-        ))
-        .unwrap()
-        .vrrp
-        .unwrap();
-        assert_eq!(
-            v.virtual_addresses,
-            vec![(Ipv4Addr::new(198, 18, 0, 100), 32)]
-        );
-        assert_eq!(
-            (v.version, v.priority, v.preempt, v.garp_count),
-            (3, 100, true, 5)
-        );
-        assert_eq!(v.advert_interval, Duration::from_secs(1));
-    }
-
-    #[test]
-    fn vrrp_errors() {
-        let v = |body: &str| format!("{}\n[vrrp]\n{body}\n", minimal("", ""));
-        assert_err(&v("priority = 100"), "vrrp.virtual_router_id", "required");
-        assert_err(
-            &v("virtual_router_id = 256"),
-            "vrrp.virtual_router_id",
-            "out of range",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\npriority = 0"),
-            "vrrp.priority",
-            "out of range",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nversion = 4"),
-            "vrrp.version",
-            "not a VRRP version",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nadvert_interval = \"15ms\""),
-            "vrrp.advert_interval",
-            "centiseconds",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nversion = 2\nadvert_interval = \"100ms\""),
-            "vrrp.advert_interval",
-            "whole seconds",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nauth_pass = \"x\""),
-            "vrrp.auth_pass",
-            "VRRPv3 has no authentication",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nversion = 2\nauth_pass = \"123456789\""),
-            "vrrp.auth_pass",
-            "1 to 8",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nunicast_peers = [\"x\"]"),
-            "vrrp.unicast_peers[0]",
-            "",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\nvirtual_addresses = [\"198.18.0.100/40\"]"),
-            "vrrp.virtual_addresses[0]",
-            "prefix length",
-        );
-        assert_err(
-            &v("virtual_router_id = 1\n[vrrp.track]\nbogus = 1"),
-            "vrrp.track.bogus",
-            "unknown field",
-        );
     }
 
     #[test]
@@ -1466,6 +1159,8 @@ port = 8132
                 xdp_mode: XdpModeSetting::Native,
                 pin_path: "/sys/fs/bpf/lb-test".into(),
                 control_socket: "/run/lb-test.sock".into(),
+                control_socket_group: Some("lbadmin".into()),
+                reconcile_interval: Duration::from_secs(2),
             }
         );
         assert_eq!(cfg.vips.len(), 2);

@@ -1,0 +1,352 @@
+//! `lb-agent run`: install the signal handlers, check privileges, load and publish the data
+//! plane, attach, start the supervised tasks, and serve until SIGTERM/SIGINT or until a task
+//! fails. Either way the agent then gives up the VIP first (priority 0), keeps forwarding
+//! for a moment while the backup takes over, and undoes the rest in reverse order; a failure
+//! makes it exit non-zero so the service manager restarts it.
+//!
+//! `signals`: the handlers. `supervisor`: the named tasks and how they end. `keeper`: the task
+//! that owns backend state and the maps.
+
+mod keeper;
+mod signals;
+mod supervisor;
+
+use std::{
+    fs::{File, OpenOptions},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, Context, Result};
+use lb_common::AgentMeta;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    backends::Backends,
+    config::{Config, HealthKind},
+    control::{self, Access, AgentInfo},
+    dataplane::{
+        loader::Dataplane,
+        pinned::PinnedMaps,
+        writer::{self, Writer},
+    },
+    health::{self, probe::Target},
+    host::{self, Sysctls},
+    netlink::Netlink,
+    vrrp::{self, VrrpThread},
+};
+pub use supervisor::{Exit, Supervisor};
+
+/// Holds the agent's single-instance lock for its lifetime.
+pub struct InstanceLock {
+    _lock: nix::fcntl::Flock<File>,
+    path: PathBuf,
+}
+
+impl InstanceLock {
+    /// Takes `<control_socket>.lock`, or fails naming the agent that holds it.
+    pub fn take(control_socket: &Path) -> Result<Self> {
+        let mut path = control_socket.as_os_str().to_owned();
+        path.push(".lock");
+        let path = PathBuf::from(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening lock file {}", path.display()))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| {
+                anyhow!(
+                    "another lb-agent is running with control socket {} (lock {} is held: {e})",
+                    control_socket.display(),
+                    path.display()
+                )
+            })?;
+        Ok(Self { _lock: lock, path })
+    }
+}
+
+impl Drop for InstanceLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// What VRRP runs with, kept for the shutdown.
+struct VrrpRun {
+    thread: VrrpThread,
+    cfg: crate::config::VrrpConfig,
+    ifindex: u32,
+    primary: Ipv4Addr,
+    status: vrrp::Shared,
+}
+
+/// Runs the agent until SIGTERM or SIGINT (Ok) or until a supervised task ends (Err).
+pub async fn run(config: Config) -> Result<()> {
+    // Before anything changes on the host: a signal from here on is handled, never fatal.
+    let mut signals = signals::Signals::install().context("installing signal handlers")?;
+    let file = config.path.display().to_string();
+    host::check_privileges(
+        "run",
+        host::Needs {
+            vrrp: config.vrrp.is_some(),
+            realtime: config.vrrp.as_ref().is_some_and(|v| v.rt_priority > 0),
+        },
+    )?;
+    let nl = Netlink::connect().context("opening rtnetlink")?;
+    let iface = config.agent.interface.clone();
+    let link = nl
+        .link_by_name(&iface)
+        .await
+        .with_context(|| format!("{file}: agent.interface"))?;
+    let ifindex = link.index;
+    let mac = link
+        .mac
+        .ok_or_else(|| anyhow!("{file}: agent.interface: {iface} has no MAC address"))?;
+    let default_snat = match config.vips.iter().position(|v| v.snat_address.is_none()) {
+        None => Ipv4Addr::UNSPECIFIED,
+        Some(i) => nl.primary_ipv4(ifindex).await?.ok_or_else(|| {
+            anyhow!(
+                "{file}: vip[{i}].snat_address: not set, and interface {iface} has no IPv4 address to use instead"
+            )
+        })?,
+    };
+    let mut tls = Vec::new();
+    for (i, v) in config.vips.iter().enumerate() {
+        tls.push(
+            health::tls_config(&v.health)
+                .map_err(|e| anyhow!("{file}: vip[{i}].health.{e}"))?,
+        );
+    }
+    let group = config
+        .agent
+        .control_socket_group
+        .as_deref()
+        .map(control::group_id)
+        .transpose()
+        .with_context(|| file.clone())?;
+    let pin_path = config.agent.pin_path.clone();
+    let socket_path = config.agent.control_socket.clone();
+    let _lock = InstanceLock::take(&socket_path)?;
+
+    let mut dp = Dataplane::load(&pin_path).context("loading the data plane")?;
+    if let Some(g) = group {
+        dp.share_with_group(g)
+            .context("agent.control_socket_group: giving the group read access to the pins")?;
+    }
+    let writer = Writer::new(PinnedMaps::open(&pin_path).context("opening the pinned maps")?);
+    let plans = writer::plan(&config, default_snat);
+    let mut backends = Backends::install(&config, writer, plans).context("writing the maps")?;
+
+    let mut sysctls = Sysctls::default();
+    sysctls.for_dataplane(&iface)?;
+    let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
+    sysctls.reserve_ports(&ranges)?;
+
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let mut meta = AgentMeta {
+        xdp_mode: lb_common::xdp_mode::NONE,
+        ifindex,
+        pid: std::process::id(),
+        _pad: 0,
+        started_unix,
+        mac,
+        _pad2: [0; 2],
+    };
+    // The MAC before the program runs: it must never act on frames for other hosts.
+    backends.writer().set_agent_meta(meta)?;
+    let mode = dp
+        .attach(&iface, config.agent.xdp_mode)
+        .context("attaching the XDP program")?;
+    meta.xdp_mode = mode;
+    backends.writer().set_agent_meta(meta)?;
+    log::info!(
+        "XDP attached to {iface} in {} mode; maps pinned under {}",
+        lb_common::xdp_mode::name(mode),
+        pin_path.display()
+    );
+
+    let listener = control::bind(&socket_path, group)?;
+    let access = Access {
+        agent_uid: nix::unistd::geteuid().as_raw(),
+        group,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sup = Supervisor::default();
+    let (call_tx, calls) = mpsc::channel::<control::Call>(64);
+    let stop = stop_rx.clone();
+    sup.spawn("control socket", async move {
+        control::serve(listener, call_tx, access, stop).await;
+        Ok(())
+    });
+
+    let (probe_tx, probes) = mpsc::channel(1024);
+    for (v, vip) in config.vips.iter().enumerate() {
+        log::info!(
+            "serving VIP {} {}:{} with {} backends; probes: {:?} every {}",
+            vip.name,
+            vip.address,
+            vip.port,
+            vip.backends.len(),
+            vip.health.kind,
+            humantime::format_duration(vip.health.interval)
+        );
+        if vip.health.kind == HealthKind::None {
+            continue;
+        }
+        for (b, be) in vip.backends.iter().enumerate() {
+            let target = Target::new(
+                SocketAddr::from((be.address, be.port)),
+                &vip.health,
+                tls[v].clone(),
+            );
+            let (tx, stop, interval) = (probe_tx.clone(), stop_rx.clone(), vip.health.interval);
+            sup.spawn(format!("prober {}/{}", vip.name, be.name), async move {
+                health::run_prober(v, b, target, interval, tx, stop).await;
+                Ok(())
+            });
+        }
+    }
+    drop(probe_tx);
+
+    let (penalty_tx, penalty_rx) = watch::channel(0u8);
+    let vrrp_status: vrrp::Shared = Default::default();
+    let keeper = keeper::Keeper {
+        backends,
+        track: config.vrrp.as_ref().map(|v| v.track).unwrap_or_default(),
+        penalty: penalty_tx,
+        info: AgentInfo {
+            pid: std::process::id(),
+            version: format!("lb-agent {}", env!("CARGO_PKG_VERSION")),
+            config: file.clone(),
+            interface: iface.clone(),
+            started_unix,
+            ..Default::default()
+        },
+        vrrp: config.vrrp.as_ref().map(|_| vrrp_status.clone()),
+        nl: nl.clone(),
+        ifindex,
+        iface: iface.clone(),
+        reconcile_every: config.agent.reconcile_interval,
+    };
+    let stop = stop_rx.clone();
+    sup.spawn("keeper", keeper.run(probes, calls, stop));
+
+    // VRRP starts once the data plane is ready to serve the addresses it may take.
+    let mut vrrp_run = None;
+    if let Some(v) = &config.vrrp {
+        let vlink = nl
+            .link_by_name(&v.interface)
+            .await
+            .with_context(|| format!("{file}: vrrp.interface"))?;
+        let primary = match v.unicast_src {
+            Some(a) => a,
+            None => nl.primary_ipv4(vlink.index).await?.ok_or_else(|| {
+                anyhow!(
+                    "{file}: vrrp.unicast_src: not set, and {} has no IPv4 address to send adverts from",
+                    v.interface
+                )
+            })?,
+        };
+        log::info!(
+            "VRRP v{} VRID {} ({}) on {} from {primary}: priority {}, adverts every {}, {}{}",
+            v.version,
+            v.virtual_router_id,
+            v.name,
+            v.interface,
+            v.priority,
+            humantime::format_duration(v.advert_interval),
+            if v.unicast_peers.is_empty() {
+                "multicast".to_string()
+            } else {
+                format!("unicast to {:?}", v.unicast_peers)
+            },
+            if v.rt_priority > 0 {
+                format!(", SCHED_RR priority {}", v.rt_priority)
+            } else {
+                String::new()
+            }
+        );
+        let mut thread = VrrpThread::spawn(
+            v.clone(),
+            vlink.index,
+            primary,
+            vrrp_status.clone(),
+            penalty_rx,
+        )
+        .await?;
+        let done = thread.take_done().expect("fresh thread");
+        sup.spawn("vrrp", async move {
+            match done.await {
+                Ok(r) => r,
+                Err(_) => Err("the VRRP thread vanished".into()),
+            }
+        });
+        vrrp_run = Some(VrrpRun {
+            thread,
+            cfg: v.clone(),
+            ifindex: vlink.index,
+            primary,
+            status: vrrp_status.clone(),
+        });
+    }
+
+    let failure = tokio::select! {
+        sig = signals.stop_requested() => {
+            log::info!("{sig}: shutting down");
+            None
+        }
+        exit = sup.next_exit() => {
+            let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
+            log::error!(
+                "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
+            );
+            Some(exit)
+        }
+    };
+
+    // VRRP first: resign (priority 0) so the backup takes over within its skew time, while
+    // this data plane still forwards what reaches it.
+    if let Some(mut v) = vrrp_run {
+        let vrrp_failed = failure.as_ref().is_some_and(|f| f.name == "vrrp");
+        let resigned = if vrrp_failed {
+            v.thread.join(Duration::from_secs(1)).await;
+            false
+        } else {
+            v.thread.stop();
+            v.thread.join(Duration::from_secs(4)).await
+        };
+        if !resigned {
+            vrrp::resign_after_failure(&v.cfg, v.ifindex, v.primary, &v.status, &nl).await;
+        }
+        let grace = (v.cfg.advert_interval * 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        tokio::time::sleep(grace).await;
+    }
+    // Then stop probes and answering, detach, drop maps and pins, restore sysctls.
+    let _ = stop_tx.send(true);
+    let stuck = sup.finish(Duration::from_secs(2)).await;
+    if !stuck.is_empty() {
+        log::warn!("tasks that did not stop in time: {}", stuck.join(", "));
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    dp.detach();
+    drop(dp);
+    sysctls.restore();
+    log::info!(
+        "detached from {iface}, pins under {} removed",
+        pin_path.display()
+    );
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(anyhow!("{e}")),
+    }
+}
