@@ -7,7 +7,7 @@ use lb_agent::{
     config::{HealthConfig, HealthKind},
     health::{
         self,
-        probe::{self, Failure, Outcome},
+        probe::{self, Failure, Outcome, Waiting},
     },
 };
 use lb_tests::lab::{backend_addr, Lab, VIP_PORT};
@@ -70,8 +70,8 @@ fn probes_tell_ready_not_ready_hung_and_untrusted_apart() {
     let o = probe_from_client(&lab, addr, &good);
     assert_eq!(
         o.result,
-        Err(Failure::Timeout),
-        "accepts TCP, never answers: timeout"
+        Err(Failure::TimeoutAfterConnect(Waiting::Handshake)),
+        "accepts TCP, never answers: timeout after connect"
     );
     assert!(o.latency >= Duration::from_millis(300));
     lab.stub_admin(0, "/mode?accept=normal");
@@ -79,7 +79,7 @@ fn probes_tell_ready_not_ready_hung_and_untrusted_apart() {
     let wrong_ca = cfg(&pki.join("other-ca.crt"));
     let o = probe_from_client(&lab, addr, &wrong_ca);
     assert!(
-        matches!(o.result, Err(Failure::Tls(ref m)) if m.contains("UnknownIssuer") || m.contains("issuer")),
+        matches!(o.result, Err(Failure::CertNotTrusted(ref m)) if m.contains("UnknownIssuer")),
         "wrong CA: TLS failure, got {:?}",
         o.result
     );

@@ -150,12 +150,12 @@ mod tests {
         let mut t = Tracker::new(2, 3);
         step(&mut t, ok()).await;
         for _ in 0..5 {
-            assert_eq!(step(&mut t, fail(Failure::Timeout)).await, None);
-            assert_eq!(step(&mut t, fail(Failure::Timeout)).await, None);
+            assert_eq!(step(&mut t, fail(Failure::ConnectTimeout)).await, None);
+            assert_eq!(step(&mut t, fail(Failure::ConnectTimeout)).await, None);
             assert_eq!(step(&mut t, ok()).await, None);
         }
         assert_eq!(t.health, Health::Up);
-        assert_eq!(t.last_failure, Some(Failure::Timeout));
+        assert_eq!(t.last_failure, Some(Failure::ConnectTimeout));
     }
 
     #[tokio::test(start_paused = true)]
