@@ -1,6 +1,7 @@
 //! Health checks: `probe` (one probe), `tracker` (rise/fall), and here the TLS client
 //! config and the prober loop that runs one probe per backend per interval.
 
+pub mod policy;
 pub mod probe;
 pub mod tracker;
 
