@@ -1,8 +1,10 @@
-//! Health checks: `probe` (one probe), `tracker` (rise/fall), and here the TLS client
-//! config and the prober loop that runs one probe per backend per interval.
+//! Health checks: `probe` (one probe), `tracker` (rise/fall), `policy` (panic mode),
+//! `tls_watch` (reloading rotated certificates), and here the TLS client config and the
+//! prober loop that runs one probe per backend per interval.
 
 pub mod policy;
 pub mod probe;
+pub mod tls_watch;
 pub mod tracker;
 
 use std::{path::Path, sync::Arc, time::Duration};
