@@ -249,10 +249,11 @@ async fn run(t: &Target, deadline: tokio::time::Instant) -> Result<(), Failure> 
 }
 
 fn connect_failure(e: &io::Error) -> Failure {
-    if e.kind() == io::ErrorKind::ConnectionRefused {
-        Failure::Refused
-    } else {
-        Failure::Connect(e.to_string())
+    match e.raw_os_error() {
+        _ if e.kind() == io::ErrorKind::ConnectionRefused => Failure::Refused,
+        // The route lookup for a blackhole route fails with EINVAL, which says nothing.
+        Some(libc::EINVAL) => Failure::Connect("blackhole route".into()),
+        _ => Failure::Connect(e.to_string()),
     }
 }
 
@@ -454,6 +455,25 @@ mod tests {
         assert_eq!(io_failure("read", &e).class(), FailureClass::LbSide);
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
         assert_eq!(io_failure("read", &reset).class(), FailureClass::NotReady);
+    }
+
+    #[test]
+    fn connect_errors() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(connect_failure(&refused), Failure::Refused);
+        let blackhole = io::Error::from_raw_os_error(libc::EINVAL);
+        assert_eq!(blackhole_or(&blackhole), "connect: blackhole route");
+        let no_route = io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(
+            blackhole_or(&no_route),
+            "connect: No route to host (os error 113)"
+        );
+    }
+
+    fn blackhole_or(e: &io::Error) -> String {
+        let f = connect_failure(e);
+        assert_eq!(f.class(), FailureClass::Unreachable);
+        f.to_string()
     }
 
     #[test]
