@@ -227,12 +227,9 @@ async fn run(t: &Target, deadline: tokio::time::Instant) -> Result<(), Failure> 
         Ok(Ok(s)) => s,
     };
     let _ = tcp.set_nodelay(true);
-    let answer = Failure::TimeoutAfterConnect(Waiting::Answer(t.path.clone()));
     match t.kind {
         HealthKind::Tcp | HealthKind::None => Ok(()),
-        HealthKind::Http => tokio::time::timeout_at(deadline, http_get(tcp, t))
-            .await
-            .unwrap_or(Err(answer)),
+        HealthKind::Http => http_get(tcp, t, deadline).await,
         HealthKind::Https => {
             let cfg = t.tls_config().expect("https targets carry a TLS config");
             let connect = tokio_rustls::TlsConnector::from(cfg).connect(t.server_name.clone(), tcp);
@@ -241,9 +238,7 @@ async fn run(t: &Target, deadline: tokio::time::Instant) -> Result<(), Failure> 
                 Ok(Err(e)) => return Err(handshake_failure(&e)),
                 Ok(Ok(s)) => s,
             };
-            tokio::time::timeout_at(deadline, http_get(tls, t))
-                .await
-                .unwrap_or(Err(answer))
+            http_get(tls, t, deadline).await
         }
     }
 }
@@ -316,8 +311,31 @@ fn io_failure(what: &str, e: &io::Error) -> Failure {
         .unwrap_or_else(|| Failure::Io(format!("{what}: {e}")))
 }
 
-/// Sends the GET and checks the status line; the body is not needed.
-async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, t: &Target) -> Result<(), Failure> {
+/// Sends the GET and checks the status line by `deadline`; the body is not needed.
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    t: &Target,
+    deadline: tokio::time::Instant,
+) -> Result<(), Failure> {
+    let status = tokio::time::timeout_at(deadline, status(&mut s, t))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::TimeoutAfterConnect(Waiting::Answer(
+                t.path.clone(),
+            )))
+        })?;
+    // Close politely so the backend does not log a reset for every probe, but never let
+    // the close turn an answer into a timeout.
+    let _ = tokio::time::timeout_at(deadline, s.shutdown()).await;
+    if status == t.expect_status {
+        Ok(())
+    } else {
+        Err(Failure::Status(status))
+    }
+}
+
+/// Sends the GET and reads the answer's status.
+async fn status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, t: &Target) -> Result<u16, Failure> {
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         t.path, t.host
@@ -343,15 +361,8 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, t: &Target) -> Re
         n += m;
     }
     let line = String::from_utf8_lossy(&buf[..n]);
-    let status = parse_status(&line)
-        .ok_or_else(|| Failure::Protocol(line.lines().next().unwrap_or("").to_string()))?;
-    // Close politely so the backend does not log a reset for every probe.
-    let _ = s.shutdown().await;
-    if status == t.expect_status {
-        Ok(())
-    } else {
-        Err(Failure::Status(status))
-    }
+    parse_status(&line)
+        .ok_or_else(|| Failure::Protocol(line.lines().next().unwrap_or("").to_string()))
 }
 
 fn parse_status(line: &str) -> Option<u16> {
