@@ -14,8 +14,8 @@ use lb_agent::{
 };
 use lb_tests::lab::{backend_addr, backend_name, wait_for, Lab, VIP_PORT};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
 };
 
 /// The probes' timeout: short, and far from every delay the stub is told to add.
@@ -225,7 +225,10 @@ fn probes_sort_failures_into_unreachable_not_ready_and_lb_side() {
 }
 
 /// A CA and a client certificate it signed, written as PEM files into `dir`.
-fn client_pki(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+fn client_pki(
+    dir: &Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
     let dn = |cn: &str| {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, cn);

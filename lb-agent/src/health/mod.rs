@@ -134,7 +134,8 @@ pub struct ProbeEvent {
     pub outcome: Outcome,
 }
 
-/// Probes `target` now and then every `interval` until `shutdown` turns true.
+/// Probes `target` now and then every `interval` until `shutdown` turns true; each probe
+/// uses the target's latest TLS config (`Target::with_tls_updates`).
 pub async fn run_prober(
     vip: usize,
     backend: usize,

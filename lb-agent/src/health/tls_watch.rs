@@ -183,10 +183,8 @@ JQ9IBPOx26EHgV0FMwzdhzTvGaijpKrXE7ppXHWkWp6R+qC9qnrT+9AI
     struct Dir(PathBuf);
     impl Dir {
         fn new(name: &str) -> Self {
-            let d = std::env::temp_dir().join(format!(
-                "lb-tls-watch-{}-{name}",
-                std::process::id()
-            ));
+            let d =
+                std::env::temp_dir().join(format!("lb-tls-watch-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&d);
             fs::create_dir_all(&d).unwrap();
             Self(d)

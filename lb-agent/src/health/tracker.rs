@@ -272,7 +272,10 @@ mod tests {
     async fn a_not_ready_backend_does_not_turn_unreachable_on_one_failure() {
         let mut t = up(2, 2).await;
         let down = Health::Down(Failure::Status(503));
-        assert_eq!(feed(&mut t, &[Failure::Status(503), Failure::Status(503)]).await, down);
+        assert_eq!(
+            feed(&mut t, &[Failure::Status(503), Failure::Status(503)]).await,
+            down
+        );
         assert_eq!(step(&mut t, fail(Failure::Refused)).await, None);
         // Same class again: no transition, and the run of refusals starts over.
         assert_eq!(step(&mut t, fail(Failure::Status(500))).await, None);
@@ -287,7 +290,11 @@ mod tests {
     async fn an_unreachable_backend_turns_not_ready_only_after_fall_failures() {
         let mut t = up(2, 3).await;
         assert_eq!(
-            feed(&mut t, &[Failure::Refused, Failure::Refused, Failure::Refused]).await,
+            feed(
+                &mut t,
+                &[Failure::Refused, Failure::Refused, Failure::Refused]
+            )
+            .await,
             Health::Down(Failure::Refused)
         );
         // It listens again but is slow: two slow answers are not enough with fall = 3.
@@ -308,6 +315,9 @@ mod tests {
         assert_eq!(step(&mut t, fail(Failure::Refused)).await, None);
         assert_eq!(step(&mut t, fail(untrusted())).await, None);
         assert_eq!(step(&mut t, fail(slow())).await, None);
-        assert_eq!(step(&mut t, fail(slow())).await.unwrap().to, Health::Down(slow()));
+        assert_eq!(
+            step(&mut t, fail(slow())).await.unwrap().to,
+            Health::Down(slow())
+        );
     }
 }
