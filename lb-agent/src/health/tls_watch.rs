@@ -217,7 +217,7 @@ JQ9IBPOx26EHgV0FMwzdhzTvGaijpKrXE7ppXHWkWp6R+qC9qnrT+9AI
         fs::write(&ca, CERT).unwrap();
         let mut src = TlsSource::new(&https(ca.clone())).unwrap();
         let first = src.config().unwrap();
-        assert_eq!(src.paths(), [ca.clone()]);
+        assert_eq!(src.paths(), std::slice::from_ref(&ca));
         assert!(src.check().unwrap().is_none(), "nothing changed");
 
         d.replace("ca.crt", CERT);
