@@ -1,7 +1,10 @@
-//! Health checks: `probe` (one probe), `tracker` (rise/fall), and here the TLS client
-//! config and the prober loop that runs one probe per backend per interval.
+//! Health checks: `probe` (one probe), `tracker` (rise/fall), `policy` (panic mode),
+//! `tls_watch` (reloading rotated certificates), and here the TLS client config and the
+//! prober loop that runs one probe per backend per interval.
 
+pub mod policy;
 pub mod probe;
+pub mod tls_watch;
 pub mod tracker;
 
 use std::{path::Path, sync::Arc, time::Duration};
@@ -131,7 +134,8 @@ pub struct ProbeEvent {
     pub outcome: Outcome,
 }
 
-/// Probes `target` now and then every `interval` until `shutdown` turns true.
+/// Probes `target` now and then every `interval` until `shutdown` turns true; each probe
+/// uses the target's latest TLS config (`Target::with_tls_updates`).
 pub async fn run_prober(
     vip: usize,
     backend: usize,

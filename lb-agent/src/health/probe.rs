@@ -1,42 +1,113 @@
 //! One probe: connect straight to the backend (not through the VIP), do a real TLS
-//! handshake, send an HTTP/1.1 GET, read the status line. Any failure keeps its reason.
+//! handshake, send an HTTP/1.1 GET, read the status line. Any failure keeps its reason,
+//! and the reason says whose fault it likely is (`FailureClass`).
 
 use std::{
+    io,
     net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use rustls::pki_types::ServerName;
+use rustls::{pki_types::ServerName, AlertDescription};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
+    sync::watch,
 };
 
 use crate::config::{HealthConfig, HealthKind};
 
-/// Why a probe failed. `Unreachable` failures take a backend's flows away from it;
-/// `NotReady` ones (it answers, but not with the expected status) leave them alone.
+/// Whose fault a failed probe most likely is, which decides what happens to the flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureClass {
+    /// The backend is gone: its flows are re-picked (their connections reset).
+    Unreachable,
+    /// The backend answers but should get no new connections; its flows are kept. An
+    /// overloaded apiserver answering /readyz late lands here, so that its watches live.
+    NotReady,
+    /// Probably our fault (CA, client certificate, credentials): flows are kept as for
+    /// not ready, and `policy::panic_mode` may serve the backend anyway.
+    LbSide,
+}
+
+impl FailureClass {
+    /// True when the backend's existing flows must stay where they are.
+    pub fn keeps_flows(self) -> bool {
+        self != FailureClass::Unreachable
+    }
+
+    /// The word status and logs use for a backend down for this class.
+    pub fn word(self) -> &'static str {
+        match self {
+            FailureClass::Unreachable => "unreachable",
+            FailureClass::NotReady => "not ready",
+            FailureClass::LbSide => "LB side",
+        }
+    }
+}
+
+/// What a probe that connected was waiting for when its time ran out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiting {
+    /// The server's side of the TLS handshake.
+    Handshake,
+    /// The status line of the answer to `GET path`.
+    Answer(String),
+}
+
+/// Why a probe failed; `class()` says what that means for the backend's flows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// Connection refused.
+    /// Connection refused: nothing listens on the port.
     Refused,
-    /// No answer within the timeout (connect, handshake or response).
-    Timeout,
-    /// The TLS handshake failed (wrong CA, wrong name...).
-    Tls(String),
-    /// Another socket error.
+    /// The TCP connect did not finish within the timeout.
+    ConnectTimeout,
+    /// Another connect error (no route, host or network unreachable...).
+    Connect(String),
+    /// The TLS handshake failed for a reason not about certificates (closed, reset,
+    /// a protocol error).
+    Handshake(String),
+    /// Our CA does not vouch for the server's certificate (the verifier's error).
+    CertNotTrusted(String),
+    /// The server rejected our client certificate (the alert it sent).
+    ClientCertRejected(String),
+    /// Connected, then no progress before the timeout.
+    TimeoutAfterConnect(Waiting),
+    /// A read or write failed after the connection (and TLS) was established.
     Io(String),
     /// The answer was not HTTP.
     Protocol(String),
     /// It answered with another status.
     Status(u16),
+    /// Made by the tracker, never by a probe: the failures that took the backend down
+    /// were of different classes, so it is down as not ready; this is the latest one.
+    Mixed(Box<Failure>),
 }
 
 impl Failure {
-    /// True when the backend answers but is not ready (a graceful shutdown, for one).
+    /// What this failure means for the backend's flows.
+    pub fn class(&self) -> FailureClass {
+        match self {
+            Failure::Refused
+            | Failure::ConnectTimeout
+            | Failure::Connect(_)
+            | Failure::Handshake(_) => FailureClass::Unreachable,
+            Failure::CertNotTrusted(_) | Failure::ClientCertRejected(_) => FailureClass::LbSide,
+            // Credentials are ours: the apiserver answers, it just does not know us.
+            Failure::Status(401 | 403) => FailureClass::LbSide,
+            Failure::TimeoutAfterConnect(_)
+            | Failure::Io(_)
+            | Failure::Protocol(_)
+            | Failure::Status(_)
+            | Failure::Mixed(_) => FailureClass::NotReady,
+        }
+    }
+
+    /// True unless the backend is unreachable, i.e. its flows are kept: not ready in the
+    /// wide sense, LB side included. Prefer `class()`.
     pub fn is_not_ready(&self) -> bool {
-        matches!(self, Failure::Status(_))
+        self.class().keeps_flows()
     }
 }
 
@@ -44,11 +115,23 @@ impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Failure::Refused => write!(f, "connection refused"),
-            Failure::Timeout => write!(f, "timeout"),
-            Failure::Tls(e) => write!(f, "TLS: {e}"),
+            Failure::ConnectTimeout => write!(f, "connect timeout"),
+            Failure::Connect(e) => write!(f, "connect: {e}"),
+            Failure::Handshake(e) => write!(f, "TLS handshake: {e}"),
+            Failure::CertNotTrusted(e) => write!(f, "TLS: certificate not trusted: {e}"),
+            Failure::ClientCertRejected(e) => {
+                write!(f, "TLS: our client certificate was rejected: {e}")
+            }
+            Failure::TimeoutAfterConnect(Waiting::Handshake) => {
+                write!(f, "timeout after connect (TLS handshake)")
+            }
+            Failure::TimeoutAfterConnect(Waiting::Answer(path)) => {
+                write!(f, "timeout after connect (no answer to GET {path})")
+            }
             Failure::Io(e) => write!(f, "{e}"),
             Failure::Protocol(e) => write!(f, "bad HTTP answer: {e}"),
             Failure::Status(s) => write!(f, "status {s}"),
+            Failure::Mixed(latest) => write!(f, "failures of several kinds, latest: {latest}"),
         }
     }
 }
@@ -59,6 +142,9 @@ pub struct Outcome {
     pub result: Result<(), Failure>,
     pub latency: Duration,
 }
+
+/// The TLS client config a VIP's probers use, replaced when its files change on disk.
+pub type TlsUpdates = watch::Receiver<Option<Arc<rustls::ClientConfig>>>;
 
 /// What a prober needs to probe one backend.
 #[derive(Clone)]
@@ -72,6 +158,8 @@ pub struct Target {
     pub host: String,
     pub server_name: ServerName<'static>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// When set, the latest config published here replaces `tls` at each probe.
+    pub tls_updates: Option<TlsUpdates>,
 }
 
 impl Target {
@@ -96,6 +184,21 @@ impl Target {
             host,
             server_name,
             tls,
+            tls_updates: None,
+        }
+    }
+
+    /// Makes every probe use the latest config published on `rx` (see `tls_watch`).
+    pub fn with_tls_updates(mut self, rx: TlsUpdates) -> Self {
+        self.tls_updates = Some(rx);
+        self
+    }
+
+    /// The client config the next probe uses.
+    pub fn tls_config(&self) -> Option<Arc<rustls::ClientConfig>> {
+        match &self.tls_updates {
+            Some(rx) => rx.borrow().clone(),
+            None => self.tls.clone(),
         }
     }
 }
@@ -103,61 +206,143 @@ impl Target {
 /// Runs one probe against `t`.
 pub async fn probe(t: &Target) -> Outcome {
     let start = Instant::now();
-    let result = match tokio::time::timeout(t.timeout, run(t)).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure::Timeout),
-    };
+    // One deadline for the whole probe, so the timeout keeps its meaning, but each phase
+    // is timed against it on its own: a connect that times out means nobody is there,
+    // a timeout after the connect means somebody is there and slow.
+    let deadline = tokio::time::Instant::now() + t.timeout;
+    let result = run(t, deadline).await;
     Outcome {
         result,
         latency: start.elapsed(),
     }
 }
 
-async fn run(t: &Target) -> Result<(), Failure> {
+async fn run(t: &Target, deadline: tokio::time::Instant) -> Result<(), Failure> {
     if t.kind == HealthKind::None {
         return Ok(());
     }
-    let tcp = TcpStream::connect(t.addr).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            Failure::Refused
-        } else {
-            Failure::Io(format!("connect: {e}"))
-        }
-    })?;
+    let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(t.addr)).await {
+        Err(_) => return Err(Failure::ConnectTimeout),
+        Ok(Err(e)) => return Err(connect_failure(&e)),
+        Ok(Ok(s)) => s,
+    };
     let _ = tcp.set_nodelay(true);
     match t.kind {
         HealthKind::Tcp | HealthKind::None => Ok(()),
-        HealthKind::Http => http_get(tcp, t).await,
+        HealthKind::Http => http_get(tcp, t, deadline).await,
         HealthKind::Https => {
-            let cfg = t.tls.clone().expect("https targets carry a TLS config");
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(t.server_name.clone(), tcp)
-                .await
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::InvalidData => Failure::Tls(
-                        e.get_ref()
-                            .map(|i| i.to_string())
-                            .unwrap_or_else(|| e.to_string()),
-                    ),
-                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => {
-                        Failure::Tls(format!("connection closed during handshake ({e})"))
-                    }
-                    _ => Failure::Tls(e.to_string()),
-                })?;
-            http_get(tls, t).await
+            let cfg = t.tls_config().expect("https targets carry a TLS config");
+            let connect = tokio_rustls::TlsConnector::from(cfg).connect(t.server_name.clone(), tcp);
+            let tls = match tokio::time::timeout_at(deadline, connect).await {
+                Err(_) => return Err(Failure::TimeoutAfterConnect(Waiting::Handshake)),
+                Ok(Err(e)) => return Err(handshake_failure(&e)),
+                Ok(Ok(s)) => s,
+            };
+            http_get(tls, t, deadline).await
         }
     }
 }
 
-/// Sends the GET and checks the status line; the body is not needed.
-async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, t: &Target) -> Result<(), Failure> {
+fn connect_failure(e: &io::Error) -> Failure {
+    match e.raw_os_error() {
+        _ if e.kind() == io::ErrorKind::ConnectionRefused => Failure::Refused,
+        // The route lookup for a blackhole route fails with EINVAL, which says nothing.
+        Some(libc::EINVAL) => Failure::Connect("blackhole route".into()),
+        _ => Failure::Connect(e.to_string()),
+    }
+}
+
+/// The rustls error inside an I/O error from tokio-rustls, if that is what it is.
+fn rustls_error(e: &io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Sorts out a TLS error: certificates (theirs or ours) are LB side, anything else is
+/// about the backend. None when `e` does not come from rustls.
+fn tls_failure(e: &rustls::Error) -> Option<Failure> {
+    use rustls::Error as E;
+    match e {
+        // Whatever the verifier says: our CA does not vouch for their certificate.
+        E::InvalidCertificate(c) => Some(Failure::CertNotTrusted(c.to_string())),
+        E::NoCertificatesPresented | E::UnsupportedNameType | E::InvalidCertRevocationList(_) => {
+            Some(Failure::CertNotTrusted(e.to_string()))
+        }
+        E::AlertReceived(a) if rejects_client_cert(*a) => {
+            Some(Failure::ClientCertRejected(format!("{a:?}")))
+        }
+        _ => None,
+    }
+}
+
+/// Alerts a server sends when it does not accept our client certificate (or its key):
+/// RFC 8446 section 6.2.
+fn rejects_client_cert(a: AlertDescription) -> bool {
+    use AlertDescription as A;
+    matches!(
+        a,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::DecryptError
+            | A::CertificateRequired
+    )
+}
+
+fn handshake_failure(e: &io::Error) -> Failure {
+    if let Some(r) = rustls_error(e) {
+        return tls_failure(r).unwrap_or_else(|| Failure::Handshake(r.to_string()));
+    }
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof => Failure::Handshake("connection closed".into()),
+        _ => Failure::Handshake(e.to_string()),
+    }
+}
+
+/// An I/O error once TLS is up. With TLS 1.3 the client finishes its handshake before
+/// the server has checked the client certificate, so a rejection arrives here, as an
+/// alert on the first read.
+fn io_failure(what: &str, e: &io::Error) -> Failure {
+    rustls_error(e)
+        .and_then(tls_failure)
+        .unwrap_or_else(|| Failure::Io(format!("{what}: {e}")))
+}
+
+/// Sends the GET and checks the status line by `deadline`; the body is not needed.
+async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    t: &Target,
+    deadline: tokio::time::Instant,
+) -> Result<(), Failure> {
+    let status = tokio::time::timeout_at(deadline, status(&mut s, t))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::TimeoutAfterConnect(Waiting::Answer(
+                t.path.clone(),
+            )))
+        })?;
+    // Close politely so the backend does not log a reset for every probe, but never let
+    // the close turn an answer into a timeout.
+    let _ = tokio::time::timeout_at(deadline, s.shutdown()).await;
+    if status == t.expect_status {
+        Ok(())
+    } else {
+        Err(Failure::Status(status))
+    }
+}
+
+/// Sends the GET and reads the answer's status.
+async fn status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, t: &Target) -> Result<u16, Failure> {
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         t.path, t.host
     );
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| Failure::Io(format!("write: {e}")))?;
+        .map_err(|e| io_failure("write", &e))?;
     let mut buf = [0u8; 256];
     let mut n = 0;
     while !buf[..n].windows(2).any(|w| w == b"\r\n") {
@@ -167,7 +352,7 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, t: &Target) -> Re
         let m = s
             .read(&mut buf[n..])
             .await
-            .map_err(|e| Failure::Io(format!("read: {e}")))?;
+            .map_err(|e| io_failure("read", &e))?;
         if m == 0 {
             return Err(Failure::Protocol(
                 "connection closed before the status line".into(),
@@ -176,15 +361,8 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, t: &Target) -> Re
         n += m;
     }
     let line = String::from_utf8_lossy(&buf[..n]);
-    let status = parse_status(&line)
-        .ok_or_else(|| Failure::Protocol(line.lines().next().unwrap_or("").to_string()))?;
-    // Close politely so the backend does not log a reset for every probe.
-    let _ = s.shutdown().await;
-    if status == t.expect_status {
-        Ok(())
-    } else {
-        Err(Failure::Status(status))
-    }
+    parse_status(&line)
+        .ok_or_else(|| Failure::Protocol(line.lines().next().unwrap_or("").to_string()))
 }
 
 fn parse_status(line: &str) -> Option<u16> {
@@ -199,6 +377,7 @@ fn parse_status(line: &str) -> Option<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::CertificateError;
 
     #[test]
     fn status_line() {
@@ -208,8 +387,114 @@ mod tests {
             Some(503)
         );
         assert_eq!(parse_status("SSH-2.0-OpenSSH\r\n"), None);
-        assert!(Failure::Status(503).is_not_ready());
-        assert!(!Failure::Refused.is_not_ready());
-        assert!(!Failure::Timeout.is_not_ready());
+    }
+
+    #[test]
+    fn classes() {
+        use FailureClass::*;
+        let cases = [
+            (Failure::Refused, Unreachable),
+            (Failure::ConnectTimeout, Unreachable),
+            (Failure::Connect("No route to host".into()), Unreachable),
+            (Failure::Handshake("connection closed".into()), Unreachable),
+            (Failure::TimeoutAfterConnect(Waiting::Handshake), NotReady),
+            (
+                Failure::TimeoutAfterConnect(Waiting::Answer("/readyz".into())),
+                NotReady,
+            ),
+            (Failure::Status(503), NotReady),
+            (Failure::Status(500), NotReady),
+            (Failure::Protocol("SSH-2.0".into()), NotReady),
+            (Failure::Io("read: connection reset".into()), NotReady),
+            (Failure::Status(401), LbSide),
+            (Failure::Status(403), LbSide),
+            (Failure::CertNotTrusted("UnknownIssuer".into()), LbSide),
+            (Failure::ClientCertRejected("BadCertificate".into()), LbSide),
+            (Failure::Mixed(Box::new(Failure::Refused)), NotReady),
+        ];
+        for (f, class) in cases {
+            assert_eq!(f.class(), class, "{f}");
+            assert_eq!(f.is_not_ready(), class != Unreachable, "{f}");
+        }
+    }
+
+    #[test]
+    fn tls_errors_about_certificates_are_lb_side() {
+        let untrusted = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
+        let f = tls_failure(&untrusted).unwrap();
+        assert_eq!(f.to_string(), "TLS: certificate not trusted: UnknownIssuer");
+        assert_eq!(f.class(), FailureClass::LbSide);
+        let bad_sig = rustls::Error::InvalidCertificate(CertificateError::BadSignature);
+        assert_eq!(tls_failure(&bad_sig).unwrap().class(), FailureClass::LbSide);
+        for a in [
+            AlertDescription::BadCertificate,
+            AlertDescription::UnknownCA,
+            AlertDescription::CertificateRequired,
+            AlertDescription::AccessDenied,
+            AlertDescription::DecryptError,
+        ] {
+            let f = tls_failure(&rustls::Error::AlertReceived(a)).unwrap();
+            assert!(matches!(f, Failure::ClientCertRejected(_)), "{a:?}");
+        }
+        // Not about certificates: the backend's problem.
+        assert_eq!(
+            tls_failure(&rustls::Error::AlertReceived(
+                AlertDescription::HandshakeFailure
+            )),
+            None
+        );
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::ProtocolVersion),
+        );
+        assert_eq!(handshake_failure(&e).class(), FailureClass::Unreachable);
+        let e = io::Error::new(io::ErrorKind::InvalidData, untrusted);
+        assert_eq!(handshake_failure(&e).class(), FailureClass::LbSide);
+        let eof = io::Error::new(io::ErrorKind::UnexpectedEof, "tls handshake eof");
+        assert_eq!(
+            handshake_failure(&eof),
+            Failure::Handshake("connection closed".into())
+        );
+    }
+
+    #[test]
+    fn a_rejection_read_after_the_handshake_is_lb_side() {
+        let e = io::Error::new(
+            io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRequired),
+        );
+        assert_eq!(io_failure("read", &e).class(), FailureClass::LbSide);
+        let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+        assert_eq!(io_failure("read", &reset).class(), FailureClass::NotReady);
+    }
+
+    #[test]
+    fn connect_errors() {
+        let refused = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(connect_failure(&refused), Failure::Refused);
+        let blackhole = io::Error::from_raw_os_error(libc::EINVAL);
+        assert_eq!(blackhole_or(&blackhole), "connect: blackhole route");
+        let no_route = io::Error::from_raw_os_error(libc::EHOSTUNREACH);
+        assert_eq!(
+            blackhole_or(&no_route),
+            "connect: No route to host (os error 113)"
+        );
+    }
+
+    fn blackhole_or(e: &io::Error) -> String {
+        let f = connect_failure(e);
+        assert_eq!(f.class(), FailureClass::Unreachable);
+        f.to_string()
+    }
+
+    #[test]
+    fn messages_stay_short() {
+        assert_eq!(Failure::ConnectTimeout.to_string(), "connect timeout");
+        assert_eq!(
+            Failure::TimeoutAfterConnect(Waiting::Answer("/readyz".into())).to_string(),
+            "timeout after connect (no answer to GET /readyz)"
+        );
+        assert_eq!(Failure::Status(503).to_string(), "status 503");
+        assert_eq!(Failure::Refused.to_string(), "connection refused");
     }
 }

@@ -1,10 +1,15 @@
 //! Rise/fall: turns a backend's probe results into up/down, with the reason kept.
+//!
+//! `fall` guards every change a failure can make, of state and of reason alike: going
+//! down takes `fall` consecutive failures, and so does a down backend's reason changing
+//! class. One odd result (a probe that hit a full accept queue, a reset) must not move
+//! every watch on an apiserver, which is what turning unreachable does.
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use tokio::time::Instant;
 
-use super::probe::{Failure, Outcome};
+use super::probe::{Failure, FailureClass, Outcome};
 
 /// A backend's health as probes see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,7 +17,7 @@ pub enum Health {
     /// Never probed yet: backends start down.
     Unknown,
     Up,
-    /// Down; the reason is the failure that took it down (or the latest one while down).
+    /// Down; the failure gives the reason and its class what happens to the flows.
     Down(Failure),
 }
 
@@ -34,22 +39,26 @@ pub struct Tracker {
     pub last: Option<Outcome>,
     pub last_failure: Option<Failure>,
     pub last_change: Option<Instant>,
-    /// Until the first transition one success is enough, so a fresh LB serves at once.
+    /// The current run of failures, the latest `fall` of it, oldest first.
+    recent: VecDeque<Failure>,
+    /// Until the first transition one result is enough, so a fresh LB serves at once.
     started: bool,
 }
 
 impl Tracker {
     /// A tracker going up after `rise` and down after `fall` consecutive results.
     pub fn new(rise: u32, fall: u32) -> Self {
+        let fall = fall.max(1);
         Self {
             rise: rise.max(1),
-            fall: fall.max(1),
+            fall,
             health: Health::Unknown,
             successes: 0,
             failures: 0,
             last: None,
             last_failure: None,
             last_change: None,
+            recent: VecDeque::with_capacity(fall as usize),
             started: false,
         }
     }
@@ -62,6 +71,7 @@ impl Tracker {
             Ok(()) => {
                 self.successes = self.successes.saturating_add(1);
                 self.failures = 0;
+                self.recent.clear();
                 let needed = if self.started { self.rise } else { 1 };
                 if self.health != Health::Up && self.successes >= needed {
                     Some(Health::Up)
@@ -73,15 +83,19 @@ impl Tracker {
                 self.failures = self.failures.saturating_add(1);
                 self.successes = 0;
                 self.last_failure = Some(f.clone());
+                if self.recent.len() == self.fall as usize {
+                    self.recent.pop_front();
+                }
+                self.recent.push_back(f.clone());
                 match &self.health {
-                    Health::Up if self.failures >= self.fall => Some(Health::Down(f)),
-                    // Never up yet: a failure settles it as down at once.
+                    // Never up: no flows to protect, so the first failure settles it.
                     Health::Unknown => Some(Health::Down(f)),
-                    // Already down: follow the reason (not ready -> unreachable moves flows).
-                    Health::Down(old) if old.is_not_ready() != f.is_not_ready() => {
-                        Some(Health::Down(f))
-                    }
-                    _ => None,
+                    Health::Up if self.failures >= self.fall => Some(Health::Down(self.verdict())),
+                    Health::Down(old) => match self.run_class() {
+                        Some(c) if c != old.class() => Some(Health::Down(f)),
+                        _ => None,
+                    },
+                    Health::Up => None,
                 }
             }
         };
@@ -92,6 +106,32 @@ impl Tracker {
         Some(Transition { from, to })
     }
 
+    /// The class shared by the latest `fall` failures, if they are that many and agree.
+    fn run_class(&self) -> Option<FailureClass> {
+        if self.recent.len() < self.fall as usize {
+            return None;
+        }
+        let class = self.recent.back()?.class();
+        self.recent
+            .iter()
+            .all(|f| f.class() == class)
+            .then_some(class)
+    }
+
+    /// The reason to go down with: the latest failures' class when they agree, else not
+    /// ready, the class that keeps flows (a backend that is only sometimes reachable is
+    /// most likely overloaded, and moving its flows would add to the load).
+    fn verdict(&self) -> Failure {
+        let class = self.run_class().unwrap_or(FailureClass::NotReady);
+        let latest = self.recent.back().cloned().expect("called after a failure");
+        self.recent
+            .iter()
+            .rev()
+            .find(|f| f.class() == class)
+            .cloned()
+            .unwrap_or_else(|| Failure::Mixed(Box::new(latest)))
+    }
+
     /// How long ago the health last changed.
     pub fn since_change(&self, now: Instant) -> Option<Duration> {
         self.last_change.map(|t| now.saturating_duration_since(t))
@@ -100,6 +140,7 @@ impl Tracker {
 
 #[cfg(test)]
 mod tests {
+    use super::super::probe::Waiting;
     use super::*;
 
     fn ok() -> Outcome {
@@ -114,11 +155,33 @@ mod tests {
             latency: Duration::from_millis(500),
         }
     }
+    /// An apiserver that accepts the connection and answers /readyz too late.
+    fn slow() -> Failure {
+        Failure::TimeoutAfterConnect(Waiting::Answer("/readyz".into()))
+    }
+    fn untrusted() -> Failure {
+        Failure::CertNotTrusted("UnknownIssuer".into())
+    }
 
     /// Feeds results one interval apart on tokio's paused clock.
     async fn step(t: &mut Tracker, o: Outcome) -> Option<Transition> {
         tokio::time::advance(Duration::from_millis(200)).await;
         t.record(Instant::now(), o)
+    }
+
+    /// A tracker that has been up, so rise and fall apply.
+    async fn up(rise: u32, fall: u32) -> Tracker {
+        let mut t = Tracker::new(rise, fall);
+        step(&mut t, ok()).await.expect("up at once");
+        t
+    }
+
+    /// Feeds `fs` and returns the health after the last one.
+    async fn feed(t: &mut Tracker, fs: &[Failure]) -> Health {
+        for f in fs {
+            step(t, fail(f.clone())).await;
+        }
+        t.health.clone()
     }
 
     #[tokio::test(start_paused = true)]
@@ -146,39 +209,115 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_success_between_failures_resets_the_count() {
-        let mut t = Tracker::new(2, 3);
-        step(&mut t, ok()).await;
+    async fn fall_3_two_timeouts_after_connect_then_a_success_change_nothing() {
+        let mut t = up(2, 3).await;
         for _ in 0..5 {
-            assert_eq!(step(&mut t, fail(Failure::Timeout)).await, None);
-            assert_eq!(step(&mut t, fail(Failure::Timeout)).await, None);
+            assert_eq!(step(&mut t, fail(slow())).await, None);
+            assert_eq!(step(&mut t, fail(slow())).await, None);
             assert_eq!(step(&mut t, ok()).await, None);
         }
         assert_eq!(t.health, Health::Up);
-        assert_eq!(t.last_failure, Some(Failure::Timeout));
+        assert_eq!(t.last_failure, Some(slow()));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn first_probe_failing_marks_down_and_then_rise_is_needed() {
-        let mut t = Tracker::new(3, 2);
+    async fn a_never_probed_backend_settles_on_its_first_result() {
+        // Even with fall = 3: it has no flows to protect.
+        let mut t = Tracker::new(3, 3);
         let tr = step(&mut t, fail(Failure::Status(503))).await.unwrap();
         assert_eq!(tr.to, Health::Down(Failure::Status(503)));
         assert_eq!(step(&mut t, ok()).await, None);
         assert_eq!(step(&mut t, ok()).await, None);
         assert_eq!(step(&mut t, ok()).await.unwrap().to, Health::Up);
+
+        let mut t = Tracker::new(3, 3);
+        let tr = step(&mut t, fail(Failure::Refused)).await.unwrap();
+        assert_eq!(tr.to, Health::Down(Failure::Refused));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_down_backend_follows_its_reason_from_not_ready_to_unreachable() {
-        let mut t = Tracker::new(2, 2);
-        step(&mut t, ok()).await;
-        step(&mut t, fail(Failure::Status(503))).await;
-        let tr = step(&mut t, fail(Failure::Status(503))).await.unwrap();
-        assert!(matches!(tr.to, Health::Down(ref f) if f.is_not_ready()));
-        // Same kind of failure: no new transition.
+    async fn going_down_is_unreachable_only_when_all_fall_failures_were() {
+        let mut t = up(2, 3).await;
+        let all = [Failure::Refused, Failure::ConnectTimeout, Failure::Refused];
+        assert_eq!(feed(&mut t, &all).await, Health::Down(Failure::Refused));
+
+        // One timeout after connect among them: down as not ready, with that reason.
+        let mut t = up(2, 3).await;
+        let mixed = [Failure::Refused, slow(), Failure::Refused];
+        assert_eq!(feed(&mut t, &mixed).await, Health::Down(slow()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn going_down_is_lb_side_only_when_all_fall_failures_were() {
+        let mut t = up(2, 2).await;
+        let all = [untrusted(), Failure::Status(401)];
+        assert_eq!(feed(&mut t, &all).await, Health::Down(Failure::Status(401)));
+        assert_eq!(t.health, Health::Down(Failure::Status(401)));
+
+        let mut t = up(2, 2).await;
+        assert_eq!(
+            feed(&mut t, &[untrusted(), Failure::Status(503)]).await,
+            Health::Down(Failure::Status(503))
+        );
+
+        // No failure of the not ready class among them: the reason says so.
+        let mut t = up(2, 2).await;
+        let h = feed(&mut t, &[untrusted(), Failure::Refused]).await;
+        assert_eq!(h, Health::Down(Failure::Mixed(Box::new(Failure::Refused))));
+        let Health::Down(f) = h else { unreachable!() };
+        assert_eq!(f.class(), FailureClass::NotReady);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_not_ready_backend_does_not_turn_unreachable_on_one_failure() {
+        let mut t = up(2, 2).await;
+        let down = Health::Down(Failure::Status(503));
+        assert_eq!(
+            feed(&mut t, &[Failure::Status(503), Failure::Status(503)]).await,
+            down
+        );
+        assert_eq!(step(&mut t, fail(Failure::Refused)).await, None);
+        // Same class again: no transition, and the run of refusals starts over.
         assert_eq!(step(&mut t, fail(Failure::Status(500))).await, None);
-        // The apiserver finished shutting down: unreachable now.
+        assert_eq!(step(&mut t, fail(Failure::Refused)).await, None);
+        assert_eq!(t.health, down);
+        // The apiserver finished shutting down: `fall` refusals in a row.
         let tr = step(&mut t, fail(Failure::Refused)).await.unwrap();
         assert_eq!(tr.to, Health::Down(Failure::Refused));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreachable_backend_turns_not_ready_only_after_fall_failures() {
+        let mut t = up(2, 3).await;
+        assert_eq!(
+            feed(
+                &mut t,
+                &[Failure::Refused, Failure::Refused, Failure::Refused]
+            )
+            .await,
+            Health::Down(Failure::Refused)
+        );
+        // It listens again but is slow: two slow answers are not enough with fall = 3.
+        assert_eq!(step(&mut t, fail(slow())).await, None);
+        assert_eq!(step(&mut t, fail(slow())).await, None);
+        let tr = step(&mut t, fail(Failure::Status(503))).await.unwrap();
+        assert_eq!(tr.from, Health::Down(Failure::Refused));
+        assert_eq!(tr.to, Health::Down(Failure::Status(503)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_lb_side_reason_changes_only_after_fall_failures_of_another_class() {
+        let mut t = up(2, 2).await;
+        assert_eq!(
+            feed(&mut t, &[untrusted(), untrusted()]).await,
+            Health::Down(untrusted())
+        );
+        assert_eq!(step(&mut t, fail(Failure::Refused)).await, None);
+        assert_eq!(step(&mut t, fail(untrusted())).await, None);
+        assert_eq!(step(&mut t, fail(slow())).await, None);
+        assert_eq!(
+            step(&mut t, fail(slow())).await.unwrap().to,
+            Health::Down(slow())
+        );
     }
 }

@@ -1,5 +1,5 @@
 //! lb-stub: a fake kube-apiserver over HTTPS, with a plain-HTTP admin port to count traffic and
-//! inject failures (readyz 503/hang, accept hang, dropping every connection).
+//! inject failures (readyz 503/401/403/hang/slow, accept hang, dropping every connection).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
+use tokio_rustls::rustls::{server::WebPkiClientVerifier, RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
 /// A slow or silent client must not pin a task forever.
@@ -75,6 +76,13 @@ struct ServeArgs {
     /// Initial /readyz behaviour.
     #[arg(long, value_enum, default_value = "200")]
     readyz: ReadyzMode,
+    /// Initial delay before answering /readyz, in milliseconds (an overloaded apiserver).
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    readyz_delay_ms: u64,
+    /// Require a client certificate issued by this CA (PEM), as an apiserver with
+    /// --client-ca-file does for clients that present one.
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -113,6 +121,12 @@ enum ReadyzMode {
     Unavailable,
     /// Never answer /readyz.
     Hang,
+    /// 401 like an apiserver that does not accept the prober's credentials.
+    #[value(name = "401")]
+    Unauthorized,
+    /// 403 like an apiserver whose RBAC denies the prober /readyz.
+    #[value(name = "403")]
+    Forbidden,
 }
 
 impl ReadyzMode {
@@ -121,12 +135,16 @@ impl ReadyzMode {
             Self::Ok => "200",
             Self::Unavailable => "503",
             Self::Hang => "hang",
+            Self::Unauthorized => "401",
+            Self::Forbidden => "403",
         }
     }
     fn from_u8(v: u8) -> Self {
         match v {
             v if v == Self::Unavailable as u8 => Self::Unavailable,
             v if v == Self::Hang as u8 => Self::Hang,
+            v if v == Self::Unauthorized as u8 => Self::Unauthorized,
+            v if v == Self::Forbidden as u8 => Self::Forbidden,
             _ => Self::Ok,
         }
     }
@@ -171,6 +189,7 @@ struct Stub {
     active: AtomicU64,
     accept: AtomicU8,
     readyz: AtomicU8,
+    readyz_delay_ms: AtomicU64,
     /// Bumped by /close-all; every client connection task watches it and drops its socket.
     close_gen: watch::Sender<u64>,
 }
@@ -193,8 +212,24 @@ impl Stub {
         ReadyzMode::from_u8(self.readyz.load(Ordering::Relaxed))
     }
 
+    fn readyz_delay(&self) -> Duration {
+        Duration::from_millis(self.readyz_delay_ms.load(Ordering::Relaxed))
+    }
+
     fn modes_json(&self) -> serde_json::Value {
-        json!({"readyz": self.readyz_mode().as_str(), "accept": self.accept_mode().as_str()})
+        json!({
+            "readyz": self.readyz_mode().as_str(),
+            "readyz_delay_ms": self.readyz_delay_ms.load(Ordering::Relaxed),
+            "accept": self.accept_mode().as_str(),
+        })
+    }
+
+    /// How long to sit on a request before answering it.
+    fn api_delay(&self, req: &Request) -> Duration {
+        match req.path() {
+            "/readyz" => self.readyz_delay(),
+            _ => Duration::ZERO,
+        }
     }
 
     fn count_request(&self, path: &str) {
@@ -219,6 +254,14 @@ impl Stub {
                     "[-]shutdown failed: reason withheld\nreadyz check failed",
                 ),
                 ReadyzMode::Hang => Reply::Hang,
+                ReadyzMode::Unauthorized => Reply::json(
+                    401,
+                    json!({"kind": "Status", "status": "Failure", "reason": "Unauthorized", "code": 401}),
+                ),
+                ReadyzMode::Forbidden => Reply::json(
+                    403,
+                    json!({"kind": "Status", "status": "Failure", "reason": "Forbidden", "code": 403}),
+                ),
             },
             "/livez" | "/healthz" => Reply::text(200, "ok"),
             // Formatted by hand to keep the field order of a real apiserver's reply.
@@ -258,6 +301,7 @@ impl Stub {
                         "requests": requests,
                         "active_connections": self.active.load(Ordering::Relaxed),
                         "readyz": self.readyz_mode().as_str(),
+                        "readyz_delay_ms": self.readyz_delay_ms.load(Ordering::Relaxed),
                         "accept": self.accept_mode().as_str(),
                     }),
                 )
@@ -278,8 +322,18 @@ impl Stub {
                         Err(_) => return Reply::json(400, json!({"error": "bad accept mode"})),
                     },
                 };
+                let delay = match req.query_param("readyz_delay_ms").map(str::parse::<u64>) {
+                    None => None,
+                    Some(Ok(ms)) => Some(ms),
+                    Some(Err(_)) => {
+                        return Reply::json(400, json!({"error": "bad readyz_delay_ms"}))
+                    }
+                };
                 if let Some(m) = readyz {
                     self.readyz.store(m as u8, Ordering::Relaxed);
+                }
+                if let Some(ms) = delay {
+                    self.readyz_delay_ms.store(ms, Ordering::Relaxed);
                 }
                 if let Some(m) = accept {
                     self.accept.store(m as u8, Ordering::Relaxed);
@@ -337,6 +391,10 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
         let reply = if admin {
             stub.admin_route(&req)
         } else {
+            let delay = stub.api_delay(&req);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             stub.api_route(&req)
         };
         match reply {
@@ -440,8 +498,31 @@ async fn admin_loop(stub: Arc<Stub>, listener: TcpListener) {
     }
 }
 
+/// The server config; with `--client-ca` a client certificate from that CA is required.
+fn server_config(args: &ServeArgs) -> Result<Arc<ServerConfig>> {
+    let Some(ca) = &args.client_ca else {
+        return tls::server_config(&args.cert, &args.key);
+    };
+    let mut roots = RootCertStore::empty();
+    for c in tls::load_certs(ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("adding client CA from {}", ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
+        .build()
+        .context("client certificate verifier")?;
+    let mut cfg = ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(tls::load_certs(&args.cert)?, tls::load_key(&args.key)?)
+        .context("building TLS server config")?;
+    cfg.alpn_protocols = vec![tls::ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
-    let acceptor = TlsAcceptor::from(tls::server_config(&args.cert, &args.key)?);
+    let acceptor = TlsAcceptor::from(server_config(&args)?);
     let mut listeners = Vec::with_capacity(args.listen.len());
     for addr in &args.listen {
         listeners.push(
@@ -467,6 +548,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         active: AtomicU64::new(0),
         accept: AtomicU8::new(args.accept as u8),
         readyz: AtomicU8::new(args.readyz as u8),
+        readyz_delay_ms: AtomicU64::new(args.readyz_delay_ms),
         close_gen: watch::channel(0).0,
     });
     let mut sigterm = signal(SignalKind::terminate())?;
