@@ -16,7 +16,8 @@ use crate::{
         DataplaneError,
     },
     health::{
-        probe::Failure,
+        policy::{self, BackendView, PanicDecision},
+        probe::{Failure, FailureClass},
         tracker::{Health, Tracker},
         ProbeEvent,
     },
@@ -25,11 +26,12 @@ use crate::{
 /// The data plane state for a backend's health, drain and weight.
 ///
 /// Unreachable wins over everything (its flows must move: the backend is gone); a drain
-/// (operator's or weight 0) keeps flows and takes no new ones; not ready keeps flows too.
+/// (operator's or weight 0) keeps flows and takes no new ones; not ready and LB side keep
+/// flows too.
 pub fn effective(health: &Health, probes: bool, drained: bool, weight: u32) -> u8 {
     let health = if probes { health } else { &Health::Up };
     match health {
-        Health::Down(f) if !f.is_not_ready() => state::DOWN,
+        Health::Down(f) if f.class() == FailureClass::Unreachable => state::DOWN,
         Health::Unknown => state::DOWN,
         _ if drained || weight == 0 => state::DRAIN,
         Health::Down(_) => state::UNREADY,
@@ -60,8 +62,12 @@ pub struct BackendHealth {
     pub last_failure: Option<String>,
     /// Unix time of the last health change.
     pub last_change_unix: Option<u64>,
-    /// Why it is down: "unreachable" (flows re-picked) or "not ready" (flows kept).
+    /// Why it is down: "unreachable" (flows re-picked), "not ready" or "LB side" (flows
+    /// kept).
     pub down_reason: Option<String>,
+    /// Served although its probes fail, because the VIP is in panic mode.
+    #[serde(default)]
+    pub served_in_panic: bool,
 }
 
 /// Per-VIP health for status.
@@ -69,6 +75,10 @@ pub struct BackendHealth {
 pub struct VipHealth {
     pub name: String,
     pub probe: String,
+    /// Why the VIP is in panic mode (every backend fails its probes for a reason on the LB
+    /// side, so they are served as if healthy); None when it is not.
+    #[serde(default)]
+    pub panic: Option<String>,
     pub backends: Vec<BackendHealth>,
 }
 
@@ -79,6 +89,8 @@ pub struct Backends {
     vips: Vec<VipPlan>,
     runtime: Vec<Vec<Runtime>>,
     probes: Vec<HealthKind>,
+    /// Per VIP: whether it is in panic mode and which backends that serves.
+    panic: Vec<PanicDecision>,
     /// A write failed since the last look (the keeper schedules a retry).
     write_failed: bool,
     /// The maps are behind the plan (a write failed and no reconcile has succeeded since).
@@ -130,6 +142,7 @@ impl Backends {
         Ok(Self {
             writer,
             vips,
+            panic: vec![PanicDecision::Normal; runtime.len()],
             runtime,
             probes,
             write_failed: false,
@@ -175,7 +188,7 @@ impl Backends {
         let b = &vip.backends[ev.backend];
         let effect = match &tr.to {
             Health::Up => "takes new connections".to_string(),
-            Health::Down(f) if f.is_not_ready() => {
+            Health::Down(f) if f.class().keeps_flows() => {
                 "no new connections, its connections are kept until they end".to_string()
             }
             Health::Down(_) => {
@@ -195,29 +208,58 @@ impl Backends {
                 _ => String::new(),
             }
         );
-        self.apply(ev.vip, ev.backend);
+        self.apply(ev.vip);
     }
 
-    /// Decides backend `b`'s state and writes it; a failed write is logged and left to the
-    /// keeper's retry (the plan already holds the new state).
-    fn apply(&mut self, v: usize, b: usize) {
-        let rt = &self.runtime[v][b];
-        let s = effective(
-            &rt.tracker.health,
-            self.probes[v] != HealthKind::None,
-            rt.drained,
-            rt.weight,
+    /// Decides the state of every backend of VIP `v` (one backend's change can start or end
+    /// panic mode for all of them) and writes what changed; a failed write is logged and left
+    /// to the keeper's retry (the plan already holds the new state).
+    fn apply(&mut self, v: usize) {
+        let decision = policy::panic_mode(
+            &self.vips[v]
+                .backends
+                .iter()
+                .zip(&self.runtime[v])
+                .map(|(b, rt)| BackendView {
+                    name: &b.name,
+                    health: &rt.tracker.health,
+                    drained: rt.drained || rt.weight == 0,
+                })
+                .collect::<Vec<_>>(),
         );
-        if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
-            log::error!(
-                "VIP {} backend {}: writing state {} to the data plane: {e} (retrying)",
-                self.vips[v].name,
-                self.vips[v].backends[b].name,
-                state::name(s)
-            );
-            self.write_failed = true;
-            self.behind = true;
+        if decision != self.panic[v] {
+            match decision.reason() {
+                Some(r) => log::error!(
+                    "VIP {}: PANIC MODE: {r}. Fix the probes' CA/client certificate (the VIP keeps serving meanwhile)",
+                    self.vips[v].name
+                ),
+                None => log::warn!(
+                    "VIP {}: panic mode over, probes decide again",
+                    self.vips[v].name
+                ),
+            }
         }
+        let probes = self.probes[v] != HealthKind::None;
+        for b in 0..self.runtime[v].len() {
+            let rt = &self.runtime[v][b];
+            let health = if decision.serves(b) {
+                &Health::Up
+            } else {
+                &rt.tracker.health
+            };
+            let s = effective(health, probes, rt.drained, rt.weight);
+            if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
+                log::error!(
+                    "VIP {} backend {}: writing state {} to the data plane: {e} (retrying)",
+                    self.vips[v].name,
+                    self.vips[v].backends[b].name,
+                    state::name(s)
+                );
+                self.write_failed = true;
+                self.behind = true;
+            }
+        }
+        self.panic[v] = decision;
     }
 
     /// Drains (or undrains) backend `backend` of VIP `vip`, by name, for `peer`.
@@ -240,7 +282,7 @@ impl Backends {
             .ok_or_else(|| format!("VIP {vip:?} has no backend named {backend:?}"))?;
         self.runtime[v][b].drained = drain;
         let failures = self.writer.write_failures;
-        self.apply(v, b);
+        self.apply(v);
         let word = if drain { "drained" } else { "undrained" };
         log::info!("VIP {vip} backend {backend}: {word} by {peer}");
         let pending = if self.writer.write_failures != failures {
@@ -254,11 +296,16 @@ impl Backends {
         ))
     }
 
-    /// True while some VIP has no backend taking new connections (VRRP tracking).
+    /// True while some VIP has no backend taking new connections on the strength of its
+    /// probes (VRRP tracking): a VIP in panic mode counts as unhealthy, so the VIP moves to
+    /// an LB whose probes work, if there is one.
     pub fn some_vip_without_healthy_backend(&self) -> bool {
-        self.vips
-            .iter()
-            .any(|v| !v.backends.iter().any(|b| b.state == state::UP))
+        self.vips.iter().zip(&self.panic).any(|(v, p)| {
+            !v.backends
+                .iter()
+                .enumerate()
+                .any(|(i, b)| b.state == state::UP && !p.serves(i))
+        })
     }
 
     /// Health of every backend, for status.
@@ -267,14 +314,17 @@ impl Backends {
             .iter()
             .zip(&self.runtime)
             .zip(&self.probes)
-            .map(|((vip, rts), kind)| VipHealth {
+            .zip(&self.panic)
+            .map(|(((vip, rts), kind), panic)| VipHealth {
                 name: vip.name.clone(),
                 probe: format!("{kind:?}").to_lowercase(),
+                panic: panic.reason().map(Into::into),
                 backends: vip
                     .backends
                     .iter()
                     .zip(rts)
-                    .map(|(b, rt)| {
+                    .enumerate()
+                    .map(|(i, (b, rt))| {
                         let t = &rt.tracker;
                         BackendHealth {
                             name: b.name.clone(),
@@ -292,10 +342,10 @@ impl Backends {
                             last_failure: t.last_failure.as_ref().map(Failure::to_string),
                             last_change_unix: t.last_change.map(unix_of),
                             down_reason: match &t.health {
-                                Health::Down(f) if f.is_not_ready() => Some("not ready".into()),
-                                Health::Down(_) => Some("unreachable".into()),
+                                Health::Down(f) => Some(f.class().word().into()),
                                 _ => None,
                             },
+                            served_in_panic: panic.serves(i),
                         }
                     })
                     .collect(),

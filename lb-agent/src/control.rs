@@ -80,7 +80,10 @@ impl Access {
             return true;
         }
         let Some(g) = self.group else { return false };
-        peer.gid == g || peer.pid.is_some_and(|pid| supplementary_groups(pid).contains(&g))
+        peer.gid == g
+            || peer
+                .pid
+                .is_some_and(|pid| supplementary_groups(pid).contains(&g))
     }
 }
 
@@ -89,9 +92,11 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
@@ -256,7 +261,9 @@ async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Cal
         Err(e) => return Response::error(format!("bad request: {e}")),
     };
     if req.changes_state() && !access.may_change(&peer) {
-        log::warn!("control socket: refused {req:?} from {peer}: not root, the agent's user or its group");
+        log::warn!(
+            "control socket: refused {req:?} from {peer}: not root, the agent's user or its group"
+        );
         return Response::error(format!(
             "permission denied: {peer} may read status but not change state (root, the agent's user{} only)",
             if access.group.is_some() { " or agent.control_socket_group" } else { "" }
@@ -410,9 +417,11 @@ mod tests {
         let _l = l.unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(std::fs::read_dir(&dir)
+        assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
             .unwrap()
-            .all(|e| !e.unwrap().file_name().to_string_lossy().ends_with(".tmp")));
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".tmp")));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

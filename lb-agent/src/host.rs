@@ -43,6 +43,7 @@ pub enum Cap {
     NetRaw = 13,
     SysAdmin = 21,
     SysNice = 23,
+    Perfmon = 38,
     Bpf = 39,
 }
 
@@ -53,6 +54,7 @@ impl Cap {
             Cap::NetRaw => "CAP_NET_RAW",
             Cap::SysAdmin => "CAP_SYS_ADMIN",
             Cap::SysNice => "CAP_SYS_NICE",
+            Cap::Perfmon => "CAP_PERFMON",
             Cap::Bpf => "CAP_BPF",
         }
     }
@@ -81,8 +83,19 @@ pub struct Needs {
 pub fn missing_caps(caps: u64, needs: Needs) -> Vec<(&'static str, &'static str)> {
     let has = |c: Cap| caps & (1u64 << c as u32) != 0;
     let mut missing = Vec::new();
-    if !has(Cap::Bpf) && !has(Cap::SysAdmin) {
-        missing.push((Cap::Bpf.name(), "loading the XDP program and its maps"));
+    // CAP_SYS_ADMIN stands in for both on kernels before 5.8 and for root.
+    if !has(Cap::SysAdmin) {
+        if !has(Cap::Bpf) {
+            missing.push((Cap::Bpf.name(), "loading the XDP program and its maps"));
+        }
+        // The verifier refuses the data plane's packet bounds checks (an offset added to
+        // a packet pointer) as "pointer arithmetic prohibited for !root" without it.
+        if !has(Cap::Perfmon) {
+            missing.push((
+                Cap::Perfmon.name(),
+                "the verifier accepts the XDP program's pointer arithmetic only with it",
+            ));
+        }
     }
     if !has(Cap::NetAdmin) {
         missing.push((
@@ -91,10 +104,7 @@ pub fn missing_caps(caps: u64, needs: Needs) -> Vec<(&'static str, &'static str)
         ));
     }
     if needs.vrrp && !has(Cap::NetRaw) {
-        missing.push((
-            Cap::NetRaw.name(),
-            "VRRP's raw socket and gratuitous ARPs",
-        ));
+        missing.push((Cap::NetRaw.name(), "VRRP's raw socket and gratuitous ARPs"));
     }
     if needs.realtime && !has(Cap::SysNice) {
         missing.push((Cap::SysNice.name(), "vrrp.rt_priority (SCHED_RR)"));
@@ -116,7 +126,7 @@ pub fn check_privileges(what: &'static str, needs: Needs) -> Result<(), HostErro
             .collect::<Vec<_>>()
             .join(", "),
         all: {
-            let mut all = vec![Cap::Bpf.name(), Cap::NetAdmin.name()];
+            let mut all = vec![Cap::Bpf.name(), Cap::Perfmon.name(), Cap::NetAdmin.name()];
             if needs.vrrp {
                 all.push(Cap::NetRaw.name());
             }
@@ -242,27 +252,70 @@ mod tests {
     #[test]
     fn missing_capabilities_are_named() {
         let bit = |c: Cap| 1u64 << c as u32;
-        let run = bit(Cap::Bpf) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
-        assert!(missing_caps(run, Needs { vrrp: true, realtime: false }).is_empty());
+        let run = bit(Cap::Bpf) | bit(Cap::Perfmon) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
+        assert!(missing_caps(
+            run,
+            Needs {
+                vrrp: true,
+                realtime: false
+            }
+        )
+        .is_empty());
         let sys_admin = bit(Cap::SysAdmin) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
         assert!(
-            missing_caps(sys_admin, Needs { vrrp: true, realtime: false }).is_empty(),
+            missing_caps(
+                sys_admin,
+                Needs {
+                    vrrp: true,
+                    realtime: false
+                }
+            )
+            .is_empty(),
             "CAP_SYS_ADMIN stands in for CAP_BPF on older kernels"
         );
-        let no_raw = bit(Cap::Bpf) | bit(Cap::NetAdmin);
+        let no_raw = bit(Cap::Bpf) | bit(Cap::Perfmon) | bit(Cap::NetAdmin);
         assert_eq!(
-            missing_caps(no_raw, Needs { vrrp: true, realtime: false }),
+            missing_caps(
+                no_raw,
+                Needs {
+                    vrrp: true,
+                    realtime: false
+                }
+            ),
             vec![("CAP_NET_RAW", "VRRP's raw socket and gratuitous ARPs")]
         );
-        assert!(missing_caps(no_raw, Needs::default()).is_empty(), "no VRRP, no raw socket");
+        assert!(
+            missing_caps(no_raw, Needs::default()).is_empty(),
+            "no VRRP, no raw socket"
+        );
         assert_eq!(
-            missing_caps(run, Needs { vrrp: true, realtime: true })[0].0,
+            missing_caps(
+                run,
+                Needs {
+                    vrrp: true,
+                    realtime: true
+                }
+            )[0]
+            .0,
             "CAP_SYS_NICE"
         );
-        let none = missing_caps(0, Needs { vrrp: true, realtime: false });
+        let none = missing_caps(
+            0,
+            Needs {
+                vrrp: true,
+                realtime: false,
+            },
+        );
         assert_eq!(
             none.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
-            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
+        assert_eq!(
+            missing_caps(run & !bit(Cap::Perfmon), Needs::default()),
+            vec![(
+                "CAP_PERFMON",
+                "the verifier accepts the XDP program's pointer arithmetic only with it"
+            )]
         );
     }
 }

@@ -14,7 +14,7 @@ use netlink_packet_route::{
     link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
     RouteNetlinkMessage,
 };
-use rtnetlink::{MulticastGroup, new_connection, new_multicast_connection};
+use rtnetlink::{new_connection, new_multicast_connection, MulticastGroup};
 
 /// A netlink request that failed; `op` says what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -265,24 +265,28 @@ pub fn events() -> io::Result<Events> {
     let (conn, _handle, messages) =
         new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])?;
     tokio::spawn(conn);
-    Ok(messages.filter_map(|(m, _)| async move {
-        let NetlinkPayload::InnerMessage(m) = m.payload else {
-            return None;
-        };
-        match m {
-            RouteNetlinkMessage::NewLink(l) => Some(Event::Link {
-                index: l.header.index,
-                link: Some(Link::from_message(&l)),
-            }),
-            RouteNetlinkMessage::DelLink(l) => Some(Event::Link {
-                index: l.header.index,
-                link: None,
-            }),
-            RouteNetlinkMessage::NewAddress(a) => Address::from_message(&a).map(Event::AddressAdded),
-            RouteNetlinkMessage::DelAddress(a) => {
-                Address::from_message(&a).map(Event::AddressRemoved)
+    Ok(messages
+        .filter_map(|(m, _)| async move {
+            let NetlinkPayload::InnerMessage(m) = m.payload else {
+                return None;
+            };
+            match m {
+                RouteNetlinkMessage::NewLink(l) => Some(Event::Link {
+                    index: l.header.index,
+                    link: Some(Link::from_message(&l)),
+                }),
+                RouteNetlinkMessage::DelLink(l) => Some(Event::Link {
+                    index: l.header.index,
+                    link: None,
+                }),
+                RouteNetlinkMessage::NewAddress(a) => {
+                    Address::from_message(&a).map(Event::AddressAdded)
+                }
+                RouteNetlinkMessage::DelAddress(a) => {
+                    Address::from_message(&a).map(Event::AddressRemoved)
+                }
+                _ => None,
             }
-            _ => None,
-        }
-    }).boxed())
+        })
+        .boxed())
 }

@@ -22,6 +22,11 @@ use crate::{
 pub enum StatusError {
     #[error("lb-agent is not running: no maps are pinned under {pin_path}{agent}")]
     NotRunning { pin_path: PathBuf, agent: String },
+    #[error("cannot read the pinned maps under {pin_path}: {source} (status needs read access to the pins: run it as root, or as a member of agent.control_socket_group)")]
+    Denied {
+        pin_path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
 }
@@ -56,6 +61,15 @@ pub struct AgentStatus {
     /// Why the control socket did not answer, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_error: Option<String>,
+    /// Map entries the agent found wrong and repaired (from the agent).
+    pub map_repairs: u64,
+    /// The last repair, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_map_repair: Option<String>,
+    /// Map writes that failed and were retried (from the agent).
+    pub map_write_failures: u64,
+    /// A map write has not landed yet: the data plane is behind the agent.
+    pub maps_behind: bool,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -71,6 +85,8 @@ pub struct VipStatus {
     /// Probe kind ("https", "http", "tcp", "none"), from the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
+    /// Panic mode: why backends whose probes fail are served anyway (from the agent).
+    pub health_panic: Option<String>,
     pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -136,7 +152,21 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
             agent,
         });
     }
-    let maps = PinnedMaps::open(pin_path)?;
+    let maps = match PinnedMaps::open_read_only(pin_path) {
+        Ok(m) => m,
+        Err(DataplaneError::Io { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::EACCES) | Some(libc::EPERM)
+            ) =>
+        {
+            return Err(StatusError::Denied {
+                pin_path: pin_path.to_path_buf(),
+                source,
+            })
+        }
+        Err(e) => return Err(e.into()),
+    };
     let meta = maps
         .agent_meta
         .get(&0, 0)
@@ -178,6 +208,10 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         uptime_seconds: now.saturating_sub(meta.started_unix),
         version: info.version,
         control_error,
+        map_repairs: info.map_repairs,
+        last_map_repair: info.last_map_repair,
+        map_write_failures: info.map_write_failures,
+        maps_behind: info.maps_behind,
     };
 
     // Flows per backend from one pass over the flow table.
@@ -231,6 +265,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         };
         let vh = health.iter().find(|h| h.name == vs.name);
         vs.probe = vh.map(|h| h.probe.clone());
+        vs.health_panic = vh.and_then(|h| h.panic.clone());
         for i in 0..MAX_BACKENDS {
             let Ok(bm) = maps.backend_meta.get(&i, 0) else {
                 continue;
@@ -331,6 +366,23 @@ pub fn render(r: &Report) -> String {
         a.xdp_mode, a.interface, a.ifindex, a.pin_path
     );
     let _ = writeln!(o, "flow table: {} flows", r.flows);
+    if a.running {
+        let _ = writeln!(
+            o,
+            "maps:      {}{} repairs, {} failed writes{}",
+            if a.maps_behind {
+                "BEHIND THE AGENT (a write is being retried); "
+            } else {
+                "as the agent intends; "
+            },
+            a.map_repairs,
+            a.map_write_failures,
+            a.last_map_repair
+                .as_deref()
+                .map(|l| format!(" (last repair: {l})"))
+                .unwrap_or_default()
+        );
+    }
     if let Some(v) = &r.vrrp {
         let _ = writeln!(
             o,
@@ -357,6 +409,9 @@ pub fn render(r: &Report) -> String {
             if bad.is_empty() { "none".to_string() } else { bad.join(", ") },
             v.last_transition.as_deref().unwrap_or("none")
         );
+        if let Some(f) = &v.fault_reason {
+            let _ = writeln!(o, "           FAULT: {f}");
+        }
     }
     for v in &r.vips {
         let _ = writeln!(o);
@@ -383,6 +438,9 @@ pub fn render(r: &Report) -> String {
             v.reply_packets,
             human_bytes(v.reply_bytes)
         );
+        if let Some(p) = &v.health_panic {
+            let _ = writeln!(o, "  PANIC MODE: {p}");
+        }
         let _ = writeln!(
             o,
             "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
@@ -435,6 +493,9 @@ pub fn render(r: &Report) -> String {
                 );
                 if let Some(r) = &h.down_reason {
                     line += &format!(", down: {r}");
+                }
+                if h.served_in_panic {
+                    line += ", SERVED IN PANIC MODE";
                 }
                 if let Some(f) = &h.last_failure {
                     line += &format!(", last failure: {f}");

@@ -419,17 +419,12 @@ impl Lab {
 
     /// Starts lb-agent on LB `i` and waits until its status answers.
     pub fn start_agent(&self, i: usize, config: &Path) -> Proc {
-        let agent = bin("lb-agent");
-        let mut p = self.spawn_net_only(
-            &self.lbs[i],
-            &format!("agent-lb{}", i + 1),
-            &[
-                agent.to_str().unwrap(),
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-        );
+        self.start_agent_with(i, config, &[])
+    }
+
+    /// Like `start_agent`, with `wrapper` (e.g. a setpriv command line) in front of it.
+    pub fn start_agent_with(&self, i: usize, config: &Path, wrapper: &[&str]) -> Proc {
+        let mut p = self.spawn_agent(i, config, wrapper);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(s) = self.try_status(config) {
@@ -445,6 +440,19 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Starts lb-agent on LB `i` (behind `wrapper`) without waiting for it.
+    pub fn spawn_agent(&self, i: usize, config: &Path, wrapper: &[&str]) -> Proc {
+        let agent = bin("lb-agent");
+        let mut args: Vec<&str> = wrapper.to_vec();
+        args.extend([
+            agent.to_str().unwrap(),
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        self.spawn_net_only(&self.lbs[i], &format!("agent-lb{}", i + 1), &args)
     }
 
     fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {

@@ -5,7 +5,91 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::lab::{Lab, Proc, VIP};
+use crate::lab::{Lab, LoadgenRun, Proc, VIP};
+
+/// Health settings VRRP labs use: fast enough that tracking reacts within a second.
+pub const VRRP_HEALTH: &str = "interval = \"200ms\"\ntimeout = \"150ms\"";
+
+/// Two LBs running lb-agent with VRRP (lb1 priority 110, lb2 100) in front of three stubs.
+pub struct Pair {
+    pub lab: Lab,
+    pub configs: [PathBuf; 2],
+    pub stubs: Vec<Proc>,
+}
+
+impl Pair {
+    /// The `[vrrp]` keys of an LB: VRID 51, `priority`, adverts every `advert_ms`, `extra`.
+    pub fn vrrp(priority: u8, advert_ms: u64, extra: &str) -> String {
+        format!(
+            "virtual_router_id = 51\npriority = {priority}\nadvert_interval = \"{advert_ms}ms\"\n{extra}"
+        )
+    }
+
+    /// Builds the lab and starts both agents; lb1 is master when this returns. None when
+    /// the test cannot run here.
+    pub fn new(
+        test: &str,
+        advert_ms: u64,
+        extra1: &str,
+        extra2: &str,
+    ) -> Option<(Pair, Proc, Proc)> {
+        let lab = Lab::new(test, 2, 3)?;
+        let stubs = lab.start_stubs();
+        let c1 = lab.agent_config_vrrp(0, VRRP_HEALTH, &Self::vrrp(110, advert_ms, extra1));
+        let c2 = lab.agent_config_vrrp(1, VRRP_HEALTH, &Self::vrrp(100, advert_ms, extra2));
+        let a1 = lab.start_agent(0, &c1);
+        let a2 = lab.start_agent(1, &c2);
+        let pair = Pair {
+            lab,
+            configs: [c1, c2],
+            stubs,
+        };
+        pair.wait_master(0, Duration::from_secs(5));
+        Some((pair, a1, a2))
+    }
+
+    /// Waits until LB `i` is the only master and the only holder of the VIP.
+    pub fn wait_master(&self, i: usize, timeout: Duration) {
+        let other = 1 - i;
+        let ok = poll_until(timeout, || {
+            self.lab.vrrp_state(&self.configs[i]) == "master"
+                && self.lab.has_vip(i)
+                && !self.lab.has_vip(other)
+                && matches!(
+                    self.lab.vrrp_state(&self.configs[other]).as_str(),
+                    "backup" | "fault" | ""
+                )
+        });
+        assert!(
+            ok.is_some(),
+            "lb{} should be the only master: lb1 {:?} vip {}, lb2 {:?} vip {}",
+            i + 1,
+            self.lab.vrrp_status(&self.configs[0]),
+            self.lab.has_vip(0),
+            self.lab.vrrp_status(&self.configs[1]),
+            self.lab.has_vip(1)
+        );
+    }
+
+    /// A client opening a new connection every 20 ms for `secs`, reporting the longest gap.
+    pub fn gap_client(&self, name: &str, secs: u64) -> LoadgenRun {
+        self.lab.spawn_loadgen(
+            name,
+            "/version",
+            &[
+                "--gap",
+                "--new-connection",
+                "--interval",
+                "20ms",
+                "--duration",
+                &format!("{secs}s"),
+                // Short, so the client's own timeout does not hide the real outage.
+                "--timeout",
+                "200ms",
+            ],
+        )
+    }
+}
 
 impl Lab {
     /// An agent config for LB `i` with a `[vrrp]` section (`vrrp` holds its keys) appended.

@@ -79,7 +79,10 @@ fn without_privileges_the_error_is_clear_and_status_says_no_agent_runs() {
         .expect("setpriv");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("needs root or CAP_BPF"), "clear error: {err}");
+    assert!(
+        err.contains("lacks CAP_BPF") && err.contains("CAP_NET_ADMIN"),
+        "clear error: {err}"
+    );
     assert!(
         !err.contains("panicked") && !err.contains("backtrace"),
         "{err}"

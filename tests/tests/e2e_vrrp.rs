@@ -3,25 +3,19 @@
 //! tracking, unicast.
 
 use std::{
-    path::PathBuf,
     sync::Mutex,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use lb_tests::{
-    lab::{Lab, Proc},
-    vrrp_lab::poll_until,
+    lab::Proc,
+    vrrp_lab::{poll_until, Pair},
 };
 
 /// Failover timings are what these tests measure: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const ADVERT_MS: u64 = 100;
-const HEALTH: &str = "interval = \"200ms\"\ntimeout = \"150ms\"";
-
-fn vrrp(priority: u8, extra: &str) -> String {
-    format!("virtual_router_id = 51\npriority = {priority}\nadvert_interval = \"{ADVERT_MS}ms\"\n{extra}")
-}
 
 /// 3 × advert + skew of lb2 (priority 100) + 100 ms.
 fn takeover_bound() -> Duration {
@@ -36,69 +30,8 @@ fn unix_now() -> f64 {
         .as_secs_f64()
 }
 
-struct Pair {
-    lab: Lab,
-    configs: [PathBuf; 2],
-    _stubs: Vec<Proc>,
-}
-
-impl Pair {
-    fn new(test: &str, extra1: &str, extra2: &str) -> Option<(Pair, Proc, Proc)> {
-        let lab = Lab::new(test, 2, 3)?;
-        let stubs = lab.start_stubs();
-        let c1 = lab.agent_config_vrrp(0, HEALTH, &vrrp(110, extra1));
-        let c2 = lab.agent_config_vrrp(1, HEALTH, &vrrp(100, extra2));
-        let a1 = lab.start_agent(0, &c1);
-        let a2 = lab.start_agent(1, &c2);
-        let pair = Pair {
-            lab,
-            configs: [c1, c2],
-            _stubs: stubs,
-        };
-        pair.wait_master(0, Duration::from_secs(5));
-        Some((pair, a1, a2))
-    }
-
-    /// Waits until LB `i` is the only master and the only holder of the VIP.
-    fn wait_master(&self, i: usize, timeout: Duration) {
-        let other = 1 - i;
-        let ok = poll_until(timeout, || {
-            self.lab.vrrp_state(&self.configs[i]) == "master"
-                && self.lab.has_vip(i)
-                && !self.lab.has_vip(other)
-                && matches!(
-                    self.lab.vrrp_state(&self.configs[other]).as_str(),
-                    "backup" | ""
-                )
-        });
-        assert!(
-            ok.is_some(),
-            "lb{} should be the only master: lb1 {:?} vip {}, lb2 {:?} vip {}",
-            i + 1,
-            self.lab.vrrp_status(&self.configs[0]),
-            self.lab.has_vip(0),
-            self.lab.vrrp_status(&self.configs[1]),
-            self.lab.has_vip(1)
-        );
-    }
-
-    fn gap_client(&self, name: &str, secs: u64) -> lb_tests::lab::LoadgenRun {
-        self.lab.spawn_loadgen(
-            name,
-            "/version",
-            &[
-                "--gap",
-                "--new-connection",
-                "--interval",
-                "20ms",
-                "--duration",
-                &format!("{secs}s"),
-                // Short, so the client's own timeout does not hide the real outage.
-                "--timeout",
-                "200ms",
-            ],
-        )
-    }
+fn start_pair(test: &str, extra1: &str, extra2: &str) -> Option<(Pair, Proc, Proc)> {
+    Pair::new(test, ADVERT_MS, extra1, extra2)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -109,7 +42,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[test]
 fn dead_master_fails_over_fast_and_returns_with_preemption() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((pair, mut a1, _a2)) = Pair::new("vrrp_kill", "", "") else {
+    let Some((pair, mut a1, _a2)) = start_pair("vrrp_kill", "", "") else {
         return;
     };
     let lab = &pair.lab;
@@ -160,7 +93,7 @@ fn dead_master_fails_over_fast_and_returns_with_preemption() {
 fn resigning_master_hands_over_within_skew_time_and_no_preempt_keeps_the_backup() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // lb1 does not preempt: after a restart it stays backup.
-    let Some((pair, mut a1, _a2)) = Pair::new("vrrp_term", "preempt = false", "") else {
+    let Some((pair, mut a1, _a2)) = start_pair("vrrp_term", "preempt = false", "") else {
         return;
     };
     let lab = &pair.lab;
@@ -196,7 +129,7 @@ fn resigning_master_hands_over_within_skew_time_and_no_preempt_keeps_the_backup(
 #[test]
 fn a_master_whose_backends_all_fail_hands_over() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((pair, _a1, _a2)) = Pair::new("vrrp_track", "", "") else {
+    let Some((pair, _a1, _a2)) = start_pair("vrrp_track", "", "") else {
         return;
     };
     let lab = &pair.lab;
@@ -231,7 +164,7 @@ fn a_master_whose_backends_all_fail_hands_over() {
 #[test]
 fn unicast_peers_elect_and_fail_over() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((pair, mut a1, _a2)) = Pair::new(
+    let Some((pair, mut a1, _a2)) = start_pair(
         "vrrp_ucast",
         "unicast_src = \"198.18.0.2\"\nunicast_peers = [\"198.18.0.3\"]",
         "unicast_src = \"198.18.0.3\"\nunicast_peers = [\"198.18.0.2\"]",
@@ -243,7 +176,6 @@ fn unicast_peers_elect_and_fail_over() {
     std::thread::sleep(Duration::from_millis(1500));
     lab.kill_node(0, &mut a1);
     let report = client.finish(Duration::from_secs(15));
-    // The dead lb1 keeps the VIP on its downed link; only lb2 answers for it.
     assert_eq!(lab.vrrp_state(&pair.configs[1]), "master");
     assert!(lab.has_vip(1));
     let gap = report["max_gap_ms"].as_f64().unwrap();

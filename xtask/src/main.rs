@@ -148,12 +148,22 @@ fn cargo() -> Command {
     c
 }
 
+/// Fault injection (`lb-agent debug failpoint`) for the tests; never in release builds.
+const TEST_FEATURES: &str = "lb-agent/failpoints";
+
 fn build(release: bool) -> Result<PathBuf> {
+    build_with(release, None)
+}
+
+fn build_with(release: bool, features: Option<&str>) -> Result<PathBuf> {
     ensure_toolchain()?;
     let mut c = cargo();
     c.args(["build", "--workspace", "--bins"]);
     if release {
         c.arg("--release");
+    }
+    if let Some(f) = features {
+        c.args(["--features", f]);
     }
     run(&mut c)?;
     Ok(root()
@@ -222,9 +232,10 @@ fn main() -> ExitCode {
 /// Unit tests, data plane tests (BPF_PROG_TEST_RUN) and end-to-end tests in namespaces.
 fn test(extra: &[String]) -> Result<()> {
     ensure_packages(&[])?;
-    let dir = build(false)?;
+    let dir = build_with(false, Some(TEST_FEATURES))?;
     let mut c = cargo();
-    c.args(["test", "--workspace"])
+    // The same features as the build above, so cargo does not rebuild lb-agent without them.
+    c.args(["test", "--workspace", "--features", TEST_FEATURES])
         .args(extra)
         .env("LB_AGENT_BIN", dir.join("lb-agent"));
     run(&mut c)

@@ -45,10 +45,8 @@ impl Keeper {
         mut calls: mpsc::Receiver<Call>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let mut reconcile = tokio::time::interval_at(
-            Instant::now() + self.reconcile_every,
-            self.reconcile_every,
-        );
+        let mut reconcile =
+            tokio::time::interval_at(Instant::now() + self.reconcile_every, self.reconcile_every);
         reconcile.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
         watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);

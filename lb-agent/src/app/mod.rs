@@ -31,7 +31,11 @@ use crate::{
         pinned::PinnedMaps,
         writer::{self, Writer},
     },
-    health::{self, probe::Target},
+    health::{
+        self,
+        probe::Target,
+        tls_watch::{self, TlsSource},
+    },
     host::{self, Sysctls},
     netlink::Netlink,
     vrrp::{self, VrrpThread},
@@ -118,10 +122,9 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let mut tls = Vec::new();
     for (i, v) in config.vips.iter().enumerate() {
-        tls.push(
-            health::tls_config(&v.health)
-                .map_err(|e| anyhow!("{file}: vip[{i}].health.{e}"))?,
-        );
+        tls.push(Some(
+            TlsSource::new(&v.health).map_err(|e| anyhow!("{file}: vip[{i}].health.{e}"))?,
+        ));
     }
     let group = config
         .agent
@@ -202,15 +205,26 @@ pub async fn run(config: Config) -> Result<()> {
         if vip.health.kind == HealthKind::None {
             continue;
         }
+        let source = tls[v].take().expect("one TLS source per VIP");
+        let (tls_tx, tls_rx) = watch::channel(source.config());
         for (b, be) in vip.backends.iter().enumerate() {
             let target = Target::new(
                 SocketAddr::from((be.address, be.port)),
                 &vip.health,
-                tls[v].clone(),
-            );
+                source.config(),
+            )
+            .with_tls_updates(tls_rx.clone());
             let (tx, stop, interval) = (probe_tx.clone(), stop_rx.clone(), vip.health.interval);
             sup.spawn(format!("prober {}/{}", vip.name, be.name), async move {
                 health::run_prober(v, b, target, interval, tx, stop).await;
+                Ok(())
+            });
+        }
+        // kubeadm rotates certificates: probes follow the files.
+        if !source.paths().is_empty() {
+            let (name, stop) = (vip.name.clone(), stop_rx.clone());
+            sup.spawn(format!("certificate watch {}", vip.name), async move {
+                tls_watch::watch_tls(name, source, tls_watch::POLL_PERIOD, tls_tx, stop).await;
                 Ok(())
             });
         }
@@ -327,8 +341,8 @@ pub async fn run(config: Config) -> Result<()> {
         if !resigned {
             vrrp::resign_after_failure(&v.cfg, v.ifindex, v.primary, &v.status, &nl).await;
         }
-        let grace = (v.cfg.advert_interval * 2)
-            .clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let grace =
+            (v.cfg.advert_interval * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
         tokio::time::sleep(grace).await;
     }
     // Then stop probes and answering, detach, drop maps and pins, restore sysctls.

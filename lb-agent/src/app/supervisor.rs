@@ -94,7 +94,10 @@ mod tests {
         assert_eq!(e.to_string(), "task fails failed: boom");
         s.spawn("panics", async { panic!("at the disco") });
         let e = s.next_exit().await.unwrap();
-        assert_eq!((e.name.as_str(), e.how.as_str()), ("panics", "panicked: at the disco"));
+        assert_eq!(
+            (e.name.as_str(), e.how.as_str()),
+            ("panics", "panicked: at the disco")
+        );
         s.spawn("returns", async { Ok(()) });
         assert_eq!(s.next_exit().await.unwrap().how, "returned");
         assert!(s.next_exit().await.is_none());

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod vrrp;
-pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
 use vrrp::{validate_vrrp, RawVrrp};
+pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
 
 // Names are NUL-padded in the maps, so at most NAME_LEN - 1 bytes.
 use lb_common::{

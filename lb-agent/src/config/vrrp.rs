@@ -256,8 +256,11 @@ pub(super) fn validate_vrrp(
         }
     };
     let garp_count = count("garp_count", raw.garp_count, 5)?;
-    let garp_lower_prio_repeat =
-        count("garp_lower_prio_repeat", raw.garp_lower_prio_repeat, garp_count)?;
+    let garp_lower_prio_repeat = count(
+        "garp_lower_prio_repeat",
+        raw.garp_lower_prio_repeat,
+        garp_count,
+    )?;
     let garp_refresh = match raw.garp_refresh {
         None => None,
         Some(s) => {
@@ -281,10 +284,16 @@ pub(super) fn validate_vrrp(
     };
     let name = match raw.name {
         None => "VI_1".to_string(),
-        Some(n) if n.is_empty() || n.len() > 64 || n.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+        Some(n)
+            if n.is_empty()
+                || n.len() > 64
+                || n.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
             return Err(issue(
                 at("name"),
-                format!("{n:?}: 1 to 64 characters, no spaces (notify scripts get it as one argument)"),
+                format!(
+                    "{n:?}: 1 to 64 characters, no spaces (notify scripts get it as one argument)"
+                ),
             ))
         }
         Some(n) => n,
@@ -296,7 +305,9 @@ pub(super) fn validate_vrrp(
             Some(_) => Err(issue(at(f), "must not be empty")),
             None => Err(issue(
                 at(f),
-                format!("{line:?}: unbalanced quotes (the command line is split like a shell would)"),
+                format!(
+                    "{line:?}: unbalanced quotes (the command line is split like a shell would)"
+                ),
             )),
         }
     };
@@ -360,7 +371,6 @@ pub(super) fn validate_vrrp(
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,7 +401,10 @@ mod tests {
         assert_eq!(v.track.no_healthy_backend, 60);
         assert_eq!(
             v.notify.any,
-            Some(vec!["/usr/local/bin/lb-notify".to_string(), "--all".to_string()])
+            Some(vec![
+                "/usr/local/bin/lb-notify".to_string(),
+                "--all".to_string()
+            ])
         );
         assert_eq!(
             v.notify.master,

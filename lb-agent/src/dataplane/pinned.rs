@@ -43,6 +43,8 @@ struct ObjAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// The kernel refuses non-zero bytes past the fields it knows: no uninitialised padding.
+    _pad: u32,
 }
 
 /// Opens a pinned map read-only (aya's `from_pin` asks for write access too).
@@ -54,6 +56,7 @@ fn open_read_only(path: &Path) -> std::io::Result<MapData> {
         bpf_fd: 0,
         file_flags: BPF_F_RDONLY,
         path_fd: 0,
+        _pad: 0,
     };
     // SAFETY: attr is a valid bpf_attr prefix and the path outlives the call; on success the
     // kernel returns a new fd that we own.

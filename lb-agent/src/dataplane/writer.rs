@@ -284,7 +284,10 @@ impl Writer {
                             .set(be.index, meta, 0)
                             .map_err(map_err(map::BACKEND_META));
                         self.failed(r)?;
-                        note(format!("BACKEND_META[{}] ({}/{})", be.index, v.name, be.name));
+                        note(format!(
+                            "BACKEND_META[{}] ({}/{})",
+                            be.index, v.name, be.name
+                        ));
                     }
                 }
                 if pass_up {

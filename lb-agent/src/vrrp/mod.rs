@@ -201,9 +201,8 @@ fn set_rt_priority(priority: u8) -> io::Result<()> {
         sched_priority: i32::from(priority),
     };
     // SAFETY: pid 0 is the calling thread; param is valid for the call.
-    let rc = unsafe {
-        libc::sched_setscheduler(0, libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, &param)
-    };
+    let rc =
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_RR | libc::SCHED_RESET_ON_FORK, &param) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -368,7 +367,9 @@ impl Instance {
             .await
             .map_err(|e| io("reading the interface")(e.source))?;
         let mac = link.mac.ok_or_else(|| {
-            VrrpError::Other(format!("VRRP on {ifname}: the interface has no MAC address"))
+            VrrpError::Other(format!(
+                "VRRP on {ifname}: the interface has no MAC address"
+            ))
         })?;
         let version = if cfg.version == 2 {
             Version::V2
@@ -398,11 +399,8 @@ impl Instance {
         };
         let holder_task = tokio::spawn(holder.run(holder_rx));
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
-        let notify_task = tokio::spawn(notify::run(
-            cfg.notify.clone(),
-            cfg.name.clone(),
-            notify_rx,
-        ));
+        let notify_task =
+            tokio::spawn(notify::run(cfg.notify.clone(), cfg.name.clone(), notify_rx));
         let (link_tx, links) = mpsc::channel(4);
         let poll_task = tokio::spawn(poll_link(nl, ifindex, link.usable(), link_tx));
 
@@ -796,9 +794,8 @@ impl Parts {
                 r = &mut poll_task => break Err(format!("the link poller ended: {}", join_word(r))),
             }
         };
-        if result.is_err() {
-            return result;
-        }
+        // A part died: the supervisor gives up the VIP with sockets of its own.
+        result?;
         let from = inst.machine.state();
         let prio = inst.effective_priority();
         let acts = inst.machine.shutdown(Instance::now());
@@ -811,7 +808,9 @@ impl Parts {
             .await
             .is_err()
         {
-            log::warn!("VRRP: removing the virtual addresses took more than 2s; their lifetime ends them");
+            log::warn!(
+                "VRRP: removing the virtual addresses took more than 2s; their lifetime ends them"
+            );
         }
         if let Some(n) = inst.notify.take() {
             let _ = n.send((NotifyState::Stop, prio));
@@ -910,7 +909,9 @@ pub async fn resign_after_failure(
                 };
                 for dst in dsts {
                     match s.send(&ad.encode(primary, dst), dst) {
-                        Ok(()) => log::warn!("VRRP: sent a priority 0 advert to {dst}: the backup takes over now"),
+                        Ok(()) => log::warn!(
+                            "VRRP: sent a priority 0 advert to {dst}: the backup takes over now"
+                        ),
                         Err(e) => log::error!("VRRP: priority 0 advert to {dst}: {e}"),
                     }
                 }

@@ -67,7 +67,11 @@ pub fn commands(
 
 /// Runs the scripts of each queued transition, one script at a time, until the sender is
 /// dropped and the queue is empty.
-pub async fn run(cfg: NotifyConfig, instance: String, mut queue: mpsc::UnboundedReceiver<(NotifyState, u8)>) {
+pub async fn run(
+    cfg: NotifyConfig,
+    instance: String,
+    mut queue: mpsc::UnboundedReceiver<(NotifyState, u8)>,
+) {
     while let Some((state, priority)) = queue.recv().await {
         for argv in commands(&cfg, &instance, state, priority) {
             run_one(&argv).await;

@@ -1,0 +1,282 @@
+//! The agent fails safe: no fault of the agent or the host leaves the VIP blackholed,
+//! doubled, or silently unmanaged. SIGHUP; a master SIGKILLed with its link up; the VRRP task
+//! failing; link down/up and a VIP removed by hand; a failed map write and a tampered map.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use lb_tests::{
+    lab::{bin, Lab, Proc, VIP},
+    vrrp_lab::{poll_until, Pair},
+};
+use nix::sys::signal::Signal;
+
+/// These tests measure failover timing: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const ADVERT_MS: u64 = 100;
+
+fn agent_cmd(args: &[&str], config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(bin("lb-agent"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run lb-agent")
+}
+
+/// Waits up to `timeout` for `p` to exit and returns its exit code.
+fn exit_code(p: &mut Proc, timeout: Duration) -> Option<i32> {
+    p.wait(timeout).map(|s| s.code().unwrap_or(-1))
+}
+
+#[test]
+fn sighup_is_logged_and_ignored() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = Lab::new("fs_hup", 1, 3) else {
+        return;
+    };
+    let _stubs = lab.start_stubs();
+    lab.add_vip(0);
+    let config = lab.agent_config(0, "", "interval = \"200ms\"\ntimeout = \"150ms\"");
+    let mut agent = lab.start_agent(0, &config);
+    let pid_before = lab.status(&config)["agent"]["pid"].clone();
+    for _ in 0..3 {
+        agent.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        agent.running(),
+        "SIGHUP killed the agent:\n{}",
+        agent.output()
+    );
+    let s = lab.status(&config);
+    assert_eq!(s["agent"]["running"], true);
+    assert_eq!(s["agent"]["pid"], pid_before);
+    assert_eq!(s["agent"]["xdp_mode"], "native", "still attached: {s}");
+    let report = lab.loadgen("/version", &["--count", "30", "--concurrency", "2"]);
+    assert_eq!(report["ok"], 30, "still serving: {report}");
+    assert!(
+        agent.output().contains("SIGHUP: ignored"),
+        "{}",
+        agent.output()
+    );
+    // SIGTERM stays the orderly stop.
+    let st = agent.terminate(Duration::from_secs(10)).expect("stops");
+    assert!(st.success(), "{st}\n{}", agent.output());
+    assert!(!lab.pin_path(0).exists());
+}
+
+#[test]
+fn a_master_killed_with_its_link_up_loses_the_vip_by_itself() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((pair, a1, _a2)) = Pair::new("fs_crash", ADVERT_MS, "", "") else {
+        return;
+    };
+    let lab = &pair.lab;
+    let client = pair.gap_client("gapcrash", 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The agent dies (OOM killer, a bug); the host and its link stay up; nobody cleans up.
+    let t0 = Instant::now();
+    a1.signal(Signal::SIGKILL);
+    let only_lb2 =
+        poll_until(Duration::from_secs(5), || lab.has_vip(1) && !lab.has_vip(0)).map(|t| t - t0);
+    let report = client.finish(Duration::from_secs(20));
+    let gap = report["max_gap_ms"].as_f64().unwrap();
+    println!(
+        "SIGKILL, link up: VIP on lb2 only after {only_lb2:?}; client gap {gap} ms ({} ok, {} failed: {})",
+        report["ok"], report["failed"], report["errors"]
+    );
+    let only_lb2 = only_lb2.expect("the dead master's VIP never went away");
+    assert!(
+        only_lb2 <= Duration::from_secs(2),
+        "VIP on lb2 only after {only_lb2:?}"
+    );
+    assert!(
+        gap < 1000.0,
+        "clients' new connections resumed after {gap} ms: {report}"
+    );
+    assert_eq!(lab.vrrp_state(&pair.configs[1]), "master");
+    // And it stays that way: nothing re-adds it on the dead host.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.has_vip(1) && !lab.has_vip(0));
+}
+
+#[test]
+fn a_failed_vrrp_task_gives_up_the_vip_and_the_agent_exits_non_zero() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((pair, mut a1, _a2)) = Pair::new("fs_vrrpfail", ADVERT_MS, "", "") else {
+        return;
+    };
+    let lab = &pair.lab;
+    let client = pair.gap_client("gapvrrpfail", 4);
+    std::thread::sleep(Duration::from_millis(1000));
+    let t0 = Instant::now();
+    let out = agent_cmd(
+        &["debug", "failpoint", "vrrp-loop", "panic"],
+        &pair.configs[0],
+    );
+    assert!(
+        out.status.success(),
+        "failpoints need `cargo xtask test` (feature lb-agent/failpoints): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let code = exit_code(&mut a1, Duration::from_secs(10));
+    let exited = t0.elapsed();
+    let took =
+        poll_until(Duration::from_secs(3), || lab.has_vip(1) && !lab.has_vip(0)).map(|t| t - t0);
+    let report = client.finish(Duration::from_secs(20));
+    let log = a1.output();
+    println!(
+        "VRRP task panicked: agent exited with {code:?} after {exited:?}; VIP on lb2 only after {took:?}; client gap {} ms",
+        report["max_gap_ms"]
+    );
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the agent must exit non-zero, got {code:?}:\n{log}"
+    );
+    assert!(log.contains("task vrrp"), "logs why:\n{log}");
+    assert!(log.contains("priority 0 advert"), "resigns:\n{log}");
+    let took = took.expect("lb2 took the VIP");
+    // A priority 0 advert hands over within lb2's skew time, not 3 intervals.
+    assert!(took < Duration::from_millis(1000), "{took:?}");
+    assert_eq!(lab.vrrp_state(&pair.configs[1]), "master");
+    assert!(!lab.pin_path(0).exists(), "detached and cleaned up");
+    let link = lab.lbs[0].ns.sh("ip -o link show eth0");
+    assert!(!link.contains("xdp"), "XDP detached: {link}");
+    assert!(report["max_gap_ms"].as_f64().unwrap() < 1000.0, "{report}");
+}
+
+#[test]
+fn link_down_faults_at_once_and_a_vip_removed_by_hand_comes_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((pair, _a1, _a2)) = Pair::new("fs_link", ADVERT_MS, "", "") else {
+        return;
+    };
+    let lab = &pair.lab;
+
+    // Something else removes the VIP from the master: it is put back and logged.
+    let t0 = Instant::now();
+    lab.lbs[0].ns.sh(&format!("ip addr del {VIP}/32 dev eth0"));
+    let back = poll_until(Duration::from_secs(2), || lab.has_vip(0)).map(|t| t - t0);
+    println!("VIP removed by hand: back after {back:?}");
+    assert!(back.expect("VIP added back") < Duration::from_millis(500));
+    assert_eq!(lab.vrrp_state(&pair.configs[0]), "master");
+    assert_eq!(
+        lab.vrrp_state(&pair.configs[1]),
+        "backup",
+        "no failover for that"
+    );
+    // The address carries a lifetime the agent keeps renewing.
+    let addr = lab.lbs[0].ns.sh("ip -4 -o addr show dev eth0");
+    assert!(
+        addr.lines()
+            .any(|l| l.contains(&VIP.to_string()) && l.contains("valid_lft 1sec")),
+        "{addr}"
+    );
+
+    // The master's link goes down: fault at once, the backup takes over.
+    let t0 = Instant::now();
+    lab.lbs[0].ns.sh("ip link set eth0 down");
+    let fault = poll_until(Duration::from_secs(2), || {
+        lab.vrrp_state(&pair.configs[0]) == "fault"
+    })
+    .map(|t| t - t0);
+    println!("link down: fault after {fault:?}");
+    assert!(fault.expect("fault state") < Duration::from_millis(500));
+    let s = lab.vrrp_status(&pair.configs[0]).unwrap();
+    assert_eq!(s["fault_reason"], "interface down", "{s}");
+    assert_eq!(s["effective_priority"], 0, "{s}");
+    assert!(!lab.has_vip(0), "a faulted master drops the VIP");
+    pair.wait_master(1, Duration::from_secs(3));
+
+    // Back up: lb1 leaves fault and, with preempt, takes the VIP back.
+    lab.lbs[0].ns.sh("ip link set eth0 up");
+    pair.wait_master(0, Duration::from_secs(5));
+    assert!(lab.vrrp_status(&pair.configs[0]).unwrap()["fault_reason"].is_null());
+}
+
+#[test]
+fn a_failed_map_write_is_retried_and_a_tampered_map_is_repaired() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = Lab::new("fs_maps", 1, 3) else {
+        return;
+    };
+    let _stubs = lab.start_stubs();
+    lab.add_vip(0);
+    let config = lab.agent_config(0, "", "interval = \"200ms\"\ntimeout = \"150ms\"");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace("[agent]\n", "[agent]\nreconcile_interval = \"1s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let _agent = lab.start_agent(0, &config);
+    let up = poll_until(Duration::from_secs(10), || {
+        lab.status(&config)["vips"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "up")
+    });
+    assert!(up.is_some(), "{}", lab.status(&config));
+
+    // The next map write fails once: the drain is recorded, retried, and lands.
+    let out = agent_cmd(&["debug", "failpoint", "map-write", "1*return"], &config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = agent_cmd(&["drain", "kube-apiserver", "master03"], &config);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("the map write failed"), "{said}");
+    let landed = poll_until(Duration::from_secs(3), || {
+        let s = lab.status(&config);
+        s["vips"][0]["backends"][2]["state"] == "drain" && s["vips"][0]["backends"][2]["slots"] == 0
+    });
+    let s = lab.status(&config);
+    assert!(landed.is_some(), "the failed write was never repaired: {s}");
+    assert!(
+        s["agent"]["map_write_failures"].as_u64().unwrap() >= 1,
+        "{s}"
+    );
+    assert!(s["agent"]["map_repairs"].as_u64().unwrap() >= 1, "{s}");
+    let repairs_before = s["agent"]["map_repairs"].as_u64().unwrap();
+    let report = lab.loadgen("/version", &["--count", "60", "--concurrency", "2"]);
+    assert_eq!(report["ok"], 60, "{report}");
+    assert!(
+        report["backends"]["master03"].is_null(),
+        "drained: {report}"
+    );
+
+    // Someone (a stray bpftool, a bug) deletes the VIP's entry and marks a backend down:
+    // the reconcile puts both back within its interval.
+    {
+        let mut maps = lb_agent::dataplane::pinned::PinnedMaps::open(&lab.pin_path(0)).unwrap();
+        let (key, _) = maps.vips.iter().next().unwrap().unwrap();
+        maps.vips.remove(&key).unwrap();
+        let mut b0 = maps.backends.get(&0, 0).unwrap();
+        b0.state = lb_common::state::DOWN;
+        maps.backends.set(0, b0, 0).unwrap();
+    }
+    let repaired = poll_until(Duration::from_secs(4), || {
+        let s = lab.status(&config);
+        s["vips"].as_array().is_some_and(|v| !v.is_empty())
+            && s["vips"][0]["backends"][0]["state"] == "up"
+    });
+    let s = lab.status(&config);
+    assert!(repaired.is_some(), "not repaired: {s}");
+    let repairs = s["agent"]["map_repairs"].as_u64().unwrap();
+    assert!(repairs >= repairs_before + 2, "{s}");
+    println!(
+        "repairs: {repairs} (last: {}), write failures {}",
+        s["agent"]["last_map_repair"], s["agent"]["map_write_failures"]
+    );
+    let report = lab.loadgen("/version", &["--count", "30", "--concurrency", "2"]);
+    assert_eq!(report["ok"], 30, "serving again: {report}");
+}
