@@ -224,3 +224,99 @@ pub fn keepalived_conf(
          advert_int {advert}\n{auth}    virtual_ipaddress {{\n        {VIP}/32\n    }}\n}}\n"
     )
 }
+
+/// Gratuitous ARPs for `addr` seen in namespace `ns` during `window`, as (time since the
+/// start, sender MAC) pairs.
+pub fn capture_garps(
+    ns: &crate::netns::Netns,
+    addr: std::net::Ipv4Addr,
+    window: Duration,
+) -> Vec<(Duration, [u8; 6])> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let _in = ns.enter();
+    // SAFETY: socket(2); ownership passes to OwnedFd at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            (libc::ETH_P_ARP as u16).to_be() as i32,
+        )
+    };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: valid fd and option buffer.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let start = Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 128];
+    while start.elapsed() < window {
+        // SAFETY: buf is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                0,
+            )
+        };
+        if n < 42 {
+            continue;
+        }
+        let (sender_ip, target_ip) = (&buf[28..32], &buf[38..42]);
+        if sender_ip == addr.octets() && target_ip == addr.octets() {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&buf[22..28]);
+            seen.push((start.elapsed(), mac));
+        }
+    }
+    seen
+}
+
+impl Lab {
+    /// The MAC of LB `i`'s eth0 (the lab sets it from the address).
+    pub fn lb_mac(&self, i: usize) -> [u8; 6] {
+        let o = self.lbs[i].addr.octets();
+        [0x02, 0x00, 0xc6, 0x12, o[2], o[3]]
+    }
+
+    /// The MAC the client's neighbour table has for the VIP, if any.
+    pub fn client_vip_mac(&self) -> Option<String> {
+        let out = self
+            .client
+            .ns
+            .try_sh(&format!("ip neigh show {VIP} dev eth0"))
+            .ok()?;
+        let mut it = out.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "lladdr" {
+                return it.next().map(str::to_string);
+            }
+        }
+        None
+    }
+}
+
+/// `aa:bb:...` for a MAC.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}

@@ -97,3 +97,40 @@ fn without_privileges_the_error_is_clear_and_status_says_no_agent_runs() {
     assert_eq!(v["running"], false);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn priority_255_needs_the_virtual_address_on_the_interface() {
+    let dir = std::env::temp_dir().join(format!("lb-cli-owner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("lb.toml");
+    let write = |vrrp: &str| {
+        std::fs::write(
+            &f,
+            format!(
+                "[agent]\ninterface = \"lo\"\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\n\
+                 [vip.health]\nkind = \"none\"\n[[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.11\"\n\
+                 [vrrp]\nvirtual_router_id = 51\npriority = 255\n{vrrp}\n"
+            ),
+        )
+        .unwrap();
+    };
+    // The VIP is not an address of lo: 255 would make this LB a master that does not own it.
+    write("");
+    let out = agent(&["check-config", "--config", f.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(": vrrp.priority: 255 is for the owner of the virtual addresses, but 198.18.0.100/32 is not an address of lo"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // 127.0.0.1 is lo's own address: the owner may say 255.
+    write("virtual_addresses = [\"127.0.0.1/8\"]");
+    let out = agent(&["check-config", "--config", f.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -152,7 +152,20 @@ fn a_failed_vrrp_task_gives_up_the_vip_and_the_agent_exits_non_zero() {
 #[test]
 fn link_down_faults_at_once_and_a_vip_removed_by_hand_comes_back() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let Some((pair, _a1, _a2)) = Pair::new("fs_link", ADVERT_MS, "", "") else {
+    // keepalived-style notify scripts on lb1 record every transition.
+    let dir = std::env::temp_dir().join(format!("lb-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("notify.log");
+    let script = |name: &str, body: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body} >> {}\n", log.display())).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.display().to_string()
+    };
+    let notify = script("notify.sh", "echo \"notify $*\"");
+    let to_master = script("master.sh", "echo \"master $*\"");
+    let extra = format!("notify = \"{notify}\"\nnotify_master = \"{to_master} VG_1\"");
+    let Some((pair, _a1, _a2)) = Pair::new("fs_link", ADVERT_MS, &extra, "") else {
         return;
     };
     let lab = &pair.lab;
@@ -196,6 +209,33 @@ fn link_down_faults_at_once_and_a_vip_removed_by_hand_comes_back() {
     lab.lbs[0].ns.sh("ip link set eth0 up");
     pair.wait_master(0, Duration::from_secs(5));
     assert!(lab.vrrp_status(&pair.configs[0]).unwrap()["fault_reason"].is_null());
+    // keepalived's arguments, the specific script before `notify`, in transition order.
+    std::thread::sleep(Duration::from_millis(300));
+    let got = std::fs::read_to_string(&log).unwrap_or_default();
+    println!("notify log:\n{got}");
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(
+        lines[..4],
+        [
+            "notify INSTANCE VI_1 BACKUP 110",
+            "master VG_1",
+            "notify INSTANCE VI_1 MASTER 110",
+            "notify INSTANCE VI_1 FAULT 0",
+        ],
+        "{got}"
+    );
+    // Back from fault as backup, with whatever tracking took off while the link was down
+    // (its probes failed too), then master again.
+    assert!(
+        lines[4].starts_with("notify INSTANCE VI_1 BACKUP "),
+        "{got}"
+    );
+    assert_eq!(
+        lines[5..],
+        ["master VG_1", "notify INSTANCE VI_1 MASTER 110"],
+        "{got}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -279,4 +319,104 @@ fn a_failed_map_write_is_retried_and_a_tampered_map_is_repaired() {
     );
     let report = lab.loadgen("/version", &["--count", "30", "--concurrency", "2"]);
     assert_eq!(report["ok"], 30, "serving again: {report}");
+}
+
+#[test]
+fn failing_to_add_the_vip_is_a_fault_with_priority_0_not_a_master_without_it() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((pair, a1, _a2)) = Pair::new("fs_addfail", ADVERT_MS, "", "") else {
+        return;
+    };
+    let lab = &pair.lab;
+    // From now on lb1 cannot add or refresh its addresses.
+    let out = agent_cmd(
+        &["debug", "failpoint", "vrrp-add-address", "return"],
+        &pair.configs[0],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let fault = poll_until(Duration::from_secs(3), || {
+        lab.vrrp_state(&pair.configs[0]) == "fault"
+    })
+    .map(|t| t - t0);
+    let s = lab.vrrp_status(&pair.configs[0]).unwrap();
+    println!(
+        "address add failing: fault after {fault:?}: {}",
+        s["fault_reason"]
+    );
+    assert!(fault.is_some(), "{s}");
+    assert_eq!(s["effective_priority"], 0, "{s}");
+    assert!(
+        s["fault_reason"].as_str().unwrap().contains("injected"),
+        "{s}"
+    );
+    pair.wait_master(1, Duration::from_secs(3));
+    assert!(
+        a1.output().contains("cannot hold the virtual addresses"),
+        "{}",
+        a1.output()
+    );
+    // Adding works again: lb1 retries, comes back as backup and (preempt) as master.
+    let out = agent_cmd(
+        &["debug", "failpoint", "vrrp-add-address", "off"],
+        &pair.configs[0],
+    );
+    assert!(out.status.success());
+    pair.wait_master(0, Duration::from_secs(8));
+}
+
+#[test]
+fn a_healed_split_brain_moves_clients_back_and_the_master_refreshes_its_arp() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((pair, _a1, _a2)) = Pair::new("fs_split", ADVERT_MS, "garp_refresh = \"1s\"", "")
+    else {
+        return;
+    };
+    let lab = &pair.lab;
+    let lb1 = lb_tests::vrrp_lab::mac_text(lab.lb_mac(0));
+    let lb2 = lb_tests::vrrp_lab::mac_text(lab.lb_mac(1));
+
+    // garp_refresh: the master re-announces the VIP every second while nothing happens.
+    let garps = lb_tests::vrrp_lab::capture_garps(&lab.client.ns, VIP, Duration::from_millis(3500));
+    println!("garp_refresh 1s: {} GARPs in 3.5 s", garps.len());
+    assert!(garps.len() >= 3, "{garps:?}");
+    assert!(garps.iter().all(|(_, m)| *m == lab.lb_mac(0)), "{garps:?}");
+
+    let report = lab.loadgen("/version", &["--count", "5"]);
+    assert_eq!(report["ok"], 5);
+    assert_eq!(lab.client_vip_mac().as_deref(), Some(lb1.as_str()));
+    // lb2 stops hearing lb1 (a partition between the LBs only): it becomes master too and
+    // its gratuitous ARPs pull the client over.
+    lab.lbs[1].ns.sh("nft add table ip lbsplit && \
+         nft add chain ip lbsplit in '{ type filter hook input priority 0; }' && \
+         nft add rule ip lbsplit in ip protocol 112 drop");
+    let split = poll_until(Duration::from_secs(3), || {
+        lab.vrrp_state(&pair.configs[1]) == "master"
+            && lab.client_vip_mac().as_deref() == Some(lb2.as_str())
+    });
+    assert!(
+        split.is_some(),
+        "no split brain: {:?}",
+        lab.client_vip_mac()
+    );
+    // The partition heals: lb1 hears lb2's lower priority, answers, and announces itself
+    // again (garp_lower_prio_repeat), so the client comes back at once.
+    let t0 = Instant::now();
+    lab.lbs[1].ns.sh("nft delete table ip lbsplit");
+    let healed = poll_until(Duration::from_secs(3), || {
+        lab.client_vip_mac().as_deref() == Some(lb1.as_str())
+            && lab.vrrp_state(&pair.configs[1]) == "backup"
+    })
+    .map(|t| t - t0);
+    println!("split brain healed: client back on lb1 after {healed:?}");
+    assert!(
+        healed.is_some_and(|d| d < Duration::from_secs(1)),
+        "client still on {:?}",
+        lab.client_vip_mac()
+    );
+    pair.wait_master(0, Duration::from_secs(2));
 }

@@ -169,3 +169,38 @@ fn v2_auth_pass_keepalived_master_agent_backup() {
 fn v2_auth_pass_agent_master_keepalived_backup() {
     agent_master(&V2, "ka2b");
 }
+
+#[test]
+fn a_peer_with_another_password_is_logged_with_its_address() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = Lab::new("ka_auth", 2, 3) else {
+        return;
+    };
+    let _stubs = lab.start_stubs();
+    let c = &V2;
+    let cfg = lab.agent_config_vrrp(0, "interval = \"500ms\"", &agent_vrrp(c, 110));
+    let agent = lab.start_agent(0, &cfg);
+    // keepalived's password differs: each ignores the other, which is a dual master unless
+    // someone reads the logs.
+    let ka_conf = keepalived_conf(c.version, "BACKUP", 100, c.advert_ka, Some("other"));
+    let _ka = lab.start_keepalived(1, &ka_conf);
+    let seen = poll_until(Duration::from_secs(5), || {
+        lab.vrrp_status(&cfg)
+            .is_some_and(|s| s["bad_packets"]["auth_mismatch"].as_u64().unwrap_or(0) > 0)
+    });
+    assert!(seen.is_some(), "{:?}", lab.vrrp_status(&cfg));
+    let log = agent.output();
+    let line = log
+        .lines()
+        .find(|l| l.contains("rejected a packet from 198.18.0.3: auth_mismatch"))
+        .unwrap_or_else(|| panic!("rejection not logged:\n{log}"));
+    println!("{line}");
+    // Rate-limited: one line per sender and reason per 10 s, not one per advert.
+    std::thread::sleep(Duration::from_secs(3));
+    let n = agent
+        .output()
+        .lines()
+        .filter(|l| l.contains("rejected a packet from 198.18.0.3"))
+        .count();
+    assert_eq!(n, 1, "{}", agent.output());
+}

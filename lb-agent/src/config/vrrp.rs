@@ -8,8 +8,12 @@ use serde::Deserialize;
 
 use super::{issue, validate_ifname, validate_ipv4, AgentConfig, Issue, VipConfig};
 
-/// Default SCHED_RR priority of the VRRP thread (see docs/architecture.md, "VRRP timing").
+/// Default SCHED_RR priority of the VRRP thread: none, as keepalived (see
+/// docs/architecture.md, "VRRP timing": the normal scheduler kept 50 ms adverts on time with
+/// every CPU saturated; a real-time priority is for hosts whose load runs at a higher one).
 pub const DEFAULT_RT_PRIORITY: u8 = 0;
+/// Default VRRPv3 advertisement interval.
+pub const DEFAULT_ADVERT_INTERVAL_V3: Duration = Duration::from_millis(100);
 
 /// The `[vrrp]` section: the agent runs VRRP for the virtual addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +172,9 @@ pub(super) fn validate_vrrp(
         }
     };
     let advert_interval = match raw.advert_interval {
+        // VRRPv3: measured safe with every CPU saturated (docs/architecture.md, "VRRP
+        // timing"); a dead master costs about 0.4 s. VRRPv2 cannot count below a second.
+        None if version == 3 => DEFAULT_ADVERT_INTERVAL_V3,
         None => Duration::from_secs(1),
         Some(s) => {
             let d = humantime::parse_duration(&s).map_err(|e| {
@@ -431,7 +438,19 @@ mod tests {
             (v.version, v.priority, v.preempt, v.garp_count),
             (3, 100, true, 5)
         );
-        assert_eq!(v.advert_interval, Duration::from_secs(1));
+        assert_eq!(v.advert_interval, Duration::from_millis(100));
+        let v2 = parse(&format!(
+            "{}\n[vrrp]\nvirtual_router_id = 7\nversion = 2\n",
+            minimal("", "")
+        ))
+        .unwrap()
+        .vrrp
+        .unwrap();
+        assert_eq!(
+            v2.advert_interval,
+            Duration::from_secs(1),
+            "v2 counts in seconds"
+        );
     }
 
     #[test]

@@ -61,6 +61,13 @@ pub struct VrrpStatus {
     pub adverts_received: u64,
     /// Rejected packets by reason.
     pub bad_packets: BTreeMap<String, u64>,
+    /// State changes since start.
+    #[serde(default)]
+    pub transitions: u64,
+    /// The longest time between two adverts from the master heard while backup (how
+    /// close this host came to a false failover), in milliseconds.
+    #[serde(default)]
+    pub longest_advert_gap_ms: f64,
     /// "backup -> master" and when (Unix time, with milliseconds).
     pub last_transition: Option<String>,
     pub last_transition_unix: Option<f64>,
@@ -329,6 +336,8 @@ struct Instance {
     fault_retry: Option<Instant>,
     fault_backoff: Duration,
     rejects: RejectLog,
+    /// When the last valid advert was heard while backup.
+    last_heard: Option<Instant>,
 }
 
 /// A started instance with the tasks and channels its loop selects on.
@@ -455,6 +464,7 @@ impl Instance {
                 fault_retry: None,
                 fault_backoff: Duration::from_secs(1),
                 rejects: RejectLog::default(),
+                last_heard: None,
             },
             receiver,
             events,
@@ -536,6 +546,7 @@ impl Instance {
         );
         {
             let mut st = self.status.lock().unwrap();
+            st.transitions += 1;
             st.last_transition = Some(format!("{} -> {}", state_word(from), state_word(to)));
             st.last_transition_unix = Some((now * 1000.0).round() / 1000.0);
         }
@@ -570,6 +581,10 @@ impl Instance {
             }
         }
         self.transition(from);
+        if self.machine.state() != from {
+            // Gaps are measured within one stretch as backup.
+            self.last_heard = None;
+        }
         let mut st = self.status.lock().unwrap();
         st.state = state_word(self.machine.state()).into();
         st.effective_priority = self.effective_priority();
@@ -680,7 +695,22 @@ impl Instance {
             }
             return;
         }
-        self.status.lock().unwrap().adverts_received += 1;
+        let now = Instant::now();
+        {
+            let mut st = self.status.lock().unwrap();
+            st.adverts_received += 1;
+            if self.machine.state() == State::Backup && ad.priority != state::PRIORITY_STOP {
+                if let Some(prev) = self.last_heard {
+                    let gap = now.duration_since(prev).as_secs_f64() * 1000.0;
+                    if gap > st.longest_advert_gap_ms {
+                        st.longest_advert_gap_ms = (gap * 10.0).round() / 10.0;
+                    }
+                }
+                self.last_heard = Some(now);
+            } else {
+                self.last_heard = None;
+            }
+        }
         let from = self.machine.state();
         let acts = self
             .machine
