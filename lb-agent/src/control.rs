@@ -228,7 +228,15 @@ pub async fn serve(
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // EMFILE and the like persist: don't spin on them.
+                        log::warn!("control socket: accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let peer = match stream.peer_cred() {
                     Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
                     Err(e) => {
