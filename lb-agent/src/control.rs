@@ -43,12 +43,15 @@ impl Request {
     }
 }
 
-/// Who sent a request, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Who sent a request, from SO_PEERCRED and SO_PEERGROUPS (both taken by the kernel when
+/// the peer connected, so a later exec or pid reuse changes nothing).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 impl std::fmt::Display for Peer {
@@ -80,26 +83,34 @@ impl Access {
             return true;
         }
         let Some(g) = self.group else { return false };
-        peer.gid == g
-            || peer
-                .pid
-                .is_some_and(|pid| supplementary_groups(pid).contains(&g))
+        peer.gid == g || peer.groups.contains(&g)
     }
 }
 
-/// The supplementary groups of process `pid` (empty when unreadable).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// The peer's supplementary groups (SO_PEERGROUPS), empty when the kernel does not say.
+fn peer_groups(fd: std::os::fd::RawFd) -> Vec<u32> {
+    let mut buf = [0u32; 256];
+    let mut len = std::mem::size_of_val(&buf) as libc::socklen_t;
+    // SAFETY: buf and len are valid for the call; the kernel writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            buf.as_mut_ptr() as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Vec::new();
+    }
+    buf[..len as usize / 4].to_vec()
 }
+
+/// Requests longer than this are refused: a peer must not make the agent buffer without end.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 32;
 
 /// The running agent as it describes itself.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -201,7 +212,11 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlErro
     tmp.push(format!(".{}.tmp", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    // Born 0600 (not umask-wide and then narrowed): nobody can connect in between.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(&tmp);
+    nix::sys::stat::umask(old);
+    let listener = bound.map_err(io)?;
     let mode = if group.is_some() { 0o660 } else { 0o600 };
     let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .and_then(|()| match group {
@@ -224,6 +239,7 @@ pub async fn serve(
     access: Access,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -237,8 +253,17 @@ pub async fn serve(
                         continue;
                     }
                 };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    log::warn!("control socket: {MAX_CONNECTIONS} connections open, refusing more");
+                    continue;
+                };
                 let peer = match stream.peer_cred() {
-                    Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+                    Ok(c) => Peer {
+                        uid: c.uid(),
+                        gid: c.gid(),
+                        pid: c.pid(),
+                        groups: peer_groups(std::os::fd::AsRawFd::as_raw_fd(&stream)),
+                    },
                     Err(e) => {
                         log::warn!("control socket: reading the peer's credentials: {e}");
                         continue;
@@ -246,9 +271,10 @@ pub async fn serve(
                 };
                 let calls = calls.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     let (r, mut w) = stream.into_split();
                     let mut line = String::new();
-                    let mut r = tokio::io::BufReader::new(r);
+                    let mut r = tokio::io::BufReader::new(tokio::io::AsyncReadExt::take(r, MAX_REQUEST));
                     let read = tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await;
                     let resp = match read {
                         Ok(Ok(_)) => handle(&line, peer, access, &calls).await,
@@ -278,7 +304,7 @@ async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Cal
         ));
     }
     if let Request::Failpoint { name, actions } = &req {
-        return failpoint(name, actions, peer);
+        return failpoint(name, actions, &peer);
     }
     let (tx, rx) = oneshot::channel();
     if calls.send((req, peer, tx)).await.is_err() {
@@ -289,7 +315,7 @@ async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Cal
 }
 
 #[cfg(feature = "failpoints")]
-fn failpoint(name: &str, actions: &str, peer: Peer) -> Response {
+fn failpoint(name: &str, actions: &str, peer: &Peer) -> Response {
     match fail::cfg(name, actions) {
         Ok(()) => {
             log::warn!("failpoint {name} set to {actions:?} by {peer}");
@@ -300,7 +326,7 @@ fn failpoint(name: &str, actions: &str, peer: Peer) -> Response {
 }
 
 #[cfg(not(feature = "failpoints"))]
-fn failpoint(name: &str, _actions: &str, _peer: Peer) -> Response {
+fn failpoint(name: &str, _actions: &str, _peer: &Peer) -> Response {
     Response::error(format!(
         "failpoint {name}: this lb-agent was built without the failpoints feature"
     ))
@@ -383,6 +409,7 @@ mod tests {
             uid,
             gid,
             pid: None,
+            groups: Vec::new(),
         };
         assert!(a.may_change(&peer(0, 0)));
         assert!(!a.may_change(&peer(1000, 1000)));
@@ -392,20 +419,13 @@ mod tests {
         };
         assert!(g.may_change(&peer(1000, 4242)), "primary group");
         assert!(!g.may_change(&peer(1000, 1000)));
-        // Our own process is in our own supplementary groups.
-        let me = Peer {
+        let member = Peer {
             uid: 1000,
             gid: 1000,
-            pid: Some(std::process::id() as i32),
+            pid: None,
+            groups: vec![27, 4242],
         };
-        let mine = supplementary_groups(std::process::id() as i32);
-        if let Some(&sg) = mine.first() {
-            let s = Access {
-                agent_uid: 0,
-                group: Some(sg),
-            };
-            assert!(s.may_change(&me), "supplementary group {sg}");
-        }
+        assert!(g.may_change(&member), "supplementary group");
         assert!(!Request::Status.changes_state());
         assert!(Request::Drain {
             vip: "a".into(),

@@ -39,6 +39,7 @@ pub fn ifindex(name: &str) -> Result<u32, HostError> {
 /// A Linux capability the agent may need.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cap {
+    Chown = 0,
     NetAdmin = 12,
     NetRaw = 13,
     SysAdmin = 21,
@@ -50,6 +51,7 @@ pub enum Cap {
 impl Cap {
     fn name(self) -> &'static str {
         match self {
+            Cap::Chown => "CAP_CHOWN",
             Cap::NetAdmin => "CAP_NET_ADMIN",
             Cap::NetRaw => "CAP_NET_RAW",
             Cap::SysAdmin => "CAP_SYS_ADMIN",
@@ -77,6 +79,8 @@ pub struct Needs {
     pub vrrp: bool,
     /// vrrp.rt_priority is set: SCHED_RR.
     pub realtime: bool,
+    /// agent.control_socket_group is set: the socket and pins are given to the group.
+    pub group: bool,
 }
 
 /// The capabilities `needs` requires that `caps` lacks, each with why it is needed.
@@ -109,6 +113,12 @@ pub fn missing_caps(caps: u64, needs: Needs) -> Vec<(&'static str, &'static str)
     if needs.realtime && !has(Cap::SysNice) {
         missing.push((Cap::SysNice.name(), "vrrp.rt_priority (SCHED_RR)"));
     }
+    if needs.group && !has(Cap::Chown) {
+        missing.push((
+            Cap::Chown.name(),
+            "giving the control socket and the pins to agent.control_socket_group",
+        ));
+    }
     missing
 }
 
@@ -132,6 +142,9 @@ pub fn check_privileges(what: &'static str, needs: Needs) -> Result<(), HostErro
             }
             if needs.realtime {
                 all.push(Cap::SysNice.name());
+            }
+            if needs.group {
+                all.push(Cap::Chown.name());
             }
             all.join(" ")
         },

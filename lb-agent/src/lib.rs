@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod health;
+pub mod heartbeat;
 pub mod host;
 pub mod maglev;
 pub mod netlink;

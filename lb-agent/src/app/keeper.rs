@@ -15,6 +15,7 @@ use crate::{
     config::TrackConfig,
     control::{AgentInfo, Call, Request, Response},
     health::ProbeEvent,
+    heartbeat::Heartbeat,
     netlink::Netlink,
     vrrp,
 };
@@ -35,6 +36,8 @@ pub struct Keeper {
     pub ifindex: u32,
     pub iface: String,
     pub reconcile_every: Duration,
+    /// Beaten on every turn of the loop; VRRP resigns when it goes stale.
+    pub alive: Heartbeat,
 }
 
 impl Keeper {
@@ -55,6 +58,10 @@ impl Keeper {
         let mut attached = true;
         self.update_penalty(attached);
         loop {
+            self.alive.beat();
+            fail::fail_point!("keeper-loop", |_| Err(
+                "injected failure (failpoint keeper-loop)".into()
+            ));
             tokio::select! {
                 _ = stop.changed() => return Ok(()),
                 Some(ev) = probes.recv() => {
@@ -67,7 +74,7 @@ impl Keeper {
                             ok: true,
                             agent: Some(self.agent_info()),
                             health: Some(self.backends.report()),
-                            vrrp: self.vrrp.as_ref().map(|v| v.lock().unwrap().clone()),
+                            vrrp: self.vrrp.as_ref().map(|v| vrrp::lock(v).clone()),
                             ..Default::default()
                         },
                         Request::Drain { vip, backend } => answer(self.backends.set_drain(&vip, &backend, true, &peer)),

@@ -14,6 +14,7 @@ mod supervisor;
 use std::{
     fs::{File, OpenOptions},
     net::{Ipv4Addr, SocketAddr},
+    os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -36,6 +37,7 @@ use crate::{
         probe::Target,
         tls_watch::{self, TlsSource},
     },
+    heartbeat::Heartbeat,
     host::{self, Sysctls},
     netlink::Netlink,
     vrrp::{self, VrrpThread},
@@ -57,10 +59,12 @@ impl InstanceLock {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // 0600: anyone who could open it could hold the lock and keep a restarted agent out.
         let f = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
             .open(&path)
             .with_context(|| format!("opening lock file {}", path.display()))?;
         let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
@@ -90,6 +94,31 @@ struct VrrpRun {
     status: vrrp::Shared,
 }
 
+/// The VRRP thread's heartbeat may be this old before it counts as wedged (at least).
+const VRRP_STALE_MIN: Duration = Duration::from_secs(2);
+
+/// Fails when the VRRP thread's heartbeat is older than `stale`.
+async fn watch_vrrp(
+    alive: Heartbeat,
+    stale: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = tick.tick() => {
+                if alive.age() > stale {
+                    return Err(format!(
+                        "the VRRP thread has made no progress for {:.1}s",
+                        alive.age().as_secs_f64()
+                    ));
+                }
+            }
+        }
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT (Ok) or until a supervised task ends (Err).
 pub async fn run(config: Config) -> Result<()> {
     // Before anything changes on the host: a signal from here on is handled, never fatal.
@@ -100,6 +129,7 @@ pub async fn run(config: Config) -> Result<()> {
         host::Needs {
             vrrp: config.vrrp.is_some(),
             realtime: config.vrrp.as_ref().is_some_and(|v| v.rt_priority > 0),
+            group: config.agent.control_socket_group.is_some(),
         },
     )?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
@@ -233,6 +263,8 @@ pub async fn run(config: Config) -> Result<()> {
 
     let (penalty_tx, penalty_rx) = watch::channel(0u8);
     let vrrp_status: vrrp::Shared = Default::default();
+    let keeper_alive = Heartbeat::default();
+    let vrrp_alive = Heartbeat::default();
     let keeper = keeper::Keeper {
         backends,
         track: config.vrrp.as_ref().map(|v| v.track).unwrap_or_default(),
@@ -250,6 +282,7 @@ pub async fn run(config: Config) -> Result<()> {
         ifindex,
         iface: iface.clone(),
         reconcile_every: config.agent.reconcile_interval,
+        alive: keeper_alive.clone(),
     };
     let stop = stop_rx.clone();
     sup.spawn("keeper", keeper.run(probes, calls, stop));
@@ -293,8 +326,12 @@ pub async fn run(config: Config) -> Result<()> {
             v.clone(),
             vlink.index,
             primary,
-            vrrp_status.clone(),
-            penalty_rx,
+            vrrp::Links {
+                status: vrrp_status.clone(),
+                penalty: penalty_rx,
+                vrrp_alive: vrrp_alive.clone(),
+                keeper_alive: keeper_alive.clone(),
+            },
         )
         .await?;
         let done = thread.take_done().expect("fresh thread");
@@ -304,6 +341,11 @@ pub async fn run(config: Config) -> Result<()> {
                 Err(_) => Err("the VRRP thread vanished".into()),
             }
         });
+        // A VRRP thread that stops making progress without ending (a deadlock, a call that
+        // never returns) is a failure too: its addresses expire, and nobody would notice.
+        let stale = (v.advert_interval * 5).max(VRRP_STALE_MIN);
+        let stop = stop_rx.clone();
+        sup.spawn("vrrp watchdog", watch_vrrp(vrrp_alive, stale, stop));
         vrrp_run = Some(VrrpRun {
             thread,
             cfg: v.clone(),
@@ -331,14 +373,14 @@ pub async fn run(config: Config) -> Result<()> {
     // this data plane still forwards what reaches it.
     if let Some(mut v) = vrrp_run {
         let vrrp_failed = failure.as_ref().is_some_and(|f| f.name == "vrrp");
-        let resigned = if vrrp_failed {
+        if vrrp_failed {
             v.thread.join(Duration::from_secs(1)).await;
-            false
         } else {
             v.thread.stop();
-            v.thread.join(Duration::from_secs(4)).await
-        };
-        if !resigned {
+            v.thread.join(Duration::from_secs(4)).await;
+        }
+        // Only an orderly end resigned; any other end leaves it to us.
+        if !v.thread.resigned() {
             vrrp::resign_after_failure(&v.cfg, v.ifindex, v.primary, &v.status, &nl).await;
         }
         let grace =

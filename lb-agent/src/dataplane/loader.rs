@@ -36,6 +36,46 @@ pub fn remove_pins(dir: &Path) -> Result<usize, DataplaneError> {
     Ok(removed)
 }
 
+/// The pin directory must be ours alone: /sys/fs/bpf is world-writable (sticky), so another
+/// user could create the directory first, or a symlink, and then swap our maps for theirs or
+/// turn `share_with_group` into a chown of any file.
+fn check_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| {
+        DataplaneError::Io {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(format!(
+            "agent.pin_path: {why}; refusing to pin maps there (remove it, or choose another pin_path)"
+        )),
+    }
+    };
+    let m = std::fs::symlink_metadata(dir).map_err(|source| DataplaneError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !m.file_type().is_dir() {
+        return Err(refuse("not a directory (a symlink?)".into()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != me {
+        return Err(refuse(format!(
+            "owned by uid {}, not by the agent (uid {me})",
+            m.uid()
+        )));
+    }
+    if m.mode() & 0o022 != 0 {
+        // Ours, but the umask left it writable by others: close it.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(
+            |source| DataplaneError::Io {
+                path: dir.to_path_buf(),
+                source,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 impl Dataplane {
     /// Loads and verifies the programs and pins every map under `pin_path`.
     pub fn load(pin_path: &Path) -> Result<Self, DataplaneError> {
@@ -43,6 +83,9 @@ impl Dataplane {
             path: pin_path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
         })?;
+        if pin_path.exists() {
+            check_pin_dir(pin_path)?;
+        }
         let stale = remove_pins(pin_path)?;
         if stale > 0 {
             log::warn!(
@@ -72,6 +115,7 @@ impl Dataplane {
             path: pin_path.to_path_buf(),
             source,
         })?;
+        check_pin_dir(pin_path)?;
         let dp = Self {
             ebpf,
             pin_path: pin_path.to_path_buf(),

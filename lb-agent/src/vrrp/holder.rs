@@ -12,7 +12,7 @@
 use std::{net::Ipv4Addr, time::Duration};
 
 use tokio::{
-    sync::{mpsc, oneshot},
+    sync::{mpsc, watch},
     time::{sleep_until, Instant, MissedTickBehavior},
 };
 
@@ -29,13 +29,19 @@ const GARP_AGAIN_AFTER: Duration = Duration::from_secs(5);
 /// Refreshes in a row that may fail before holding is given up as failed.
 const MAX_REFRESH_FAILURES: u32 = 3;
 
-/// What the protocol loop asks of the holder.
+/// Whether the instance wants the addresses, numbered so the loop can tell when the holder
+/// has acted on a particular change. Sent through a watch channel: a change of state is
+/// never lost, however busy the holder is, only superseded by a newer one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Want {
+    pub hold: bool,
+    pub seq: u64,
+}
+
+/// Side requests; losing one under pressure is harmless (the refresh re-adds a removed
+/// address within `REFRESH_EVERY`, and a skipped announcement is repeated by the next).
 #[derive(Debug)]
 pub enum Command {
-    /// We are master: add the addresses, keep them, announce them.
-    Hold,
-    /// We are not master: remove the addresses; `done` fires when they are gone.
-    Release { done: Option<oneshot::Sender<()>> },
     /// Announce the addresses again, `count` ARPs each (only while holding).
     Garp { count: u32 },
     /// The kernel announced that an address went away.
@@ -47,6 +53,8 @@ pub enum Command {
 pub enum Report {
     /// The addresses could not be added or kept: the instance must not call itself master.
     HoldFailed(String),
+    /// The addresses were added.
+    Held,
 }
 
 /// Adds, keeps, announces and removes one instance's virtual addresses.
@@ -64,8 +72,14 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// Serves commands until the protocol loop drops its sender.
-    pub async fn run(self, mut commands: mpsc::Receiver<Command>) {
+    /// Follows `want` and serves commands until the protocol loop drops its senders;
+    /// `applied` says which `Want::seq` the addresses reflect.
+    pub async fn run(
+        self,
+        mut want: watch::Receiver<Want>,
+        applied: watch::Sender<u64>,
+        mut commands: mpsc::Receiver<Command>,
+    ) {
         let mut holding = false;
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         refresh.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -76,12 +90,12 @@ impl Holder {
         loop {
             tokio::select! {
                 biased;
-                cmd = commands.recv() => match cmd {
-                    None => return,
-                    Some(Command::Hold) => {
-                        if holding {
-                            continue;
-                        }
+                changed = want.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let w = *want.borrow_and_update();
+                    if w.hold && !holding {
                         match self.add_all().await {
                             Ok(()) => {
                                 holding = true;
@@ -89,26 +103,27 @@ impl Holder {
                                 self.announce(self.garp_count);
                                 garp_again = Some(Instant::now() + GARP_AGAIN_AFTER);
                                 garp_refresh = self.garp_refresh.map(|d| Instant::now() + d);
+                                let _ = self.reports.send(Report::Held).await;
                             }
                             Err(e) => self.failed(e).await,
                         }
-                    }
-                    Some(Command::Release { done }) => {
+                    } else if !w.hold {
                         holding = false;
                         garp_again = None;
                         garp_refresh = None;
                         self.remove_all().await;
-                        if let Some(d) = done {
-                            let _ = d.send(());
-                        }
                     }
+                    applied.send_replace(w.seq);
+                }
+                cmd = commands.recv() => match cmd {
+                    None => return,
                     Some(Command::Garp { count }) => {
                         if holding {
                             self.announce(count);
                         }
                     }
                     Some(Command::Removed(a)) => {
-                        if holding && !self.owner && a.index == self.ifindex {
+                        if holding && a.index == self.ifindex {
                             if let Some(&(addr, prefix)) =
                                 self.addresses.iter().find(|(x, _)| *x == a.addr)
                             {
@@ -166,8 +181,10 @@ impl Holder {
             "adding {addr}/{prefix} to {}: injected failure",
             self.ifname
         )));
+        // The owner's addresses are its own: put back for good, never with a lifetime.
+        let lifetime = (!self.owner).then_some(ADDRESS_LIFETIME);
         self.nl
-            .add_address(self.ifindex, addr, prefix, Some(ADDRESS_LIFETIME))
+            .add_address(self.ifindex, addr, prefix, lifetime)
             .await
             .map_err(|e| format!("adding {addr}/{prefix} to {}: {e}", self.ifname))
     }

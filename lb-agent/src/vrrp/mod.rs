@@ -19,7 +19,10 @@ use std::{
     io,
     net::Ipv4Addr,
     panic::AssertUnwindSafe,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -33,9 +36,10 @@ use tokio::{
 
 use crate::{
     config::VrrpConfig,
+    heartbeat::Heartbeat,
     netlink::{self, Event, Netlink},
 };
-use holder::{Command, Holder, Report};
+use holder::{Command, Holder, Report, Want};
 use notify::NotifyState;
 use packet::{Advert, Expect, Version, VRRP_MCAST};
 use state::{Action, Machine, Params, State};
@@ -82,6 +86,35 @@ pub struct VrrpStatus {
 /// Shared between the VRRP thread and the control socket.
 pub type Shared = Arc<Mutex<VrrpStatus>>;
 
+/// The status, also after a thread panicked holding the lock: the failure path must be able
+/// to read it.
+pub fn lock(status: &Shared) -> MutexGuard<'_, VrrpStatus> {
+    status.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What ties the VRRP thread to the rest of the agent.
+#[derive(Clone)]
+pub struct Links {
+    /// What `lb-agent status` shows.
+    pub status: Shared,
+    /// How much tracking lowers the priority now.
+    pub penalty: watch::Receiver<u8>,
+    /// Beaten by the VRRP thread; the agent's watchdog reads it.
+    pub vrrp_alive: Heartbeat,
+    /// Beaten by the keeper; VRRP resigns (fault) when it goes stale, since tracking and the
+    /// data plane are then unwatched.
+    pub keeper_alive: Heartbeat,
+}
+
+/// The keeper's heartbeat older than this puts the instance in fault.
+pub const KEEPER_STALE: Duration = Duration::from_secs(5);
+/// How often the instance beats its heartbeat and looks at the keeper's.
+const BEAT_EVERY: Duration = Duration::from_millis(250);
+/// Bursts of gratuitous ARPs for lower-priority adverts are at least this far apart: a
+/// peer that keeps sending them (one-way partition, a firewall dropping VRRP on its side)
+/// must not make us flood the segment.
+const LOWER_PRIO_GARP_GAP: Duration = Duration::from_secs(1);
+
 /// Errors starting VRRP.
 #[derive(Debug, thiserror::Error)]
 pub enum VrrpError {
@@ -110,6 +143,7 @@ pub struct VrrpThread {
     stop: watch::Sender<bool>,
     done: Option<oneshot::Receiver<Result<(), String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    resigned: Arc<AtomicBool>,
 }
 
 impl VrrpThread {
@@ -118,18 +152,19 @@ impl VrrpThread {
         cfg: VrrpConfig,
         ifindex: u32,
         primary: Ipv4Addr,
-        status: Shared,
-        penalty: watch::Receiver<u8>,
+        links: Links,
     ) -> Result<Self, VrrpError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), VrrpError>>();
         let (done_tx, done_rx) = oneshot::channel();
+        let resigned = Arc::new(AtomicBool::new(false));
+        let flag = resigned.clone();
         let interface = cfg.interface.clone();
         let thread = std::thread::Builder::new()
             .name("lb-vrrp".into())
             .spawn(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(move || {
-                    thread_main(cfg, ifindex, primary, status, penalty, stop_rx, ready_tx)
+                    thread_main(cfg, ifindex, primary, links, stop_rx, ready_tx, flag)
                 }));
                 let result = match result {
                     Ok(r) => r,
@@ -147,6 +182,7 @@ impl VrrpThread {
                 stop: stop_tx,
                 done: Some(done_rx),
                 thread: Some(thread),
+                resigned,
             }),
             Ok(Err(e)) => {
                 let _ = thread.join();
@@ -171,6 +207,12 @@ impl VrrpThread {
     /// Asks the instance to resign (priority 0 if master), remove its addresses and end.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// True once the instance went through its orderly resignation; false when it ended any
+    /// other way (then the caller must give up the VIP for it).
+    pub fn resigned(&self) -> bool {
+        self.resigned.load(Ordering::SeqCst)
     }
 
     /// Waits for the OS thread to exit, at most `timeout`; true when it did.
@@ -221,10 +263,10 @@ fn thread_main(
     cfg: VrrpConfig,
     ifindex: u32,
     primary: Ipv4Addr,
-    status: Shared,
-    penalty: watch::Receiver<u8>,
+    links: Links,
     stop: watch::Receiver<bool>,
     ready: oneshot::Sender<Result<(), VrrpError>>,
+    resigned: Arc<AtomicBool>,
 ) -> Result<(), String> {
     let interface = cfg.interface.clone();
     if cfg.rt_priority > 0 {
@@ -256,7 +298,7 @@ fn thread_main(
         }
     };
     rt.block_on(async move {
-        let parts = match Instance::start(cfg, ifindex, primary, status).await {
+        let parts = match Instance::start(cfg, ifindex, primary, links.status.clone()).await {
             Ok(p) => p,
             Err(e) => {
                 let _ = ready.send(Err(e));
@@ -264,7 +306,9 @@ fn thread_main(
             }
         };
         let _ = ready.send(Ok(()));
-        parts.run(penalty, stop).await
+        parts.run(links, stop).await?;
+        resigned.store(true, Ordering::SeqCst);
+        Ok(())
     })
 }
 
@@ -311,6 +355,21 @@ impl RejectLog {
 enum FaultCause {
     LinkDown,
     Addresses(String),
+    /// The keeper (tracking, data plane watchdog) stopped beating.
+    KeeperStale,
+}
+
+impl FaultCause {
+    fn words(&self) -> String {
+        match self {
+            FaultCause::LinkDown => "interface down".into(),
+            FaultCause::Addresses(e) => e.clone(),
+            FaultCause::KeeperStale => format!(
+                "the agent's keeper has not answered for over {}s: tracking and the data plane are unwatched",
+                KEEPER_STALE.as_secs()
+            ),
+        }
+    }
 }
 
 /// Longest wait before trying the addresses again after they could not be added.
@@ -329,12 +388,19 @@ struct Instance {
     machine: Machine,
     status: Shared,
     base: u8,
+    want: watch::Sender<Want>,
+    applied: watch::Receiver<u64>,
     holder: mpsc::Sender<Command>,
+    last_lower_prio_garp: Option<Instant>,
     notify: Option<mpsc::UnboundedSender<(NotifyState, u8)>>,
     link_usable: bool,
+    /// When the last link event was handled: older poll readings must not override it.
+    last_link_event: Instant,
     fault: Option<FaultCause>,
     fault_retry: Option<Instant>,
     fault_backoff: Duration,
+    /// When preemption, suspended after the addresses could not be held, comes back.
+    preempt_back: Option<Instant>,
     rejects: RejectLog,
     /// When the last valid advert was heard while backup.
     last_heard: Option<Instant>,
@@ -346,7 +412,7 @@ struct Parts {
     receiver: socket::Receiver,
     events: netlink::Events,
     reports: mpsc::Receiver<Report>,
-    links: mpsc::Receiver<bool>,
+    links: mpsc::Receiver<(bool, Instant)>,
     holder_task: JoinHandle<()>,
     notify_task: JoinHandle<()>,
     poll_task: JoinHandle<()>,
@@ -395,6 +461,8 @@ impl Instance {
 
         let (report_tx, reports) = mpsc::channel(16);
         let (holder_tx, holder_rx) = mpsc::channel(64);
+        let (want_tx, want_rx) = watch::channel(Want::default());
+        let (applied_tx, applied) = watch::channel(0u64);
         let holder = Holder {
             nl: nl.clone(),
             ifindex,
@@ -406,7 +474,7 @@ impl Instance {
             garp_refresh: cfg.garp_refresh,
             reports: report_tx,
         };
-        let holder_task = tokio::spawn(holder.run(holder_rx));
+        let holder_task = tokio::spawn(holder.run(want_rx, applied_tx, holder_rx));
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
         let notify_task =
             tokio::spawn(notify::run(cfg.notify.clone(), cfg.name.clone(), notify_rx));
@@ -430,7 +498,7 @@ impl Instance {
             multicast,
         };
         {
-            let mut st = status.lock().unwrap();
+            let mut st = lock(&status);
             st.name = cfg.name.clone();
             st.version = cfg.version;
             st.virtual_router_id = cfg.virtual_router_id;
@@ -457,12 +525,17 @@ impl Instance {
                 machine,
                 status,
                 base,
+                want: want_tx,
+                applied,
                 holder: holder_tx,
+                last_lower_prio_garp: None,
                 notify: Some(notify_tx),
                 link_usable: link.usable(),
+                last_link_event: Instant::now(),
                 fault: None,
                 fault_retry: None,
                 fault_backoff: Duration::from_secs(1),
+                preempt_back: None,
                 rejects: RejectLog::default(),
                 last_heard: None,
             },
@@ -503,7 +576,7 @@ impl Instance {
         };
         for dst in dsts {
             match self.sender.send(&ad.encode(self.primary, dst), dst) {
-                Ok(()) => self.status.lock().unwrap().adverts_sent += 1,
+                Ok(()) => lock(&self.status).adverts_sent += 1,
                 // A resignation on a link that just failed cannot get out; that is expected.
                 Err(e) if priority == state::PRIORITY_STOP && !self.link_usable => {
                     log::debug!("VRRP: priority 0 advert to {dst}: {e}")
@@ -513,10 +586,30 @@ impl Instance {
         }
     }
 
+    /// Best effort: losing a side command under pressure is harmless (see `Command`).
     fn command(&self, c: Command) {
         if let Err(e) = self.holder.try_send(c) {
-            log::error!("VRRP: the address holder is not keeping up: {e}");
+            log::debug!("VRRP: the address holder is busy, skipped: {e}");
         }
+    }
+
+    /// Tells the holder to hold or release the addresses; returns the change's number.
+    fn set_hold(&self, hold: bool) -> u64 {
+        let mut seq = 0;
+        self.want.send_modify(|w| {
+            w.hold = hold;
+            w.seq += 1;
+            seq = w.seq;
+        });
+        seq
+    }
+
+    /// Releases the addresses and waits (at most `timeout`) until the holder has.
+    async fn release(&mut self, timeout: Duration) -> bool {
+        let seq = self.set_hold(false);
+        tokio::time::timeout(timeout, self.applied.wait_for(|a| *a >= seq))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     fn transition(&self, from: State) {
@@ -539,13 +632,12 @@ impl Instance {
                 .map(|a| a.to_string())
                 .unwrap_or_else(|| "unknown".into()),
             match &self.fault {
-                Some(FaultCause::LinkDown) if to == State::Fault => ": interface down".to_string(),
-                Some(FaultCause::Addresses(e)) if to == State::Fault => format!(": {e}"),
+                Some(f) if to == State::Fault => format!(": {}", f.words()),
                 _ => String::new(),
             }
         );
         {
-            let mut st = self.status.lock().unwrap();
+            let mut st = lock(&self.status);
             st.transitions += 1;
             st.last_transition = Some(format!("{} -> {}", state_word(from), state_word(to)));
             st.last_transition_unix = Some((now * 1000.0).round() / 1000.0);
@@ -573,11 +665,24 @@ impl Instance {
         for a in actions {
             match a {
                 Action::SendAdvert { priority } => self.send_advert(priority),
-                Action::BecomeMaster => self.command(Command::Hold),
-                Action::BecomeBackup => self.command(Command::Release { done: None }),
-                Action::Garp => self.command(Command::Garp {
-                    count: self.cfg.garp_lower_prio_repeat,
-                }),
+                Action::BecomeMaster => {
+                    self.set_hold(true);
+                }
+                Action::BecomeBackup => {
+                    self.set_hold(false);
+                }
+                Action::Garp => {
+                    let now = Instant::now();
+                    if self
+                        .last_lower_prio_garp
+                        .is_none_or(|t| now.duration_since(t) >= LOWER_PRIO_GARP_GAP)
+                    {
+                        self.last_lower_prio_garp = Some(now);
+                        self.command(Command::Garp {
+                            count: self.cfg.garp_lower_prio_repeat,
+                        });
+                    }
+                }
             }
         }
         self.transition(from);
@@ -585,13 +690,12 @@ impl Instance {
             // Gaps are measured within one stretch as backup.
             self.last_heard = None;
         }
-        let mut st = self.status.lock().unwrap();
+        let mut st = lock(&self.status);
         st.state = state_word(self.machine.state()).into();
         st.effective_priority = self.effective_priority();
         st.master = self.machine.master_addr().map(|a| a.to_string());
         st.fault_reason = match (&self.fault, self.machine.state()) {
-            (Some(FaultCause::LinkDown), State::Fault) => Some("interface down".into()),
-            (Some(FaultCause::Addresses(e)), State::Fault) => Some(e.clone()),
+            (Some(f), State::Fault) => Some(f.words()),
             _ => None,
         };
     }
@@ -616,6 +720,7 @@ impl Instance {
     }
 
     fn link_changed(&mut self, usable: bool) {
+        self.last_link_event = Instant::now();
         if usable == self.link_usable {
             return;
         }
@@ -628,7 +733,7 @@ impl Instance {
             self.enter_fault(FaultCause::LinkDown);
         } else {
             log::info!("VRRP: interface {} is up again", self.cfg.interface);
-            if self.machine.state() == State::Fault {
+            if self.machine.state() == State::Fault && self.fault != Some(FaultCause::KeeperStale) {
                 self.leave_fault();
             }
         }
@@ -641,7 +746,36 @@ impl Instance {
         );
         self.fault_retry = Some(Instant::now() + self.fault_backoff);
         self.fault_backoff = (self.fault_backoff * 2).min(MAX_FAULT_RETRY);
+        // Until the addresses can be held again, don't take the VIP from a working master
+        // only to fail and hand it back (a failover, twice, every retry).
+        self.machine.set_preempt(false);
         self.enter_fault(FaultCause::Addresses(why));
+    }
+
+    fn held(&mut self) {
+        self.fault_backoff = Duration::from_secs(1);
+        self.preempt_back = None;
+        self.machine.set_preempt(self.cfg.preempt);
+    }
+
+    /// Follows the keeper's heartbeat: its silence means nothing watches tracking or the data
+    /// plane any more, so this LB must not keep the VIP.
+    fn check_keeper(&mut self, keeper: &Heartbeat) {
+        let stale = keeper.age() > KEEPER_STALE;
+        if stale && self.fault != Some(FaultCause::KeeperStale) {
+            log::error!(
+                "VRRP: the agent's keeper has not beaten for {:.1}s: fault (resigning if master)",
+                keeper.age().as_secs_f64()
+            );
+            self.enter_fault(FaultCause::KeeperStale);
+        } else if !stale && self.fault == Some(FaultCause::KeeperStale) {
+            log::info!("VRRP: the keeper is back");
+            if self.link_usable {
+                self.leave_fault();
+            } else {
+                self.fault = Some(FaultCause::LinkDown);
+            }
+        }
     }
 
     fn apply_penalty(&mut self, p: u8) {
@@ -697,7 +831,7 @@ impl Instance {
         }
         let now = Instant::now();
         {
-            let mut st = self.status.lock().unwrap();
+            let mut st = lock(&self.status);
             st.adverts_received += 1;
             if self.machine.state() == State::Backup && ad.priority != state::PRIORITY_STOP {
                 if let Some(prev) = self.last_heard {
@@ -722,11 +856,13 @@ impl Instance {
 impl Parts {
     /// Runs until `stop` turns true, then resigns (priority 0 if master), removes the
     /// addresses and runs the STOP notifications. An error means a part of the instance died.
-    async fn run(
-        self,
-        mut penalty: watch::Receiver<u8>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<(), String> {
+    async fn run(self, links: Links, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+        let Links {
+            mut penalty,
+            vrrp_alive,
+            keeper_alive,
+            ..
+        } = links;
         let Parts {
             mut inst,
             receiver,
@@ -738,11 +874,7 @@ impl Parts {
             mut poll_task,
         } = self;
         // A crashed agent may have left the addresses: nobody holds them before the election.
-        let (done_tx, done_rx) = oneshot::channel();
-        inst.command(Command::Release {
-            done: Some(done_tx),
-        });
-        let _ = tokio::time::timeout(Duration::from_secs(2), done_rx).await;
+        inst.release(Duration::from_secs(2)).await;
 
         if inst.link_usable {
             let from = inst.machine.state();
@@ -759,7 +891,10 @@ impl Parts {
         inst.apply_penalty(p);
         let far = || Instant::now() + Duration::from_secs(3600);
         let mut packets: Vec<Vec<u8>> = Vec::new();
+        let mut beat = tokio::time::interval(BEAT_EVERY);
+        let mut tracking_open = true;
         let result = loop {
+            vrrp_alive.beat();
             fail::fail_point!("vrrp-loop", |_| Err(
                 "injected failure (failpoint vrrp-loop)".to_string()
             ));
@@ -785,13 +920,17 @@ impl Parts {
                     let acts = inst.machine.tick(Instance::now());
                     inst.perform(acts, from);
                 }
-                r = penalty.changed() => {
+                r = penalty.changed(), if tracking_open => {
+                    // The keeper ending is the supervisor's business (it stops us in order);
+                    // keep the last penalty until then.
                     if r.is_err() {
-                        break Err("the tracking channel closed".into());
+                        tracking_open = false;
+                        continue;
                     }
                     let p = *penalty.borrow_and_update();
                     inst.apply_penalty(p);
                 }
+                _ = beat.tick() => inst.check_keeper(&keeper_alive),
                 ev = events.next() => match ev {
                     None => break Err("the netlink event stream ended".into()),
                     Some(Event::Link { index, link }) if index == inst.ifindex => {
@@ -802,7 +941,12 @@ impl Parts {
                     }
                     Some(_) => {}
                 },
-                Some(usable) = links.recv() => inst.link_changed(usable),
+                Some((usable, read_at)) = links.recv() => {
+                    // A reading taken before the last event is older news than the event.
+                    if read_at > inst.last_link_event {
+                        inst.link_changed(usable);
+                    }
+                }
                 Some(report) = reports.recv() => match report {
                     Report::HoldFailed(why) => {
                         if inst.machine.state() == State::Master {
@@ -811,13 +955,28 @@ impl Parts {
                             log::warn!("VRRP: {why}");
                         }
                     }
+                    Report::Held => inst.held(),
                 },
                 _ = sleep_until(retry.unwrap_or_else(far)), if retry.is_some() => {
                     inst.fault_retry = None;
-                    if inst.link_usable && inst.machine.state() == State::Fault {
-                        log::info!("VRRP: trying the virtual addresses again");
+                    if inst.link_usable
+                        && inst.machine.state() == State::Fault
+                        && matches!(inst.fault, Some(FaultCause::Addresses(_)))
+                    {
+                        log::info!(
+                            "VRRP: trying the virtual addresses again, as backup; preempting again in {}s",
+                            inst.fault_backoff.as_secs()
+                        );
+                        // Preempting at once would hand the VIP back and forth on every retry
+                        // of a lasting fault; after a quiet spell that doubles each time, it
+                        // costs at most one round trip a minute.
+                        inst.preempt_back = Some(Instant::now() + inst.fault_backoff);
                         inst.leave_fault();
                     }
+                }
+                _ = sleep_until(inst.preempt_back.unwrap_or_else(far)), if inst.preempt_back.is_some() => {
+                    inst.preempt_back = None;
+                    inst.machine.set_preempt(inst.cfg.preempt);
                 }
                 r = &mut holder_task => break Err(format!("the address holder ended: {}", join_word(r))),
                 r = &mut notify_task => break Err(format!("the notify runner ended: {}", join_word(r))),
@@ -829,15 +988,11 @@ impl Parts {
         let from = inst.machine.state();
         let prio = inst.effective_priority();
         let acts = inst.machine.shutdown(Instance::now());
+        if from == State::Master {
+            log::info!("VRRP: resigning: priority 0 advert, removing the virtual addresses");
+        }
         inst.perform(acts, from);
-        let (done_tx, done_rx) = oneshot::channel();
-        inst.command(Command::Release {
-            done: Some(done_tx),
-        });
-        if tokio::time::timeout(Duration::from_secs(2), done_rx)
-            .await
-            .is_err()
-        {
+        if !inst.release(Duration::from_secs(2)).await {
             log::warn!(
                 "VRRP: removing the virtual addresses took more than 2s; their lifetime ends them"
             );
@@ -857,7 +1012,7 @@ impl Parts {
 }
 
 fn st_init(status: &Shared) {
-    let mut st = status.lock().unwrap();
+    let mut st = lock(status);
     st.state = "init".into();
     st.master = None;
 }
@@ -872,11 +1027,12 @@ fn join_word(r: Result<(), tokio::task::JoinError>) -> String {
 
 /// Reads the link now and then and reports changes: a backstop for link events lost when
 /// the netlink event socket overflows.
-async fn poll_link(nl: Netlink, ifindex: u32, mut last: bool, tx: mpsc::Sender<bool>) {
+async fn poll_link(nl: Netlink, ifindex: u32, mut last: bool, tx: mpsc::Sender<(bool, Instant)>) {
     let mut tick = tokio::time::interval(LINK_POLL_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let read_at = Instant::now();
         let usable = match nl.link(ifindex).await {
             Ok(l) => l.usable(),
             Err(e) if e.errno() == Some(libc::ENODEV) => false,
@@ -887,7 +1043,7 @@ async fn poll_link(nl: Netlink, ifindex: u32, mut last: bool, tx: mpsc::Sender<b
         };
         if usable != last {
             last = usable;
-            if tx.send(usable).await.is_err() {
+            if tx.send((usable, read_at)).await.is_err() {
                 return;
             }
         }
@@ -904,7 +1060,7 @@ pub async fn resign_after_failure(
     status: &Shared,
     nl: &Netlink,
 ) {
-    let was_master = status.lock().unwrap().state == "master";
+    let was_master = lock(status).state == "master";
     let present: Vec<_> = match nl.addresses(ifindex).await {
         Ok(a) => a
             .into_iter()

@@ -251,6 +251,13 @@ impl Machine {
         }
     }
 
+    /// Suspends (false) or restores (true) preemption, e.g. while this router could not
+    /// hold its addresses: it should not take the VIP from a working master just to fail
+    /// again. Configured preempt = false stays false.
+    pub fn set_preempt(&mut self, preempt: bool) {
+        self.params.preempt = preempt;
+    }
+
     /// Shutdown: Master resigns (advert with priority 0, then drops the addresses); state becomes Init.
     pub fn shutdown(&mut self, _now: Instant) -> Vec<Action> {
         let was_master = self.state == State::Master;
@@ -417,7 +424,13 @@ impl Machine {
                 priority,
                 at: now,
             };
-            return self.become_backup(now, Some(heard));
+            // One last advert of ours before stepping down (keepalived's
+            // vrrp_higher_prio_send_advert): after a split brain the winner may not have
+            // heard us yet, and a lower priority is what makes it announce itself again
+            // with gratuitous ARPs, pulling back clients our own ARPs took.
+            let mut acts = vec![self.advert()];
+            acts.extend(self.become_backup(now, Some(heard)));
+            return acts;
         }
         // Priority 0: a resigning backup-to-be wants a prompt advert (RFC 5798 §6.4.3).
         // Lower priority: another router thinks it is master; answering at once (keepalived,
@@ -616,7 +629,11 @@ mod tests {
         let t0 = base();
         let mut m = master_at(t0, params(100, A));
         let t = t0 + ms(300);
-        assert_eq!(m.on_advert(t, B, 110, ms(500)), vec![Action::BecomeBackup]);
+        assert_eq!(
+            m.on_advert(t, B, 110, ms(500)),
+            vec![Action::SendAdvert { priority: 100 }, Action::BecomeBackup],
+            "one last advert of ours, so the winner re-announces itself"
+        );
         assert_eq!(m.state(), State::Backup);
         assert_eq!(m.master_addr(), Some(B));
         assert_eq!(m.master_adver_interval(), ms(500));
@@ -672,7 +689,7 @@ mod tests {
         assert!(B > A);
         assert_eq!(
             m.on_advert(t0 + ms(1), B, 100, SEC),
-            vec![Action::BecomeBackup]
+            vec![Action::SendAdvert { priority: 100 }, Action::BecomeBackup]
         );
         assert_eq!(m.state(), State::Backup);
         assert_eq!(m.master_addr(), Some(B));
@@ -692,7 +709,10 @@ mod tests {
         let mut a = master_at(t0, params(100, A));
         let mut b = master_at(t0, params(100, B));
         // Each hears the other's advert from the same instant.
-        assert_eq!(a.on_advert(t0, B, 100, SEC), vec![Action::BecomeBackup]);
+        assert_eq!(
+            a.on_advert(t0, B, 100, SEC),
+            vec![Action::SendAdvert { priority: 100 }, Action::BecomeBackup]
+        );
         assert_eq!(
             b.on_advert(t0, A, 100, SEC),
             vec![Action::SendAdvert { priority: 100 }, Action::Garp]
