@@ -265,36 +265,20 @@ mod tests {
     #[test]
     fn missing_capabilities_are_named() {
         let bit = |c: Cap| 1u64 << c as u32;
+        let vrrp = Needs {
+            vrrp: true,
+            ..Needs::default()
+        };
         let run = bit(Cap::Bpf) | bit(Cap::Perfmon) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
-        assert!(missing_caps(
-            run,
-            Needs {
-                vrrp: true,
-                realtime: false
-            }
-        )
-        .is_empty());
+        assert!(missing_caps(run, vrrp).is_empty());
         let sys_admin = bit(Cap::SysAdmin) | bit(Cap::NetAdmin) | bit(Cap::NetRaw);
         assert!(
-            missing_caps(
-                sys_admin,
-                Needs {
-                    vrrp: true,
-                    realtime: false
-                }
-            )
-            .is_empty(),
+            missing_caps(sys_admin, vrrp).is_empty(),
             "CAP_SYS_ADMIN stands in for CAP_BPF on older kernels"
         );
         let no_raw = bit(Cap::Bpf) | bit(Cap::Perfmon) | bit(Cap::NetAdmin);
         assert_eq!(
-            missing_caps(
-                no_raw,
-                Needs {
-                    vrrp: true,
-                    realtime: false
-                }
-            ),
+            missing_caps(no_raw, vrrp),
             vec![("CAP_NET_RAW", "VRRP's raw socket and gratuitous ARPs")]
         );
         assert!(
@@ -305,23 +289,29 @@ mod tests {
             missing_caps(
                 run,
                 Needs {
-                    vrrp: true,
-                    realtime: true
+                    realtime: true,
+                    ..vrrp
                 }
             )[0]
             .0,
             "CAP_SYS_NICE"
         );
-        let none = missing_caps(
-            0,
-            Needs {
-                vrrp: true,
-                realtime: false,
-            },
-        );
+        let none = missing_caps(0, vrrp);
         assert_eq!(
             none.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
             vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_NET_RAW"]
+        );
+        assert_eq!(
+            missing_caps(
+                run,
+                Needs {
+                    group: true,
+                    ..vrrp
+                }
+            )[0]
+            .0,
+            "CAP_CHOWN",
+            "a control group means chown"
         );
         assert_eq!(
             missing_caps(run & !bit(Cap::Perfmon), Needs::default()),

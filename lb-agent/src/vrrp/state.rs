@@ -988,7 +988,7 @@ mod tests {
         // Now outranked: the next higher advert makes us step down.
         assert_eq!(
             m.on_advert(t + 2 * SEC, B, 100, SEC),
-            vec![Action::BecomeBackup]
+            vec![Action::SendAdvert { priority: 1 }, Action::BecomeBackup]
         );
     }
 
