@@ -170,9 +170,9 @@ impl Backends {
         self.behind
     }
 
-    /// Compares the maps with the plans and repairs them.
-    pub fn reconcile(&mut self) -> Result<Reconciled, DataplaneError> {
-        let r = self.writer.reconcile(&mut self.vips);
+    /// Compares the maps with the plans and repairs them; `full` reads back whole tables.
+    pub fn reconcile(&mut self, full: bool) -> Result<Reconciled, DataplaneError> {
+        let r = self.writer.reconcile(&mut self.vips, full);
         self.behind = r.is_err();
         r
     }

@@ -84,10 +84,11 @@ impl Keeper {
                     self.update_penalty(attached);
                     let _ = reply.send(resp);
                 }
-                _ = reconcile.tick() => self.reconcile(&mut retry_at, &mut backoff),
+                _ = reconcile.tick() => self.reconcile(false, &mut retry_at, &mut backoff),
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
-                    self.reconcile(&mut retry_at, &mut backoff);
+                    // After a failed write, look at everything.
+                    self.reconcile(true, &mut retry_at, &mut backoff);
                 }
                 _ = watchdog.tick() => {
                     match self.nl.link(self.ifindex).await {
@@ -115,8 +116,8 @@ impl Keeper {
     }
 
     /// Compares the maps with the plan and repairs them; on failure, tries again later.
-    fn reconcile(&mut self, retry_at: &mut Option<Instant>, backoff: &mut Duration) {
-        match self.backends.reconcile() {
+    fn reconcile(&mut self, full: bool, retry_at: &mut Option<Instant>, backoff: &mut Duration) {
+        match self.backends.reconcile(full) {
             Ok(r) => {
                 *backoff = RETRY_FIRST;
                 *retry_at = None;

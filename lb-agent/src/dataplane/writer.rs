@@ -23,6 +23,9 @@ pub struct VipPlan {
     pub key: VipKey,
     pub info: VipInfo,
     pub backends: Vec<BackendPlan>,
+    /// The table the plan gives, kept from the last publish so a reconcile compares without
+    /// rebuilding it; empty when the plan changed since (then it is rebuilt).
+    pub table: Vec<u32>,
 }
 
 /// A backend as placed in the maps.
@@ -97,6 +100,7 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                     active_half: 0,
                 },
                 backends,
+                table: Vec::new(),
             }
         })
         .collect()
@@ -115,7 +119,14 @@ pub struct Writer {
     pub last_repair: Option<String>,
     /// Map writes that failed, since start.
     pub write_failures: u64,
+    /// Per VIP index: where the next partial check of its live table starts.
+    cursor: std::collections::HashMap<u32, u32>,
 }
+
+/// Slots of a live Maglev table one periodic reconcile reads back: reading all 65537 costs
+/// about 15 ms of kernel time (the batch lookup copies slot by slot), so a periodic pass
+/// checks a window and the whole table is covered every `65537 / WINDOW` passes.
+pub const RECONCILE_WINDOW: u32 = 8192;
 
 /// What one reconcile found and did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -133,6 +144,7 @@ impl Writer {
             repairs: 0,
             last_repair: None,
             write_failures: 0,
+            cursor: Default::default(),
         }
     }
 
@@ -193,6 +205,7 @@ impl Writer {
         let next = (live & 1) ^ 1;
         self.maps
             .maglev_write(maglev_index(vip.info.index, next, 0), &table)?;
+        vip.table = table;
         let mut info = vip.info;
         info.active_half = next;
         self.maps
@@ -229,6 +242,9 @@ impl Writer {
             return Ok(());
         }
         vip.backends[b].state = new_state;
+        // The plan changed: the cached table no longer says what the maps should hold,
+        // even if the publish below fails.
+        vip.table.clear();
         if new_state == state::UP {
             self.write_backend(vip, b)?;
             self.publish(vip)
@@ -251,7 +267,12 @@ impl Writer {
 
     /// Compares every map with `vips` and repairs what differs, in the same safe order as
     /// `set_state`: backends that take new flows first, then tables, then the others.
-    pub fn reconcile(&mut self, vips: &mut [VipPlan]) -> Result<Reconciled, DataplaneError> {
+    /// `full` reads back whole Maglev tables; otherwise a window of each.
+    pub fn reconcile(
+        &mut self,
+        vips: &mut [VipPlan],
+        full: bool,
+    ) -> Result<Reconciled, DataplaneError> {
         let mut done = Reconciled::default();
         let mut note = |what: String| done.repaired.push(what);
         for pass_up in [true, false] {
@@ -291,7 +312,7 @@ impl Writer {
                     }
                 }
                 if pass_up {
-                    if let Some(why) = self.table_differs(v)? {
+                    if let Some(why) = self.table_differs(v, full)? {
                         self.publish(v)?;
                         note(format!("VIP {}: {why}", v.name));
                     }
@@ -338,8 +359,13 @@ impl Writer {
         Ok(done)
     }
 
-    /// Why the live table of `vip` is not the one its plan gives, if it is not.
-    fn table_differs(&self, vip: &mut VipPlan) -> Result<Option<String>, DataplaneError> {
+    /// Why the live table of `vip` is not the one its plan gives, if it is not (looking at
+    /// all of it, or at the next window).
+    fn table_differs(
+        &mut self,
+        vip: &mut VipPlan,
+        full: bool,
+    ) -> Result<Option<String>, DataplaneError> {
         let info = match self.maps.vips.get(&vip.key, 0) {
             Ok(i) => i,
             Err(aya::maps::MapError::KeyNotFound) => return Ok(Some("VIPS entry missing".into())),
@@ -354,13 +380,26 @@ impl Writer {
         }
         // The plan follows the map's live half from here on.
         vip.info.active_half = info.active_half;
-        let live = self.maps.maglev_read(
-            maglev_index(vip.info.index, info.active_half, 0),
-            vip.info.table_size,
-        )?;
-        let want = table_for(vip);
-        let wrong = live.iter().zip(&want).filter(|(a, b)| a != b).count()
-            + want.len().abs_diff(live.len());
+        if vip.table.len() != vip.info.table_size as usize {
+            // Never published (a failed first write): build it to compare.
+            vip.table = table_for(vip);
+        }
+        let size = vip.info.table_size;
+        let (start, len) = if full || size <= RECONCILE_WINDOW {
+            (0, size)
+        } else {
+            let c = self.cursor.entry(vip.info.index).or_insert(0);
+            let start = *c % size;
+            let len = RECONCILE_WINDOW.min(size - start);
+            *c = (start + len) % size;
+            (start, len)
+        };
+        let live = self
+            .maps
+            .maglev_read(maglev_index(vip.info.index, info.active_half, start), len)?;
+        let want = &vip.table[start as usize..(start + len) as usize];
+        let wrong =
+            live.iter().zip(want).filter(|(a, b)| a != b).count() + want.len().abs_diff(live.len());
         Ok((wrong > 0).then(|| format!("{wrong} Maglev slots differ")))
     }
 }
