@@ -508,3 +508,40 @@ fn garp_refresh_re_announces_the_vip_while_master() {
     assert!((3..=4).contains(&garps.len()), "{garps:?}");
     assert!(garps.iter().all(|(_, m)| *m == lab.lb_mac(0)), "{garps:?}");
 }
+
+#[test]
+fn the_address_owner_never_removes_its_own_address() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = Lab::new("fs_owner", 1, 3) else {
+        return;
+    };
+    let _stubs = lab.start_stubs();
+    // The VIP is the interface's own (permanent) address: priority 255 is legitimate.
+    lab.add_vip(0);
+    let config = lab.agent_config_vrrp(
+        0,
+        "interval = \"200ms\"\ntimeout = \"150ms\"",
+        &Pair::vrrp(255, ADVERT_MS, ""),
+    );
+    let mut agent = lab.start_agent(0, &config);
+    let master = poll_until(Duration::from_secs(2), || {
+        lab.vrrp_state(&config) == "master"
+    });
+    assert!(
+        master.is_some(),
+        "the owner is master at once: {}",
+        agent.output()
+    );
+    let addr = lab.lbs[0].ns.sh("ip -4 -o addr show dev eth0");
+    assert!(
+        addr.lines()
+            .any(|l| l.contains(&format!("inet {VIP}/32")) && l.contains("valid_lft forever")),
+        "no lifetime on the owner's own address: {addr}"
+    );
+    let report = lab.loadgen("/version", &["--count", "10"]);
+    assert_eq!(report["ok"], 10, "{report}");
+    assert!(agent
+        .terminate(Duration::from_secs(10))
+        .is_some_and(|s| s.success()));
+    assert!(lab.has_vip(0), "the owner's address outlives the agent");
+}
