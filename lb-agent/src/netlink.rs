@@ -157,30 +157,14 @@ impl Netlink {
 
     /// The link with index `index`.
     pub async fn link(&self, index: u32) -> Result<Link, NetlinkError> {
-        let op = || format!("get link {index}");
-        let mut s = self.handle.link().get().match_index(index).execute();
-        match s.try_next().await {
-            Ok(Some(m)) => Ok(Link::from_message(&m)),
-            Ok(None) => Err(NetlinkError {
-                op: op(),
-                source: io::Error::from_raw_os_error(libc::ENODEV),
-            }),
-            Err(e) => Err(NetlinkError::new(op(), e)),
-        }
+        let req = self.handle.link().get().match_index(index);
+        first_link(req, || format!("get link {index}")).await
     }
 
     /// The link named `name`.
     pub async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
-        let op = || format!("get link {name}");
-        let mut s = self.handle.link().get().match_name(name).execute();
-        match s.try_next().await {
-            Ok(Some(m)) => Ok(Link::from_message(&m)),
-            Ok(None) => Err(NetlinkError {
-                op: op(),
-                source: io::Error::from_raw_os_error(libc::ENODEV),
-            }),
-            Err(e) => Err(NetlinkError::new(op(), e)),
-        }
+        let req = self.handle.link().get().match_name(name);
+        first_link(req, || format!("get link {name}")).await
     }
 
     /// The IPv4 addresses on link `index`, in the kernel's order (primary first).
@@ -258,6 +242,21 @@ impl Netlink {
 
 /// Link and address events, as `events` yields them.
 pub type Events = std::pin::Pin<Box<dyn Stream<Item = Event> + Send>>;
+
+/// The one link a lookup by index or name answers; ENODEV when there is none.
+async fn first_link(
+    req: rtnetlink::LinkGetRequest,
+    op: impl Fn() -> String,
+) -> Result<Link, NetlinkError> {
+    match req.execute().try_next().await {
+        Ok(Some(m)) => Ok(Link::from_message(&m)),
+        Ok(None) => Err(NetlinkError {
+            op: op(),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        }),
+        Err(e) => Err(NetlinkError::new(op(), e)),
+    }
+}
 
 /// Subscribes to link and IPv4 address events (what `ip monitor link address` shows). The
 /// socket is driven by a task on the current runtime; the stream ends if that task ends.

@@ -500,6 +500,23 @@ impl Lab {
         }
     }
 
+    /// 30 long-lived connections through the VIP, a request on each every 100 ms, for `secs`
+    /// (watches stand-in: they must survive what is done to the backends meanwhile).
+    pub fn spawn_long_lived(&self, name: &str, secs: u64) -> LoadgenRun {
+        self.spawn_loadgen(
+            name,
+            "/version",
+            &[
+                "--connections",
+                "30",
+                "--interval",
+                "100ms",
+                "--duration",
+                &format!("{secs}s"),
+            ],
+        )
+    }
+
     /// Runs lb-loadgen in the client namespace against the VIP; returns its JSON report.
     pub fn loadgen(&self, path: &str, args: &[&str]) -> serde_json::Value {
         let ca = self.dir.join("pki/ca.crt");
@@ -608,4 +625,28 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// lb-agent as nobody: uid and gid 65534, no supplementary groups, no capabilities.
+pub fn agent_as_nobody() -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ])
+    .arg(bin("lb-agent"));
+    c
+}
+
+/// The backend named `name` of the first VIP in a `status --json` report.
+pub fn backend_status<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    status["vips"][0]["backends"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no backends in {status}"))
+        .iter()
+        .find(|b| b["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {status}"))
 }

@@ -2,7 +2,10 @@
 
 use std::process::Command;
 
-use lb_tests::{lab::bin, netns::require_root};
+use lb_tests::{
+    lab::{agent_as_nobody, bin},
+    netns::require_root,
+};
 
 fn agent(args: &[&str]) -> std::process::Output {
     Command::new(bin("lb-agent"))
@@ -65,15 +68,7 @@ fn without_privileges_the_error_is_clear_and_status_says_no_agent_runs() {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     // Run as nobody with no capabilities at all.
-    let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(bin("lb-agent"))
+    let out = agent_as_nobody()
         .args(["run", "--config", f.to_str().unwrap()])
         .output()
         .expect("setpriv");

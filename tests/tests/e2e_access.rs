@@ -11,7 +11,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{bin, Lab},
+    lab::{agent_as_nobody, bin, Lab},
     vrrp_lab::poll_until,
 };
 
@@ -19,15 +19,7 @@ const HEALTH: &str = "interval = \"200ms\"\ntimeout = \"150ms\"";
 
 /// Runs lb-agent as nobody (uid and gid 65534, no capabilities).
 fn as_nobody(args: &[&str], config: &Path) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(bin("lb-agent"))
+    agent_as_nobody()
         .args(args)
         .arg("--config")
         .arg(config)

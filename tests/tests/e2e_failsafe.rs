@@ -27,6 +27,31 @@ fn agent_cmd(args: &[&str], config: &std::path::Path) -> std::process::Output {
         .expect("run lb-agent")
 }
 
+/// Sets failpoint `name` to `actions` in the agent that uses `config`.
+fn failpoint(config: &std::path::Path, name: &str, actions: &str) {
+    let out = agent_cmd(&["debug", "failpoint", name, actions], config);
+    assert!(
+        out.status.success(),
+        "failpoints need `cargo xtask test` (feature lb-agent/failpoints): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// After lb1's agent was made to fail at `t0`: its exit code, how long it took to exit,
+/// and when lb2 alone held the VIP.
+fn exit_and_handover(
+    pair: &Pair,
+    a1: &mut Proc,
+    t0: Instant,
+) -> (Option<i32>, Duration, Option<Duration>) {
+    let code = exit_code(a1, Duration::from_secs(10));
+    let exited = t0.elapsed();
+    let lab = &pair.lab;
+    let took =
+        poll_until(Duration::from_secs(3), || lab.has_vip(1) && !lab.has_vip(0)).map(|t| t - t0);
+    (code, exited, took)
+}
+
 /// Waits up to `timeout` for `p` to exit and returns its exit code.
 fn exit_code(p: &mut Proc, timeout: Duration) -> Option<i32> {
     p.wait(timeout).map(|s| s.code().unwrap_or(-1))
@@ -114,19 +139,8 @@ fn a_failed_vrrp_task_gives_up_the_vip_and_the_agent_exits_non_zero() {
     let client = pair.gap_client("gapvrrpfail", 4);
     std::thread::sleep(Duration::from_millis(1000));
     let t0 = Instant::now();
-    let out = agent_cmd(
-        &["debug", "failpoint", "vrrp-loop", "panic"],
-        &pair.configs[0],
-    );
-    assert!(
-        out.status.success(),
-        "failpoints need `cargo xtask test` (feature lb-agent/failpoints): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let code = exit_code(&mut a1, Duration::from_secs(10));
-    let exited = t0.elapsed();
-    let took =
-        poll_until(Duration::from_secs(3), || lab.has_vip(1) && !lab.has_vip(0)).map(|t| t - t0);
+    failpoint(&pair.configs[0], "vrrp-loop", "panic");
+    let (code, exited, took) = exit_and_handover(&pair, &mut a1, t0);
     let report = client.finish(Duration::from_secs(20));
     let log = a1.output();
     println!(
@@ -157,19 +171,9 @@ fn a_failed_keeper_makes_vrrp_resign_in_order_and_the_agent_exit_non_zero() {
     };
     let lab = &pair.lab;
     let t0 = Instant::now();
-    let out = agent_cmd(
-        &["debug", "failpoint", "keeper-loop", "panic"],
-        &pair.configs[0],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failpoint(&pair.configs[0], "keeper-loop", "panic");
     // The keeper only turns its loop on an event: a probe result comes within 200 ms.
-    let code = exit_code(&mut a1, Duration::from_secs(10));
-    let took =
-        poll_until(Duration::from_secs(3), || lab.has_vip(1) && !lab.has_vip(0)).map(|t| t - t0);
+    let (code, _, took) = exit_and_handover(&pair, &mut a1, t0);
     let log = a1.output();
     println!("keeper panicked: agent exited with {code:?}; VIP on lb2 only after {took:?}");
     assert!(matches!(code, Some(c) if c != 0), "{code:?}:\n{log}");
@@ -310,12 +314,7 @@ fn a_failed_map_write_is_retried_and_a_tampered_map_is_repaired() {
     assert!(up.is_some(), "{}", lab.status(&config));
 
     // The next map write fails once: the drain is recorded, retried, and lands.
-    let out = agent_cmd(&["debug", "failpoint", "map-write", "1*return"], &config);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failpoint(&config, "map-write", "1*return");
     let out = agent_cmd(&["drain", "kube-apiserver", "master03"], &config);
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -393,15 +392,7 @@ fn failing_to_add_the_vip_is_a_fault_with_priority_0_not_a_master_without_it() {
     };
     let lab = &pair.lab;
     // From now on lb1 cannot add or refresh its addresses.
-    let out = agent_cmd(
-        &["debug", "failpoint", "vrrp-add-address", "return"],
-        &pair.configs[0],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    failpoint(&pair.configs[0], "vrrp-add-address", "return");
     let t0 = Instant::now();
     let fault = poll_until(Duration::from_secs(3), || {
         lab.vrrp_state(&pair.configs[0]) == "fault"
@@ -425,11 +416,7 @@ fn failing_to_add_the_vip_is_a_fault_with_priority_0_not_a_master_without_it() {
         a1.output()
     );
     // Adding works again: lb1 retries, comes back as backup and (preempt) as master.
-    let out = agent_cmd(
-        &["debug", "failpoint", "vrrp-add-address", "off"],
-        &pair.configs[0],
-    );
-    assert!(out.status.success());
+    failpoint(&pair.configs[0], "vrrp-add-address", "off");
     pair.wait_master(0, Duration::from_secs(8));
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lb_tests::lab::{backend_name, Lab};
+use lb_tests::lab::{backend_name, backend_status as backend, Lab};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -14,15 +14,6 @@ const RISE: u64 = 2;
 
 fn bound() -> Duration {
     Duration::from_millis(INTERVAL_MS * FALL + TIMEOUT_MS + 1000)
-}
-
-fn backend<'a>(status: &'a Value, name: &str) -> &'a Value {
-    status["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == name)
-        .unwrap_or_else(|| panic!("{name} in {status}"))
 }
 
 /// Polls status until `pred` holds for backend `name`; returns how long it took.
@@ -72,18 +63,7 @@ fn killed_and_unready_backends_leave_and_healthy_flows_never_break() {
     assert!(h["last_change_unix"].as_u64().unwrap() > 0);
 
     // 30 long-lived connections, a request every 100 ms each.
-    let long = lab.spawn_loadgen(
-        "long1",
-        "/version",
-        &[
-            "--connections",
-            "30",
-            "--interval",
-            "100ms",
-            "--duration",
-            "8s",
-        ],
-    );
+    let long = lab.spawn_long_lived("long1", 8);
     std::thread::sleep(Duration::from_secs(2));
 
     // SIGKILL master01: marked down in time, no new connection reaches it.
@@ -150,18 +130,7 @@ fn killed_and_unready_backends_leave_and_healthy_flows_never_break() {
     );
 
     // master02 answers /readyz with 503, as an apiserver in graceful shutdown does.
-    let long = lab.spawn_loadgen(
-        "long2",
-        "/version",
-        &[
-            "--connections",
-            "30",
-            "--interval",
-            "100ms",
-            "--duration",
-            "5s",
-        ],
-    );
+    let long = lab.spawn_long_lived("long2", 5);
     std::thread::sleep(Duration::from_secs(1));
     lab.stub_admin(1, "/mode?readyz=503");
     let took = until(&lab, &config, "master02", "down (not ready)", |b| {

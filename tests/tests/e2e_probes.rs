@@ -10,22 +10,13 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{backend_name, Lab},
+    lab::{backend_name, backend_status as backend, Lab},
     vrrp_lab::poll_until,
 };
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const HEALTH: &str = "interval = \"300ms\"\ntimeout = \"250ms\"\nrise = 2\nfall = 2\n";
-
-fn backend<'a>(s: &'a Value, name: &str) -> &'a Value {
-    s["vips"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["name"] == name)
-        .unwrap_or_else(|| panic!("{name} in {s}"))
-}
 
 fn wait(lab: &Lab, config: &Path, what: &str, f: impl Fn(&Value) -> bool) -> Duration {
     let t0 = Instant::now();
@@ -46,18 +37,7 @@ fn hung_and_slow_apiservers_keep_their_connections_and_a_refusing_one_loses_them
     wait(&lab, &config, "all up", |s| {
         (0..3).all(|i| backend(s, &backend_name(i))["state"] == "up")
     });
-    let long = lab.spawn_loadgen(
-        "long",
-        "/version",
-        &[
-            "--connections",
-            "30",
-            "--interval",
-            "100ms",
-            "--duration",
-            "6s",
-        ],
-    );
+    let long = lab.spawn_long_lived("long", 6);
     std::thread::sleep(Duration::from_secs(1));
     // master01 accepts TCP and never answers (an apiserver too busy to handshake);
     // master02 answers /readyz after 1 s, longer than the 250 ms probe timeout.

@@ -382,7 +382,6 @@ struct Instance {
     cfg: VrrpConfig,
     ifindex: u32,
     primary: Ipv4Addr,
-    version: Version,
     expect: Expect,
     sender: socket::Sender,
     machine: Machine,
@@ -446,11 +445,7 @@ impl Instance {
                 "VRRP on {ifname}: the interface has no MAC address"
             ))
         })?;
-        let version = if cfg.version == 2 {
-            Version::V2
-        } else {
-            Version::V3
-        };
+        let version = version_of(&cfg);
         let multicast = cfg.unicast_peers.is_empty();
         let receiver = socket::Receiver::open(&ifname, ifindex, multicast)
             .map_err(io("opening the receiving raw socket (CAP_NET_RAW)"))?;
@@ -519,7 +514,6 @@ impl Instance {
                 cfg,
                 ifindex,
                 primary,
-                version,
                 expect,
                 sender,
                 machine,
@@ -561,20 +555,8 @@ impl Instance {
 
     fn send_advert(&self, priority: u8) {
         fail::fail_point!("vrrp-send-advert", |_| ());
-        let ad = Advert {
-            version: self.version,
-            vrid: self.cfg.virtual_router_id,
-            priority,
-            interval: self.version.interval_field(self.cfg.advert_interval),
-            addresses: self.cfg.virtual_addresses.iter().map(|(a, _)| *a).collect(),
-            auth_pass: self.expect.auth_pass,
-        };
-        let dsts: Vec<Ipv4Addr> = if self.cfg.unicast_peers.is_empty() {
-            vec![VRRP_MCAST]
-        } else {
-            self.cfg.unicast_peers.clone()
-        };
-        for dst in dsts {
+        let ad = advert(&self.cfg, priority);
+        for dst in destinations(&self.cfg) {
             match self.sender.send(&ad.encode(self.primary, dst), dst) {
                 Ok(()) => lock(&self.status).adverts_sent += 1,
                 // A resignation on a link that just failed cannot get out; that is expected.
@@ -1050,6 +1032,36 @@ async fn poll_link(nl: Netlink, ifindex: u32, mut last: bool, tx: mpsc::Sender<(
     }
 }
 
+fn version_of(cfg: &VrrpConfig) -> Version {
+    if cfg.version == 2 {
+        Version::V2
+    } else {
+        Version::V3
+    }
+}
+
+/// The advert `cfg`'s instance sends with `priority`.
+fn advert(cfg: &VrrpConfig, priority: u8) -> Advert {
+    let version = version_of(cfg);
+    Advert {
+        version,
+        vrid: cfg.virtual_router_id,
+        priority,
+        interval: version.interval_field(cfg.advert_interval),
+        addresses: cfg.virtual_addresses.iter().map(|(a, _)| *a).collect(),
+        auth_pass: cfg.auth_pass.as_deref().map(packet::pass_bytes),
+    }
+}
+
+/// Where adverts go: the unicast peers, or the VRRP multicast group.
+fn destinations(cfg: &VrrpConfig) -> Vec<Ipv4Addr> {
+    if cfg.unicast_peers.is_empty() {
+        vec![VRRP_MCAST]
+    } else {
+        cfg.unicast_peers.clone()
+    }
+}
+
 /// Gives up the VIP for an instance whose thread died: a priority 0 advert if it held or may
 /// have held the addresses, then the addresses removed. Runs on the caller's runtime with
 /// fresh sockets, since the instance's own are gone.
@@ -1073,27 +1085,10 @@ pub async fn resign_after_failure(
     };
     let owner = cfg.priority == state::PRIORITY_OWNER;
     if was_master || !present.is_empty() {
-        let version = if cfg.version == 2 {
-            Version::V2
-        } else {
-            Version::V3
-        };
-        let ad = Advert {
-            version,
-            vrid: cfg.virtual_router_id,
-            priority: state::PRIORITY_STOP,
-            interval: version.interval_field(cfg.advert_interval),
-            addresses: cfg.virtual_addresses.iter().map(|(a, _)| *a).collect(),
-            auth_pass: cfg.auth_pass.as_deref().map(packet::pass_bytes),
-        };
+        let ad = advert(cfg, state::PRIORITY_STOP);
         match socket::Sender::open(&cfg.interface, ifindex, primary) {
             Ok(s) => {
-                let dsts = if cfg.unicast_peers.is_empty() {
-                    vec![VRRP_MCAST]
-                } else {
-                    cfg.unicast_peers.clone()
-                };
-                for dst in dsts {
+                for dst in destinations(cfg) {
                     match s.send(&ad.encode(primary, dst), dst) {
                         Ok(()) => log::warn!(
                             "VRRP: sent a priority 0 advert to {dst}: the backup takes over now"
