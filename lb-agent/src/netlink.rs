@@ -11,7 +11,7 @@ use futures_util::{Stream, StreamExt, TryStreamExt};
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo},
-    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp},
+    link::{InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
     RouteNetlinkMessage,
 };
 use rtnetlink::{new_connection, new_multicast_connection, MulticastGroup};
@@ -165,6 +165,43 @@ impl Netlink {
     pub async fn link_by_name(&self, name: &str) -> Result<Link, NetlinkError> {
         let req = self.handle.link().get().match_name(name);
         first_link(req, || format!("get link {name}")).await
+    }
+
+    /// The VLAN devices stacked on link `parent`: (ifindex, VLAN id).
+    pub async fn vlans(&self, parent: u32) -> Result<Vec<(u32, u16)>, NetlinkError> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::new("list links", e))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let mut lower = None;
+                let mut vid = None;
+                for a in &m.attributes {
+                    match a {
+                        LinkAttribute::Link(l) => lower = Some(*l),
+                        LinkAttribute::LinkInfo(infos) => {
+                            for i in infos {
+                                if let LinkInfo::Data(InfoData::Vlan(v)) = i {
+                                    for x in v {
+                                        if let InfoVlan::Id(id) = x {
+                                            vid = Some(*id);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                (lower == Some(parent)).then_some((m.header.index, vid?))
+            })
+            .collect())
     }
 
     /// The IPv4 addresses on link `index`, in the kernel's order (primary first).

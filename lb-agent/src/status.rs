@@ -7,7 +7,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use lb_common::{maglev_index, reason, state, xdp_mode, TrafficStats, MAX_BACKENDS, NO_BACKEND};
+use lb_common::{
+    flow_flags, maglev_index, reason, state, xdp_mode, TrafficStats, MAX_BACKENDS, NO_BACKEND,
+};
 use serde::Serialize;
 
 use crate::{
@@ -31,12 +33,29 @@ pub enum StatusError {
     Dataplane(#[from] DataplaneError),
 }
 
+/// The flow tables' sizes and what they cost.
+#[derive(Debug, Serialize, Default)]
+pub struct FlowTable {
+    /// Connections FLOWS holds (two entries each).
+    pub capacity: u64,
+    /// Half-open connections HALF_OPEN holds.
+    pub half_open_capacity: u64,
+    /// Kernel memory of FLOWS and HALF_OPEN (fdinfo's memlock), bytes.
+    pub bytes: u64,
+    /// Kernel memory of all of lb's maps, bytes.
+    pub all_maps_bytes: u64,
+}
+
 /// Everything `lb-agent status` shows; `--json` prints it as is.
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub agent: AgentStatus,
-    /// Entries in the flow table (all VIPs).
+    /// Established connections in the flow table (all VIPs).
     pub flows: u64,
+    /// Connections whose backend has not answered past the handshake yet.
+    pub half_open: u64,
+    /// Sizes and memory of the flow tables.
+    pub flow_table: FlowTable,
     pub vips: Vec<VipStatus>,
     /// Per-CPU counters summed, by reason name.
     pub counters: BTreeMap<String, u64>,
@@ -214,14 +233,26 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         maps_behind: info.maps_behind,
     };
 
-    // Flows per backend from one pass over the flow table.
+    // Connections per backend from one pass over each flow table, counting the client's
+    // direction only (each connection has an entry per direction).
     let mut flows_by_backend: BTreeMap<u32, u64> = BTreeMap::new();
     let mut flows = 0u64;
     for entry in maps.flows.iter() {
         let Ok((_, v)) = entry else { continue };
-        flows += 1;
-        *flows_by_backend.entry(v.backend).or_default() += 1;
+        if v.flags & flow_flags::REPLY == 0 {
+            flows += 1;
+            *flows_by_backend.entry(v.backend).or_default() += 1;
+        }
     }
+    let mut half_open = 0u64;
+    for entry in maps.half_open.iter() {
+        let Ok((_, v)) = entry else { continue };
+        if v.flags & flow_flags::REPLY == 0 {
+            half_open += 1;
+            *flows_by_backend.entry(v.backend).or_default() += 1;
+        }
+    }
+    let flow_table = maps.flow_table();
 
     let mut vip_entries: Vec<_> = maps.vips.iter().filter_map(Result::ok).collect();
     vip_entries.sort_by_key(|(_, info)| info.index);
@@ -322,6 +353,8 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
     Ok(Report {
         agent,
         flows,
+        half_open,
+        flow_table,
         vips,
         counters,
         vrrp,
@@ -365,7 +398,17 @@ pub fn render(r: &Report) -> String {
         "data plane: XDP {} on {} (ifindex {}), maps pinned under {}",
         a.xdp_mode, a.interface, a.ifindex, a.pin_path
     );
-    let _ = writeln!(o, "flow table: {} flows", r.flows);
+    let t = &r.flow_table;
+    let _ = writeln!(
+        o,
+        "flow table: {} connections (of {}), {} half-open (of {}); {:.1} MiB, all maps {:.1} MiB",
+        r.flows,
+        t.capacity,
+        r.half_open,
+        t.half_open_capacity,
+        t.bytes as f64 / 1048576.0,
+        t.all_maps_bytes as f64 / 1048576.0
+    );
     if a.running {
         let _ = writeln!(
             o,

@@ -13,10 +13,18 @@ pub mod map {
     pub const BACKENDS: &str = "BACKENDS";
     /// Array of u32 backend indices: [vip][half][MAX_MAGLEV_SIZE].
     pub const MAGLEV: &str = "MAGLEV";
-    /// LRU FlowKey(client -> VIP) -> FlowValue.
+    /// LRU FlowKey (a packet's tuple as it arrives) -> Flow: established connections, one
+    /// entry per direction (client -> VIP and backend -> SNAT address).
     pub const FLOWS: &str = "FLOWS";
-    /// LRU FlowKey(backend -> SNAT address) -> ReverseValue.
-    pub const NAT_REVERSE: &str = "NAT_REVERSE";
+    /// LRU FlowKey -> Flow like FLOWS, for connections whose backend has not yet answered
+    /// past the handshake: a SYN flood fills this table and never evicts FLOWS.
+    pub const HALF_OPEN: &str = "HALF_OPEN";
+    /// Array of u32 over `addr_filter_index`: non-zero where a VIP or SNAT address hashes,
+    /// so traffic not for lb passes after one array read.
+    pub const ADDR_FILTER: &str = "ADDR_FILTER";
+    /// Hash ifindex -> VlanDev: the VLAN devices on the XDP interface, so a tagged frame
+    /// leaves with the tag the FIB's egress device stands for.
+    pub const VLAN_DEVS: &str = "VLAN_DEVS";
     /// Per-CPU array of TrafficStats, indexed by VIP index.
     pub const STATS_VIP: &str = "STATS_VIP";
     /// Per-CPU array of TrafficStats, indexed by backend index.
@@ -33,12 +41,14 @@ pub mod map {
     pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
 
     /// Every map the agent pins, in the order status reads them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         VIPS,
         BACKENDS,
         MAGLEV,
         FLOWS,
-        NAT_REVERSE,
+        HALF_OPEN,
+        ADDR_FILTER,
+        VLAN_DEVS,
         STATS_VIP,
         STATS_BACKEND,
         STATS_REASON,
@@ -69,8 +79,16 @@ pub const MAX_BACKENDS: u32 = 1024;
 pub const MAX_MAGLEV_SIZE: u32 = 65537;
 /// Default Maglev table size (prime).
 pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
-/// Entries in FLOWS and in NAT_REVERSE.
+/// Default connections the flow table holds (`[agent] max_flows`); FLOWS has twice as many
+/// entries, one per direction.
 pub const MAX_FLOWS: u32 = 262_144;
+/// Entries in HALF_OPEN (two per half-open connection): what a SYN flood can occupy.
+pub const MAX_HALF_OPEN: u32 = 65_536;
+/// Entries in ADDR_FILTER (a power of two).
+pub const ADDR_FILTER_SIZE: u32 = 4096;
+/// Most VLAN devices on the XDP interface that VLAN_DEVS describes.
+pub const MAX_VLAN_DEVS: u32 = 256;
+
 /// Length of the name fields in VipMeta and BackendMeta.
 pub const NAME_LEN: usize = 64;
 /// Value in a MAGLEV slot when no backend can take the flow.
@@ -81,6 +99,13 @@ pub const SNAT_TRIES: u32 = 8;
 pub const SNAT_CLOSED_REUSE_NS: u64 = 1_000_000_000;
 /// A flow idle this long may lose its SNAT port to a new flow (ns).
 pub const SNAT_IDLE_REUSE_NS: u64 = 600 * 1_000_000_000;
+
+/// ADDR_FILTER slot of an address (network byte order, as in the packet): a multiplicative
+/// hash, so addresses of one subnet spread.
+#[inline(always)]
+pub const fn addr_filter_index(addr: u32) -> u32 {
+    addr.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_FILTER_SIZE.trailing_zeros())
+}
 
 /// Index of the MAGLEV slot for `vip`, table `half` (0/1) and position `pos`.
 #[inline(always)]
@@ -122,14 +147,21 @@ pub mod state {
     }
 }
 
-/// FlowValue/ReverseValue flag bits (TCP close tracking).
+/// Flow.flags bits. The data plane only sets them with an atomic or: both directions of a
+/// connection run on different CPUs at once.
 pub mod flow_flags {
     /// The client sent FIN.
-    pub const FIN_CLIENT: u8 = 1;
+    pub const FIN_CLIENT: u32 = 1;
     /// The backend sent FIN.
-    pub const FIN_BACKEND: u8 = 2;
+    pub const FIN_BACKEND: u32 = 2;
     /// Either side sent RST.
-    pub const RST: u8 = 4;
+    pub const RST: u32 = 4;
+    /// This entry is the backend -> client direction.
+    pub const REPLY: u32 = 8;
+    /// The backend answered past the handshake (the entry lives in FLOWS).
+    pub const ESTABLISHED: u32 = 16;
+    /// The next hop cached in the entry is valid.
+    pub const NEXT_HOP: u32 = 32;
 }
 
 /// XDP attach modes (AgentMeta.xdp_mode).
@@ -159,7 +191,8 @@ pub mod reason {
     pub const PASS_NOT_OURS: u32 = 1;
     /// Frame too short for the headers it announces: passed untouched.
     pub const PASS_TRUNCATED: u32 = 2;
-    /// IP fragment for a VIP: dropped (see docs/architecture.md).
+    /// A first fragment (MF set) for a VIP or of a backend's reply: dropped (see
+    /// docs/architecture.md).
     pub const DROP_FRAGMENT: u32 = 3;
     /// VIP packet with IP options: forwarded, options kept (a count, not a drop).
     pub const IP_OPTIONS: u32 = 4;
@@ -171,7 +204,8 @@ pub mod reason {
     pub const DROP_RST_NO_FLOW: u32 = 7;
     /// Rewritten, next hop's MAC unknown: passed to the kernel to resolve it.
     pub const PASS_NO_NEIGH: u32 = 8;
-    /// Rewritten, FIB lookup not forwardable by XDP: passed to the kernel.
+    /// Rewritten, the FIB's egress is not the XDP interface nor a VLAN on it, or a route
+    /// the FIB does not resolve: passed to the kernel, which forwards it.
     pub const PASS_FIB_OTHER: u32 = 9;
     /// Rewritten, route is blackhole/unreachable/prohibit: dropped.
     pub const DROP_FIB_UNREACHABLE: u32 = 10;
@@ -179,16 +213,35 @@ pub mod reason {
     pub const DROP_FLOW_INSERT: u32 = 11;
     /// Sent back out of the ingress interface (XDP_TX).
     pub const TX: u32 = 12;
-    /// Redirected to another interface.
-    pub const REDIRECT: u32 = 13;
-    /// A flow whose backend went down was moved to a new backend.
-    pub const FLOW_REPICKED: u32 = 14;
+    /// Sent back out of the ingress interface with its VLAN tag changed to the egress VLAN.
+    pub const TX_VLAN: u32 = 13;
+    /// A client packet of a flow whose backend is down: the flow is removed and the client
+    /// reset, so it reconnects at once to a live backend.
+    pub const RST_BACKEND_DOWN: u32 = 14;
     /// A non-TCP packet for a VIP address and port: passed.
     pub const PASS_NOT_TCP: u32 = 15;
     /// A VIP or reply packet in a frame addressed to another host's MAC: passed.
     pub const PASS_OTHER_HOST: u32 = 16;
+    /// A client packet with ACK and no flow (an ACK flood, or a connection of an LB that
+    /// failed over): answered with a RST, no state created.
+    pub const RST_NO_FLOW: u32 = 17;
+    /// A client packet without SYN, ACK or RST and no flow: dropped, no state created.
+    pub const DROP_NO_FLOW: u32 = 18;
+    /// A later fragment (no TCP header) to a VIP or SNAT address: passed to the kernel.
+    pub const PASS_FRAGMENT: u32 = 19;
+    /// A half-open flow's SNAT port taken by a new SYN (ports short, a SYN flood).
+    pub const HALF_OPEN_RECYCLED: u32 = 20;
+    /// A half-open flow moved to FLOWS: its backend answered past the handshake.
+    pub const ESTABLISHED: u32 = 21;
+    /// Rewritten, the packet is larger than the egress MTU: an ICMP "fragmentation needed"
+    /// went back to its sender instead.
+    pub const ICMP_FRAG_NEEDED_SENT: u32 = 22;
+    /// An ICMP error about a NAT flow, translated and sent on.
+    pub const ICMP_TRANSLATED: u32 = 23;
+    /// An ICMP message to a VIP or SNAT address that is about no flow: passed.
+    pub const PASS_ICMP: u32 = 24;
     /// Number of reasons.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 25;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -205,10 +258,18 @@ pub mod reason {
         "drop_fib_unreachable",
         "drop_flow_insert",
         "tx",
-        "redirect",
-        "flow_repicked",
+        "tx_vlan",
+        "rst_backend_down",
         "pass_not_tcp",
         "pass_other_host",
+        "rst_no_flow",
+        "drop_no_flow",
+        "pass_fragment",
+        "half_open_recycled",
+        "established",
+        "icmp_frag_needed_sent",
+        "icmp_translated",
+        "pass_icmp",
     ];
 }
 
@@ -276,49 +337,67 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// Value of FLOWS: where a client's connection goes.
+/// Value of FLOWS and HALF_OPEN: the ready-made rewrite for a packet arriving with the
+/// key's tuple, and its next hop. The two entries of a connection mirror each other: the
+/// key of one is the rewritten tuple of the other, reversed.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlowValue {
+pub struct Flow {
+    /// New source address, network byte order.
+    pub src_addr: u32,
+    /// New destination address, network byte order.
+    pub dst_addr: u32,
+    /// New source port, network byte order.
+    pub src_port: u16,
+    /// New destination port, network byte order.
+    pub dst_port: u16,
     /// Backend index.
     pub backend: u32,
-    /// SNAT source address, network byte order.
-    pub snat_addr: u32,
-    /// SNAT source port, network byte order.
-    pub snat_port: u16,
-    /// `flow_flags::*`.
-    pub flags: u8,
-    pub _pad: u8,
-    /// Added to the client's TCP timestamps towards the backend (0: none).
-    pub ts_off: u32,
-    /// bpf_ktime_get_ns of the last packet.
-    pub last_seen_ns: u64,
-}
-
-/// Value of NAT_REVERSE: how to turn a backend's reply back into VIP -> client.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReverseValue {
-    /// Network byte order.
-    pub client_addr: u32,
-    /// Network byte order.
-    pub vip_addr: u32,
-    /// Network byte order.
-    pub client_port: u16,
-    /// Network byte order.
-    pub vip_port: u16,
     /// VIP index.
     pub vip: u32,
-    /// Backend index.
-    pub backend: u32,
-    /// `flow_flags::*`.
-    pub flags: u8,
-    pub _pad: [u8; 3],
-    /// Subtracted from the backend's timestamp echo towards the client (see FlowValue).
-    pub ts_off: u32,
-    pub _pad2: u32,
-    /// bpf_ktime_get_ns of the last packet either way.
+    /// `flow_flags::*`, set with atomic or only.
+    pub flags: u32,
+    /// Added to the TSval (client -> backend) or the TSecr (backend -> client) of the TCP
+    /// timestamp option (0: none). See the flow module of lb-ebpf.
+    pub ts_delta: u32,
+    /// Egress interface of the cached next hop (flag NEXT_HOP).
+    pub ifindex: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// Egress interface's MAC.
+    pub smac: [u8; 6],
+    /// MTU of the cached egress interface: a larger packet gets "fragmentation needed".
+    pub mtu: u32,
+    /// bpf_ktime_get_coarse_ns of the last packet, refreshed at most every 100 ms.
     pub last_seen_ns: u64,
+    /// When the next hop was looked up.
+    pub next_hop_ns: u64,
+}
+
+impl Flow {
+    /// The key of the other direction's entry.
+    #[inline(always)]
+    pub const fn peer_key(&self) -> FlowKey {
+        FlowKey {
+            src_addr: self.dst_addr,
+            dst_addr: self.src_addr,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Element of VLAN_DEVS: a VLAN device stacked on the XDP interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VlanDev {
+    /// Its lower device's ifindex.
+    pub parent: u32,
+    /// VLAN id, network byte order (as in the tag's TCI, priority bits clear).
+    pub vid: u16,
+    pub _pad: u16,
 }
 
 /// Per-CPU traffic counters of a VIP or a backend.
@@ -419,8 +498,8 @@ mod pod {
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for BackendInfo {}
     unsafe impl aya::Pod for FlowKey {}
-    unsafe impl aya::Pod for FlowValue {}
-    unsafe impl aya::Pod for ReverseValue {}
+    unsafe impl aya::Pod for Flow {}
+    unsafe impl aya::Pod for VlanDev {}
     unsafe impl aya::Pod for TrafficStats {}
     unsafe impl aya::Pod for VipMeta {}
     unsafe impl aya::Pod for BackendMeta {}
@@ -433,8 +512,8 @@ const _: () = {
     assert!(core::mem::size_of::<VipInfo>() == 24);
     assert!(core::mem::size_of::<BackendInfo>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
-    assert!(core::mem::size_of::<FlowValue>() == 24);
-    assert!(core::mem::size_of::<ReverseValue>() == 40);
+    assert!(core::mem::size_of::<Flow>() == 64);
+    assert!(core::mem::size_of::<VlanDev>() == 8);
     assert!(core::mem::size_of::<TrafficStats>() == 40);
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);

@@ -40,3 +40,17 @@ pub fn apply32(check: u16, old: u32, new: u32, odd: bool) -> u16 {
     };
     apply(check, s as u32)
 }
+
+/// Adds both 16-bit halves of a 32-bit value (as it sits in the packet) to a sum.
+#[inline(always)]
+pub fn add32(sum: u32, v: u32) -> u32 {
+    sum + (v >> 16) + (v & 0xffff)
+}
+
+/// Folds an unfolded sum into the checksum of the data it covers.
+#[inline(always)]
+pub fn finish(sum: u32) -> u16 {
+    let mut s = (sum & 0xffff) + (sum >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    !(s as u16)
+}

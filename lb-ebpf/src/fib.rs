@@ -1,66 +1,136 @@
-//! Next hop of a rewritten packet: bpf_fib_lookup gives the egress interface and both MACs.
+//! Next hop of a rewritten packet. Each flow entry caches its egress interface, both MACs
+//! and the interface's MTU, refreshed from bpf_fib_lookup at most every NEXT_HOP_NS: the
+//! lookup is about half the cost of a packet, and routes and neighbours change rarely.
 
 use aya_ebpf::{
     bindings::{
         bpf_fib_lookup as FibParams, xdp_action, BPF_FIB_LKUP_RET_BLACKHOLE,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT, BPF_FIB_LKUP_RET_SUCCESS,
-        BPF_FIB_LKUP_RET_UNREACHABLE,
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect},
+    helpers::{bpf_check_mtu, bpf_fib_lookup},
     programs::XdpContext,
 };
 use core::mem::{size_of, zeroed};
-use lb_common::reason;
+use lb_common::{flow_flags, reason, Flow};
 
-use crate::{parse::Packet, stats};
+use crate::{flow, parse::Packet, stats, VLAN_DEVS};
 
 const AF_INET: u8 = 2;
+/// How long a cached next hop is used before the FIB is asked again. A neighbour's new MAC
+/// (a replaced host, a router failover without a virtual MAC) reaches established flows
+/// within this time.
+const NEXT_HOP_NS: u64 = 1_000_000_000;
+/// The VLAN id bits of a TCI, network byte order.
+const VID_MASK_BE: u16 = 0x0fffu16.to_be();
 
-/// Sends the already rewritten packet towards its new destination.
+/// Why a packet cannot leave by XDP.
+pub enum NoHop {
+    /// The route's MTU is smaller than the packet.
+    FragNeeded,
+    /// Rewrite and pass to the kernel, counted under the reason.
+    Pass(u32),
+    /// Drop, counted under the reason.
+    Drop(u32),
+}
+
+/// The ingress interface.
 #[inline(always)]
-pub fn send(ctx: &XdpContext, pkt: &Packet) -> u32 {
-    let ingress = unsafe { (*ctx.ctx).ingress_ifindex };
+pub fn ingress(ctx: &XdpContext) -> u32 {
+    unsafe { (*ctx.ctx).ingress_ifindex }
+}
+
+/// The MTU of interface `ifindex`.
+#[inline(always)]
+pub fn dev_mtu(ctx: &XdpContext, ifindex: u32) -> u32 {
+    let mut mtu: u32 = 0;
+    // With a length of 0 the helper checks nothing and reports the device's MTU.
+    unsafe { bpf_check_mtu(ctx.ctx as *mut _, ifindex, &mut mtu, 0, 0) };
+    if mtu == 0 {
+        u16::MAX as u32
+    } else {
+        mtu
+    }
+}
+
+/// Makes the next hop cached in `f` current for the packet `f` rewrites `pkt` into.
+#[inline(always)]
+pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result<(), NoHop> {
+    let e = unsafe { &mut *f };
+    if e.flags & flow_flags::NEXT_HOP != 0 && now.wrapping_sub(e.next_hop_ns) < NEXT_HOP_NS {
+        return Ok(());
+    }
+    let ingress = ingress(ctx);
     let mut p: FibParams = unsafe { zeroed() };
     unsafe {
         p.family = AF_INET;
-        p.l4_protocol = (*pkt.ip).proto;
-        p.sport = (*pkt.tcp).src_port;
-        p.dport = (*pkt.tcp).dst_port;
+        p.l4_protocol = lb_common::IPPROTO_TCP;
+        p.sport = e.src_port;
+        p.dport = e.dst_port;
         p.__bindgen_anon_1.tot_len = u16::from_be((*pkt.ip).tot_len);
         p.__bindgen_anon_2.tos = (*pkt.ip).tos;
-        p.__bindgen_anon_3.ipv4_src = (*pkt.ip).src;
-        p.__bindgen_anon_4.ipv4_dst = (*pkt.ip).dst;
+        p.__bindgen_anon_3.ipv4_src = e.src_addr;
+        p.__bindgen_anon_4.ipv4_dst = e.dst_addr;
     }
     p.ifindex = ingress;
     let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p, size_of::<FibParams>() as i32, 0) }
         as u32;
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            unsafe {
-                (*pkt.eth).dst = p.dmac;
-                (*pkt.eth).src = p.smac;
+            // Written only when changed: other CPUs read these fields without a lock.
+            if e.ifindex != p.ifindex {
+                e.ifindex = p.ifindex;
+                e.mtu = dev_mtu(ctx, p.ifindex);
             }
-            // A tagged frame keeps its tag and leaves where it came in: the route lookup
-            // names the VLAN device, which cannot take redirected frames.
-            if pkt.tagged || p.ifindex == ingress {
-                stats::reason(reason::TX);
-                xdp_action::XDP_TX
-            } else {
-                stats::reason(reason::REDIRECT);
-                unsafe { bpf_redirect(p.ifindex, 0) as u32 }
+            if e.dmac != p.dmac {
+                e.dmac = p.dmac;
             }
+            if e.smac != p.smac {
+                e.smac = p.smac;
+            }
+            if e.mtu == 0 {
+                e.mtu = dev_mtu(ctx, p.ifindex);
+            }
+            e.next_hop_ns = now;
+            flow::mark(f, flow_flags::NEXT_HOP);
+            Ok(())
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            stats::reason(reason::PASS_NO_NEIGH);
-            xdp_action::XDP_PASS
-        }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(NoHop::FragNeeded),
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(NoHop::Pass(reason::PASS_NO_NEIGH)),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
-            stats::reason(reason::DROP_FIB_UNREACHABLE);
-            xdp_action::XDP_DROP
+            Err(NoHop::Drop(reason::DROP_FIB_UNREACHABLE))
         }
-        _ => {
-            stats::reason(reason::PASS_FIB_OTHER);
-            xdp_action::XDP_PASS
-        }
+        _ => Err(NoHop::Pass(reason::PASS_FIB_OTHER)),
     }
+}
+
+/// Sends the rewritten packet, its MACs already set, to the interface `ifindex`.
+///
+/// XDP can only send a frame back out of the interface it came in on. So the frame leaves
+/// by XDP_TX when the egress is that interface (untagged frame) or a VLAN device on it
+/// (tagged frame: the tag is set to that VLAN's id). Anything else, including a VLAN the
+/// NIC stripped the tag of, goes to the kernel, which forwards it: slower, but where the
+/// FIB says.
+#[inline(always)]
+pub fn egress(ctx: &XdpContext, pkt: &Packet, ifindex: u32) -> u32 {
+    let ingress = ingress(ctx);
+    if pkt.tagged() {
+        if let Some(v) = unsafe { VLAN_DEVS.get(ifindex) } {
+            if v.parent == ingress {
+                let tci = unsafe { &mut (*pkt.vlan).tci };
+                if *tci & VID_MASK_BE == v.vid {
+                    stats::reason(reason::TX);
+                } else {
+                    *tci = (*tci & !VID_MASK_BE) | v.vid;
+                    stats::reason(reason::TX_VLAN);
+                }
+                return xdp_action::XDP_TX;
+            }
+        }
+    } else if ifindex == ingress {
+        stats::reason(reason::TX);
+        return xdp_action::XDP_TX;
+    }
+    stats::reason(reason::PASS_FIB_OTHER);
+    xdp_action::XDP_PASS
 }

@@ -1,18 +1,23 @@
-//! The flow table: which backend and SNAT port a client connection uses, Maglev for new
-//! flows, and SNAT port allocation (a per-backend ring over the range).
+//! The flow tables. FLOWS holds established connections, HALF_OPEN the ones whose backend
+//! has not answered past the handshake; both are keyed by a packet's tuple as it arrives
+//! and hold the ready-made rewrite, one entry per direction. Only a SYN creates a flow, in
+//! HALF_OPEN; the backend's first packet after its SYN-ACK moves it to FLOWS. A SYN flood
+//! can thus fill HALF_OPEN (whose ports are recycled first) but never evict an established
+//! connection.
 
-use core::intrinsics::{atomic_xadd, AtomicOrdering};
+use core::intrinsics::{atomic_or, atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
+    maps::LruHashMap,
 };
 use lb_common::{
-    flow_flags, maglev_index, reason, state, BackendInfo, FlowKey, FlowValue, ReverseValue,
-    VipInfo, IPPROTO_TCP, NO_BACKEND, SNAT_CLOSED_REUSE_NS, SNAT_IDLE_REUSE_NS, SNAT_TRIES,
+    flow_flags, maglev_index, reason, state, BackendInfo, Flow, FlowKey, VipInfo, IPPROTO_TCP,
+    NO_BACKEND, SNAT_CLOSED_REUSE_NS, SNAT_IDLE_REUSE_NS, SNAT_TRIES,
 };
 
-use crate::{BACKENDS, FLOWS, MAGLEV, NAT_REVERSE, SNAT_CURSOR};
+use crate::{stats, BACKENDS, FLOWS, HALF_OPEN, MAGLEV, SNAT_CURSOR};
 
 /// How stale `last_seen_ns` may get before a packet refreshes it: writing it on every
 /// packet dirties a cache line other CPUs read, for a value only compared with seconds.
@@ -21,52 +26,114 @@ const TOUCH_NS: u64 = 100_000_000;
 /// Monotonic time for flow ages and the timestamp clock; the coarse clock (a tick's
 /// resolution) costs a fraction of the precise one and is all they need.
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
-/// A flow's decision for this packet.
-pub struct Decision {
-    pub backend_index: u32,
-    pub backend: BackendInfo,
-    pub snat_addr: u32,
-    pub snat_port: u16,
-    pub new_flow: bool,
-    /// Added to the client's TCP timestamps (see FlowValue::ts_off).
-    pub ts_off: u32,
+/// Which table an entry was found in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Table {
+    Established,
+    HalfOpen,
 }
 
-/// The NAT_REVERSE key of a flow: the backend's reply as it arrives.
-#[inline(always)]
-pub fn reverse_key(backend: &BackendInfo, snat_addr: u32, snat_port: u16) -> FlowKey {
-    FlowKey {
-        src_addr: backend.addr,
-        dst_addr: snat_addr,
-        src_port: backend.port,
-        dst_port: snat_port,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
+impl Table {
+    #[inline(always)]
+    fn map(self) -> &'static LruHashMap<FlowKey, Flow> {
+        match self {
+            Table::Established => &FLOWS,
+            Table::HalfOpen => &HALF_OPEN,
+        }
     }
 }
 
-/// The FLOWS key of the client connection a NAT_REVERSE entry belongs to.
+/// The entry for a packet arriving with `key`: established connections first.
 #[inline(always)]
-pub fn forward_key(r: &ReverseValue) -> FlowKey {
-    FlowKey {
-        src_addr: r.client_addr,
-        dst_addr: r.vip_addr,
-        src_port: r.client_port,
-        dst_port: r.vip_port,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
+pub fn lookup(key: &FlowKey) -> Option<(*mut Flow, Table)> {
+    if let Some(f) = FLOWS.get_ptr_mut(key) {
+        return Some((f, Table::Established));
+    }
+    HALF_OPEN.get_ptr_mut(key).map(|f| (f, Table::HalfOpen))
+}
+
+/// Sets flag bits on an entry. Atomic: both directions of a connection, on two CPUs, set
+/// bits on both entries.
+#[inline(always)]
+pub fn mark(f: *mut Flow, bits: u32) {
+    // SAFETY: an aligned u32 in a map value; every writer of `flags` uses an atomic or.
+    unsafe { atomic_or::<u32, u32, { AtomicOrdering::SeqCst }>(&raw mut (*f).flags, bits) };
+}
+
+/// Records FIN/RST bits on the entry and its peer, which decide when the port is reused.
+#[inline(always)]
+pub fn close(table: Table, f: *mut Flow, bits: u32, now: u64) {
+    mark(f, bits);
+    unsafe { (*f).last_seen_ns = now };
+    let peer = unsafe { (*f).peer_key() };
+    if let Some(p) = table.map().get_ptr_mut(peer) {
+        mark(p, bits);
     }
 }
 
+/// Refreshes the entry's age, at most every TOUCH_NS.
 #[inline(always)]
-fn closed(flags: u8) -> bool {
+pub fn touch(f: *mut Flow, now: u64) {
+    unsafe {
+        if now.wrapping_sub((*f).last_seen_ns) > TOUCH_NS {
+            (*f).last_seen_ns = now;
+        }
+    }
+}
+
+/// Removes both entries of the connection `f` (found under `key`) belongs to.
+#[inline(always)]
+pub fn remove(table: Table, key: &FlowKey, f: &Flow) {
+    let _ = table.map().remove(f.peer_key());
+    let _ = table.map().remove(key);
+}
+
+#[inline(always)]
+pub fn closed(flags: u32) -> bool {
     flags & flow_flags::RST != 0
         || flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
             == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+}
+
+/// True when the flow's backend no longer takes its packets (down, or removed).
+#[inline(always)]
+pub fn backend_gone(f: &Flow) -> bool {
+    match BACKENDS.get(f.backend) {
+        Some(b) => b.state == state::DOWN || b.state == state::UNUSED,
+        None => true,
+    }
+}
+
+/// Moves a half-open connection to FLOWS: its backend (`rev`, the backend -> client entry
+/// under `rev_key`) answered past the handshake, so a client is really there. FLOWS gets
+/// both entries before HALF_OPEN loses them, so a port allocation on another CPU always
+/// sees one owner.
+///
+/// Returns the reply entry's new place, or None when the connection left HALF_OPEN under us
+/// (its port recycled by a SYN flood).
+#[inline(always)]
+pub fn promote(rev_key: &FlowKey, rev: &Flow) -> Option<*mut Flow> {
+    let fwd_key = rev.peer_key();
+    let fwd = unsafe { HALF_OPEN.get(fwd_key) }?;
+    let mut fwd = *fwd;
+    let mut rev = *rev;
+    fwd.flags |= flow_flags::ESTABLISHED;
+    rev.flags |= flow_flags::ESTABLISHED;
+    if FLOWS.insert(fwd_key, fwd, BPF_ANY as u64).is_err() {
+        return None;
+    }
+    if FLOWS.insert(rev_key, rev, BPF_ANY as u64).is_err() {
+        let _ = FLOWS.remove(fwd_key);
+        return None;
+    }
+    let _ = HALF_OPEN.remove(rev_key);
+    let _ = HALF_OPEN.remove(fwd_key);
+    stats::reason(reason::ESTABLISHED);
+    FLOWS.get_ptr_mut(rev_key)
 }
 
 /// murmur3's mixing over the 5-tuple: the Maglev slot of a new flow.
@@ -114,20 +181,31 @@ fn pick(key: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), u32> {
     Ok((index, backend))
 }
 
-/// Finds a free SNAT port towards `backend` and claims it with a NAT_REVERSE entry.
+/// True when an established connection may give its SNAT port to a new one: closed and
+/// quiet for a second, or idle for SNAT_IDLE_REUSE_NS.
+#[inline(always)]
+fn reusable(f: &Flow, now: u64) -> bool {
+    let idle = now.wrapping_sub(f.last_seen_ns);
+    (closed(f.flags) && idle > SNAT_CLOSED_REUSE_NS) || idle > SNAT_IDLE_REUSE_NS
+}
+
+/// Finds a SNAT port towards `backend` and claims it with the reply entry `rev` in
+/// HALF_OPEN.
 ///
 /// Ports are taken in turn from a per-backend ring over the range rather than at random:
 /// a port then comes back only after the whole range has been used, which keeps new SYNs
 /// away from the TIME_WAIT the backend holds for 60 s after it closed the previous
-/// connection on that port (a SYN that hits it stalls the client for a second).
+/// connection on that port (a SYN that hits it stalls the client for a second). The same
+/// order makes a SYN flood harmless to the port space: a half-open connection found on the
+/// ring is the oldest of its backend's, and its port is recycled; an established one is
+/// skipped unless it ended.
 #[inline(always)]
 fn alloc_port(
-    key: &FlowKey,
     vip: &VipInfo,
     index: u32,
     backend: &BackendInfo,
+    rev: &Flow,
     now: u64,
-    ts_off: u32,
 ) -> Result<u16, u32> {
     let min = vip.snat_port_min as u32;
     let max = vip.snat_port_max as u32;
@@ -135,58 +213,71 @@ fn alloc_port(
         return Err(reason::DROP_SNAT_EXHAUSTED);
     }
     let range = max - min + 1;
-    let rev = ReverseValue {
-        client_addr: key.src_addr,
-        vip_addr: key.dst_addr,
-        client_port: key.src_port,
-        vip_port: key.dst_port,
-        vip: vip.index,
-        backend: index,
-        flags: 0,
-        _pad: [0; 3],
-        ts_off,
-        _pad2: 0,
-        last_seen_ns: now,
-    };
     let cursor = SNAT_CURSOR
         .get_ptr_mut(index)
         .ok_or(reason::DROP_SNAT_EXHAUSTED)?;
     for _ in 0..SNAT_TRIES {
-        // SAFETY: an aligned u32 in a map value shared by all CPUs, only touched atomically.
+        // SAFETY: an aligned u64 in a map value shared by all CPUs, only touched atomically.
         // SeqCst: for a relaxed add LLVM's BPF backend emits the legacy XADD, which returns
         // nothing, and then reads the result anyway (seen with LLVM 22).
         let turn: u64 = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
         let off = (turn % range as u64) as u32;
         let port = ((min + off) as u16).to_be();
-        let rkey = reverse_key(backend, vip.snat_addr, port);
-        if NAT_REVERSE.insert(rkey, rev, BPF_NOEXIST as u64).is_ok() {
-            return Ok(port);
-        }
-        // Taken: a closed or long idle flow gives its port up.
-        if let Some(old) = NAT_REVERSE.get_ptr(rkey) {
-            let old = unsafe { *old };
-            let idle = now.wrapping_sub(old.last_seen_ns);
-            if (closed(old.flags) && idle > SNAT_CLOSED_REUSE_NS) || idle > SNAT_IDLE_REUSE_NS {
-                let _ = FLOWS.remove(forward_key(&old));
-                if NAT_REVERSE.insert(rkey, rev, BPF_ANY as u64).is_ok() {
-                    return Ok(port);
-                }
+        let rkey = FlowKey {
+            src_addr: backend.addr,
+            dst_addr: vip.snat_addr,
+            src_port: backend.port,
+            dst_port: port,
+            proto: IPPROTO_TCP,
+            _pad: [0; 3],
+        };
+        // HALF_OPEN first, FLOWS second: the reverse of `promote`'s order.
+        let mut recycled: Option<FlowKey> = None;
+        if HALF_OPEN.insert(rkey, rev, BPF_NOEXIST as u64).is_err() {
+            if let Some(old) = unsafe { HALF_OPEN.get(rkey) } {
+                recycled = Some(old.peer_key());
+            }
+            if HALF_OPEN.insert(rkey, rev, BPF_ANY as u64).is_err() {
+                continue;
             }
         }
+        if let Some(est) = unsafe { FLOWS.get(rkey) } {
+            let est = *est;
+            if !reusable(&est, now) {
+                let _ = HALF_OPEN.remove(rkey);
+                continue;
+            }
+            let _ = FLOWS.remove(est.peer_key());
+            let _ = FLOWS.remove(rkey);
+        }
+        if let Some(k) = recycled {
+            let _ = HALF_OPEN.remove(k);
+            stats::reason(reason::HALF_OPEN_RECYCLED);
+        }
+        return Ok(port);
     }
     Err(reason::DROP_SNAT_EXHAUSTED)
 }
 
-/// Creates a flow: Maglev pick, SNAT port, reverse entry, then forward entry (rolled back on
-/// failure so neither table holds half a flow).
+/// A new connection's forward entry, not yet inserted (the caller adds its next hop), and
+/// its backend index. The reply entry is in HALF_OPEN already, holding the SNAT port.
 ///
 /// `syn_tsval` is the SYN's TCP timestamp (0: none). The flow shifts the client's
 /// timestamps so the backend sees one clock, this host's milliseconds, on every tuple: a
 /// SYN reusing a tuple the backend still holds in TIME_WAIT then carries a newer timestamp
 /// than the last connection's and is accepted (RFC 6191), where the client's own clock (a
 /// random offset per connection on Linux) would fail PAWS half the time and stall a second.
+///
+/// `reply_hop` is where the SYN came from (MACs, interface): the reply goes back the same
+/// way until its entry's next hop is refreshed from the FIB.
 #[inline(always)]
-fn create(key: &FlowKey, vip: &VipInfo, now: u64, syn_tsval: u32) -> Result<Decision, u32> {
+pub fn create(
+    key: &FlowKey,
+    vip: &VipInfo,
+    syn_tsval: u32,
+    reply_hop: Option<([u8; 6], [u8; 6], u32, u32)>,
+    now: u64,
+) -> Result<Flow, u32> {
     let (index, backend) = pick(key, vip)?;
     let ts_off = if syn_tsval == 0 {
         0
@@ -194,110 +285,47 @@ fn create(key: &FlowKey, vip: &VipInfo, now: u64, syn_tsval: u32) -> Result<Deci
         // 0 means "no timestamps": a shift that happens to be 0 becomes 1 ms.
         ((now / 1_000_000) as u32).wrapping_sub(syn_tsval).max(1)
     };
-    let port = alloc_port(key, vip, index, &backend, now, ts_off)?;
-    let value = FlowValue {
+    let mut rev = Flow {
+        src_addr: key.dst_addr,
+        dst_addr: key.src_addr,
+        src_port: key.dst_port,
+        dst_port: key.src_port,
         backend: index,
-        snat_addr: vip.snat_addr,
-        snat_port: port,
-        flags: 0,
-        _pad: 0,
-        ts_off,
+        vip: vip.index,
+        flags: flow_flags::REPLY,
+        ts_delta: ts_off.wrapping_neg(),
         last_seen_ns: now,
+        ..Flow::default()
     };
-    if FLOWS.insert(key, value, BPF_ANY as u64).is_err() {
-        let _ = NAT_REVERSE.remove(reverse_key(&backend, vip.snat_addr, port));
-        return Err(reason::DROP_FLOW_INSERT);
+    if let Some((dmac, smac, ifindex, mtu)) = reply_hop {
+        rev.flags |= flow_flags::NEXT_HOP;
+        rev.dmac = dmac;
+        rev.smac = smac;
+        rev.ifindex = ifindex;
+        rev.mtu = mtu;
+        rev.next_hop_ns = now;
     }
-    Ok(Decision {
-        backend_index: index,
-        backend,
-        snat_addr: vip.snat_addr,
-        snat_port: port,
-        new_flow: true,
-        ts_off,
+    let port = alloc_port(vip, index, &backend, &rev, now)?;
+    Ok(Flow {
+        src_addr: vip.snat_addr,
+        dst_addr: backend.addr,
+        src_port: port,
+        dst_port: backend.port,
+        backend: index,
+        vip: vip.index,
+        flags: 0,
+        ts_delta: ts_off,
+        last_seen_ns: now,
+        ..Flow::default()
     })
 }
 
-/// Marks FIN/RST on the flow's reverse entry, which decides when its port can be reused.
+/// Inserts a new connection's forward entry; without it the reply entry goes too.
 #[inline(always)]
-fn mark_reverse(rkey: &FlowKey, flags: u8, now: u64) {
-    if let Some(r) = NAT_REVERSE.get_ptr_mut(rkey) {
-        unsafe {
-            (*r).flags |= flags;
-            (*r).last_seen_ns = now;
-        }
+pub fn insert_forward(key: &FlowKey, fwd: &Flow) -> Result<(), u32> {
+    if HALF_OPEN.insert(key, fwd, BPF_ANY as u64).is_err() {
+        let _ = HALF_OPEN.remove(fwd.peer_key());
+        return Err(reason::DROP_FLOW_INSERT);
     }
-}
-
-/// Decides where a client packet for `vip` goes: `syn` (without ACK) and `rst` describe the
-/// packet, `close` the flow_flags it carries (FIN_CLIENT/RST), `syn_tsval` its timestamp.
-#[inline(always)]
-pub fn lookup_or_create(
-    key: &FlowKey,
-    vip: &VipInfo,
-    syn: bool,
-    rst: bool,
-    close: u8,
-    syn_tsval: u32,
-) -> Result<Decision, u32> {
-    let now = now();
-    if let Some(f) = FLOWS.get_ptr_mut(key) {
-        let flow = unsafe { *f };
-        if let Some(b) = BACKENDS.get(flow.backend) {
-            let b = *b;
-            let reused_tuple = syn && closed(flow.flags);
-            if b.state != state::DOWN && b.state != state::UNUSED && !reused_tuple {
-                if close != 0 || now.wrapping_sub(flow.last_seen_ns) > TOUCH_NS {
-                    unsafe {
-                        (*f).last_seen_ns = now;
-                        (*f).flags |= close;
-                    }
-                }
-                if close != 0 {
-                    mark_reverse(&reverse_key(&b, flow.snat_addr, flow.snat_port), close, now);
-                }
-                return Ok(Decision {
-                    backend_index: flow.backend,
-                    backend: b,
-                    snat_addr: flow.snat_addr,
-                    snat_port: flow.snat_port,
-                    new_flow: false,
-                    ts_off: flow.ts_off,
-                });
-            }
-            // Its backend is gone (or the client reuses a closed tuple): free the old
-            // port and place the flow afresh; the new backend resets a mid-stream packet
-            // and the client reconnects at once.
-            let _ = NAT_REVERSE.remove(reverse_key(&b, flow.snat_addr, flow.snat_port));
-            if !reused_tuple {
-                crate::stats::reason(reason::FLOW_REPICKED);
-            }
-        }
-        let _ = FLOWS.remove(key);
-    }
-    if rst {
-        return Err(reason::DROP_RST_NO_FLOW);
-    }
-    // A flow placed afresh mid-stream (its backend died) keeps the client's timestamps:
-    // the new backend resets it anyway.
-    create(key, vip, now, if syn { syn_tsval } else { 0 })
-}
-
-/// Updates a reply's reverse entry (and on FIN/RST the forward one) and returns a copy.
-#[inline(always)]
-pub fn touch_reverse(r: *mut ReverseValue, close: u8) -> ReverseValue {
-    let now = now();
-    unsafe {
-        if close != 0 || now.wrapping_sub((*r).last_seen_ns) > TOUCH_NS {
-            (*r).last_seen_ns = now;
-        }
-        if close != 0 {
-            (*r).flags |= close;
-            let fk = forward_key(&*r);
-            if let Some(f) = FLOWS.get_ptr_mut(fk) {
-                (*f).flags |= close;
-            }
-        }
-        *r
-    }
+    Ok(())
 }

@@ -2,8 +2,9 @@
 //! by Maglev, and translates the backends' replies back. Everything else passes untouched.
 //!
 //! One module per concern: `parse` (headers, bounds checks), `csum` (incremental checksums),
-//! `flow` (flow table and SNAT port allocation), `nat` (rewrite both ways), `fib` (next hop),
-//! `stats` (per-CPU counters). This file holds the maps and the entry points.
+//! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `rst`
+//! (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU counters). This
+//! file holds the maps and the entry points.
 #![no_std]
 #![no_main]
 // atomic_xadd: the BPF target has no core::sync::atomic types.
@@ -17,6 +18,7 @@ mod fib;
 mod flow;
 mod nat;
 mod parse;
+mod rst;
 mod stats;
 
 use aya_ebpf::{
@@ -26,8 +28,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    reason, AgentMeta, BackendInfo, BackendMeta, FlowKey, FlowValue, ReverseValue, TrafficStats,
-    VipInfo, VipKey, VipMeta, MAX_BACKENDS, MAX_FLOWS, MAX_MAGLEV_SIZE, MAX_VIPS,
+    reason, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, TrafficStats, VipInfo, VipKey,
+    VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_HALF_OPEN, MAX_MAGLEV_SIZE,
+    MAX_VIPS, MAX_VLAN_DEVS,
 };
 
 // Map statics are named exactly as lb_common::map's constants; the agent finds them by name.
@@ -38,9 +41,13 @@ static BACKENDS: Array<BackendInfo> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static MAGLEV: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_MAGLEV_SIZE, 0);
 #[map]
-static FLOWS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(2 * MAX_FLOWS, 0);
 #[map]
-static NAT_REVERSE: LruHashMap<FlowKey, ReverseValue> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
+static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_HALF_OPEN, 0);
+#[map]
+static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0);
+#[map]
+static VLAN_DEVS: HashMap<u32, VlanDev> = HashMap::with_max_entries(MAX_VLAN_DEVS, 0);
 #[map]
 static STATS_VIP: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
 #[map]

@@ -1,109 +1,284 @@
 //! Full NAT both ways: client -> VIP becomes SNAT -> backend, and the backend's reply to
-//! SNAT becomes VIP -> client. Checksums are updated incrementally.
+//! SNAT becomes VIP -> client. Each direction has its own flow entry holding the rewrite;
+//! checksums are updated incrementally.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{flow_flags, reason, FlowKey, VipKey, IPPROTO_TCP};
+use lb_common::{
+    addr_filter_index, flow_flags, reason, Flow, FlowKey, VipInfo, VipKey, IPPROTO_TCP,
+};
 
 use crate::{
-    csum, fib, flow,
-    parse::{self, NotTcp, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    stats, AGENT_META, NAT_REVERSE, VIPS,
+    csum, fib,
+    flow::{self, Table},
+    parse::{self, NotOurs, Packet, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    rst, stats, ADDR_FILTER, AGENT_META, VIPS,
 };
 
 /// Entry point of the LB program.
 #[inline(always)]
 pub fn process(ctx: &XdpContext) -> u32 {
-    let pkt = match parse::parse(ctx) {
+    let (pkt, l4) = match parse::parse(ctx) {
         Ok(p) => p,
         Err(e) => {
             stats::reason(match e {
-                NotTcp::Truncated => reason::PASS_TRUNCATED,
-                NotTcp::NotIpv4 => reason::PASS_NOT_IPV4,
-                NotTcp::OtherProto => reason::PASS_NOT_TCP,
-                NotTcp::LaterFragment => reason::PASS_NOT_OURS,
+                NotOurs::Truncated => reason::PASS_TRUNCATED,
+                NotOurs::NotIpv4 => reason::PASS_NOT_IPV4,
             });
             return xdp_action::XDP_PASS;
         }
     };
-    let (ip, tcp) = unsafe { (&*pkt.ip, &*pkt.tcp) };
+    // Most traffic on an LB host is not for lb: one array read lets it pass.
+    let dst = unsafe { (*pkt.ip).dst };
+    if !matches!(ADDR_FILTER.get(addr_filter_index(dst)), Some(&n) if n != 0) {
+        stats::reason(reason::PASS_NOT_OURS);
+        return xdp_action::XDP_PASS;
+    }
+    match l4 {
+        L4::Tcp => {}
+        L4::LaterFragment => return pass(reason::PASS_FRAGMENT),
+        L4::Icmp => return pass(reason::PASS_ICMP),
+        L4::Other => return pass(reason::PASS_NOT_TCP),
+    }
+    if !for_this_host(&pkt) {
+        return pass(reason::PASS_OTHER_HOST);
+    }
+    let tcp = unsafe { &*pkt.tcp };
     let key = FlowKey {
-        src_addr: ip.src,
-        dst_addr: ip.dst,
+        src_addr: unsafe { (*pkt.ip).src },
+        dst_addr: dst,
         src_port: tcp.src_port,
         dst_port: tcp.dst_port,
         proto: IPPROTO_TCP,
         _pad: [0; 3],
     };
+    if let Some((f, table)) = flow::lookup(&key) {
+        if pkt.fragment {
+            // Only the first fragment names the ports; the rest could not follow it. A TCP
+            // stack doing PMTU discovery (all of them) never fragments.
+            return drop(reason::DROP_FRAGMENT);
+        }
+        return on_flow(ctx, &pkt, &key, f, table);
+    }
     let vip_key = VipKey {
-        addr: ip.dst,
+        addr: dst,
         port: tcp.dst_port,
         proto: IPPROTO_TCP,
         _pad: 0,
     };
-    if let Some(vip) = unsafe { VIPS.get(vip_key) } {
-        if !for_this_host(&pkt) {
-            stats::reason(reason::PASS_OTHER_HOST);
-            return xdp_action::XDP_PASS;
-        }
-        if pkt.fragment {
-            // Only the first fragment names the port; without the rest we cannot NAT the
-            // datagram, and a TCP peer doing PMTU discovery never fragments.
-            stats::reason(reason::DROP_FRAGMENT);
-            return xdp_action::XDP_DROP;
-        }
-        return forward(ctx, &pkt, &key, vip);
+    let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+        return pass(reason::PASS_NOT_OURS);
+    };
+    if pkt.fragment {
+        return drop(reason::DROP_FRAGMENT);
     }
-    if let Some(rev) = NAT_REVERSE.get_ptr_mut(key) {
-        if !for_this_host(&pkt) {
-            stats::reason(reason::PASS_OTHER_HOST);
-            return xdp_action::XDP_PASS;
-        }
-        return reply(ctx, &pkt, rev);
-    }
-    stats::reason(reason::PASS_NOT_OURS);
+    no_flow(ctx, &pkt, &key, vip)
+}
+
+#[inline(always)]
+fn pass(r: u32) -> u32 {
+    stats::reason(r);
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-fn forward(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &lb_common::VipInfo) -> u32 {
+fn drop(r: u32) -> u32 {
+    stats::reason(r);
+    xdp_action::XDP_DROP
+}
+
+/// A client packet for a VIP without a flow: only a SYN creates one; nothing else creates
+/// any state.
+#[inline(always)]
+fn no_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 {
     let flags = unsafe { (*pkt.tcp).flags };
-    let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    let rst = flags & TCP_RST != 0;
-    let close = close_flags(flags, flow_flags::FIN_CLIENT);
-    let syn_tsval = if syn {
-        parse::tcp_ts(ctx, pkt)
-            .map(|at| pkt.tcp as usize + (at & 63))
-            .filter(|&a| a + 4 <= ctx.data_end())
-            .map(|a| u32::from_be_bytes(unsafe { *(a as *const [u8; 4]) }))
-            .unwrap_or(0)
+    if flags & TCP_RST != 0 {
+        return drop(reason::DROP_RST_NO_FLOW);
+    }
+    if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return new_flow(ctx, pkt, key, vip);
+    }
+    rst::reply(ctx, pkt, reason::RST_NO_FLOW)
+}
+
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 {
+    let now = flow::now();
+    let tsval = parse::tcp_ts(ctx, pkt)
+        .map(|at| pkt.tcp as usize + (at & 63))
+        .filter(|&a| a + 4 <= ctx.data_end())
+        .map(|a| u32::from_be_bytes(unsafe { *(a as *const [u8; 4]) }))
+        .unwrap_or(0);
+    // A tagged SYN's reply needs the FIB and VLAN_DEVS to find its tag: no shortcut.
+    let reply_hop = if pkt.tagged() {
+        None
     } else {
-        0
+        let eth = unsafe { &*pkt.eth };
+        let ingress = fib::ingress(ctx);
+        Some((eth.src, eth.dst, ingress, fib::dev_mtu(ctx, ingress)))
     };
-    let d = match flow::lookup_or_create(key, vip, syn, rst, close, syn_tsval) {
-        Ok(d) => d,
-        Err(r) => {
-            stats::reason(r);
-            return xdp_action::XDP_DROP;
+    let mut fwd = match flow::create(key, vip, tsval, reply_hop, now) {
+        Ok(f) => f,
+        Err(r) => return drop(r),
+    };
+    // The next hop goes into the entry before it is inserted; a route that does not work
+    // still leaves the flow in place for the SYN's retransmission.
+    let hop = fib::resolve(ctx, pkt, &mut fwd, now);
+    if let Err(r) = flow::insert_forward(key, &fwd) {
+        return drop(r);
+    }
+    stats::forward(vip.index, fwd.backend, ip_len(pkt), true);
+    send(ctx, pkt, &mut fwd, hop)
+}
+
+/// A packet of a connection lb knows.
+#[inline(always)]
+fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow, table: Table) -> u32 {
+    let flags = unsafe { (*pkt.tcp).flags };
+    let now = flow::now();
+    let entry = unsafe { &*f };
+    let reply = entry.flags & flow_flags::REPLY != 0;
+    if !reply {
+        let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+        let gone = flow::backend_gone(entry);
+        if gone || (syn && flow::closed(entry.flags)) {
+            // Its backend is dead, or the client reuses the tuple of a connection that
+            // ended: forget it, and treat the packet as one without a flow.
+            let copy = *entry;
+            flow::remove(table, key, &copy);
+            if gone && !syn && flags & TCP_RST == 0 {
+                return rst::reply(ctx, pkt, reason::RST_BACKEND_DOWN);
+            }
+            let vip_key = VipKey {
+                addr: key.dst_addr,
+                port: key.dst_port,
+                proto: IPPROTO_TCP,
+                _pad: 0,
+            };
+            return match unsafe { VIPS.get(vip_key) } {
+                Some(vip) => no_flow(ctx, pkt, key, vip),
+                None => pass(reason::PASS_NOT_OURS),
+            };
         }
-    };
+    }
+    let mut close = 0;
+    if flags & TCP_FIN != 0 {
+        close |= if reply {
+            flow_flags::FIN_BACKEND
+        } else {
+            flow_flags::FIN_CLIENT
+        };
+    }
+    if flags & TCP_RST != 0 {
+        close |= flow_flags::RST;
+    }
+    if close != 0 {
+        flow::close(table, f, close, now);
+    } else {
+        flow::touch(f, now);
+    }
+    let mut f = f;
+    if reply && table == Table::HalfOpen && flags & (TCP_SYN | TCP_RST) == 0 {
+        // The backend answered past its SYN-ACK: the client completed the handshake.
+        let copy = unsafe { *f };
+        match flow::promote(key, &copy) {
+            Some(p) => f = p,
+            None => return send_copy(ctx, pkt, copy, now),
+        }
+    }
+    let (vip, backend) = unsafe { ((*f).vip, (*f).backend) };
+    if reply {
+        stats::reply(vip, backend, ip_len(pkt));
+    } else {
+        stats::forward(vip, backend, ip_len(pkt), false);
+    }
+    let hop = fib::resolve(ctx, pkt, f, now);
+    send(ctx, pkt, f, hop)
+}
+
+/// Sends with a copy of an entry that left the table under us (a promotion that lost a
+/// race); its next hop is refreshed on the copy.
+#[inline(always)]
+fn send_copy(ctx: &XdpContext, pkt: &Packet, mut copy: Flow, now: u64) -> u32 {
+    let hop = fib::resolve(ctx, pkt, &mut copy, now);
+    send(ctx, pkt, &mut copy, hop)
+}
+
+#[inline(always)]
+fn ip_len(pkt: &Packet) -> u64 {
+    u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64
+}
+
+/// Rewrites the packet as `f` says and sends it to the next hop `hop` resolved.
+#[inline(always)]
+fn send(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, hop: Result<(), fib::NoHop>) -> u32 {
+    let e = unsafe { &*f };
     if pkt.has_options {
         stats::reason(reason::IP_OPTIONS);
     }
-    let bytes = u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64;
-    stats::forward(vip.index, d.backend_index, bytes, d.new_flow);
-    rewrite(
-        pkt,
-        d.snat_addr,
-        d.snat_port,
-        d.backend.addr,
-        d.backend.port,
-    );
-    if d.ts_off != 0 {
+    let too_big = match hop {
+        Ok(()) => ip_len(pkt) > e.mtu as u64,
+        Err(fib::NoHop::FragNeeded) => true,
+        Err(fib::NoHop::Pass(r)) => {
+            rewrite(ctx, pkt, e);
+            return pass(r);
+        }
+        Err(fib::NoHop::Drop(r)) => return drop(r),
+    };
+    if too_big {
+        // The kernel forwards it and answers the sender if it must (PMTU discovery).
+        rewrite(ctx, pkt, e);
+        return pass(reason::PASS_FIB_OTHER);
+    }
+    rewrite(ctx, pkt, e);
+    unsafe {
+        (*pkt.eth).dst = e.dmac;
+        (*pkt.eth).src = e.smac;
+    }
+    fib::egress(ctx, pkt, e.ifindex)
+}
+
+/// False for a unicast frame addressed to another MAC than the interface's: a flooding
+/// switch or bridge, or promiscuous mode, shows us frames another LB is meant to handle.
+#[inline(always)]
+fn for_this_host(pkt: &Packet) -> bool {
+    let Some(meta) = AGENT_META.get(0) else {
+        return true;
+    };
+    let dst = unsafe { (*pkt.eth).dst };
+    meta.mac == [0; 6] || dst[0] & 1 == 1 || dst == meta.mac
+}
+
+/// Rewrites addresses and ports as `f` says, shifts the timestamp option, fixes both
+/// checksums.
+#[inline(always)]
+fn rewrite(ctx: &XdpContext, pkt: &Packet, f: &Flow) {
+    unsafe {
+        let ip = &mut *pkt.ip;
+        let tcp = &mut *pkt.tcp;
+        let mut d = csum::diff32(0, ip.src, f.src_addr);
+        d = csum::diff32(d, ip.dst, f.dst_addr);
+        ip.check = csum::apply(ip.check, d);
+        // The TCP checksum covers the addresses through the pseudo-header.
+        d = csum::diff16(d, tcp.src_port, f.src_port);
+        d = csum::diff16(d, tcp.dst_port, f.dst_port);
+        tcp.check = csum::apply(tcp.check, d);
+        ip.src = f.src_addr;
+        ip.dst = f.dst_addr;
+        tcp.src_port = f.src_port;
+        tcp.dst_port = f.dst_port;
+    }
+    if f.ts_delta != 0 {
         if let Some(at) = parse::tcp_ts(ctx, pkt) {
-            shift_ts(ctx, pkt, at, d.ts_off);
+            // Towards the backend the client's TSval moves to our clock; towards the client
+            // the backend's echo of it moves back.
+            let at = if f.flags & flow_flags::REPLY != 0 {
+                at + 4
+            } else {
+                at
+            };
+            shift_ts(ctx, pkt, at, f.ts_delta);
         }
     }
-    fib::send(ctx, pkt)
 }
 
 /// Adds `delta` to the big-endian timestamp at `at` bytes into the TCP header; fixes the
@@ -127,64 +302,5 @@ fn shift_ts(ctx: &XdpContext, pkt: &Packet, at: usize, delta: u32) {
             u32::from_ne_bytes(new),
             odd,
         );
-    }
-}
-
-#[inline(always)]
-fn reply(ctx: &XdpContext, pkt: &Packet, rev: *mut lb_common::ReverseValue) -> u32 {
-    let flags = unsafe { (*pkt.tcp).flags };
-    let r = flow::touch_reverse(rev, close_flags(flags, flow_flags::FIN_BACKEND));
-    let bytes = u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64;
-    stats::reply(r.vip, r.backend, bytes);
-    rewrite(pkt, r.vip_addr, r.vip_port, r.client_addr, r.client_port);
-    if r.ts_off != 0 {
-        if let Some(at) = parse::tcp_ts(ctx, pkt) {
-            // The echo of a timestamp we shifted: shift it back for the client.
-            shift_ts(ctx, pkt, at + 4, r.ts_off.wrapping_neg());
-        }
-    }
-    fib::send(ctx, pkt)
-}
-
-/// False for a unicast frame addressed to another MAC than the interface's: a flooding
-/// switch or bridge, or promiscuous mode, shows us frames another LB is meant to handle.
-#[inline(always)]
-fn for_this_host(pkt: &Packet) -> bool {
-    let Some(meta) = AGENT_META.get(0) else {
-        return true;
-    };
-    let dst = unsafe { (*pkt.eth).dst };
-    meta.mac == [0; 6] || dst[0] & 1 == 1 || dst == meta.mac
-}
-
-#[inline(always)]
-fn close_flags(tcp_flags: u8, fin: u8) -> u8 {
-    let mut c = 0;
-    if tcp_flags & TCP_FIN != 0 {
-        c |= fin;
-    }
-    if tcp_flags & TCP_RST != 0 {
-        c |= flow_flags::RST;
-    }
-    c
-}
-
-/// Rewrites addresses and ports (all network byte order) and fixes both checksums.
-#[inline(always)]
-fn rewrite(pkt: &Packet, src: u32, sport: u16, dst: u32, dport: u16) {
-    unsafe {
-        let ip = &mut *pkt.ip;
-        let tcp = &mut *pkt.tcp;
-        let mut d = csum::diff32(0, ip.src, src);
-        d = csum::diff32(d, ip.dst, dst);
-        ip.check = csum::apply(ip.check, d);
-        // The TCP checksum covers the addresses through the pseudo-header.
-        d = csum::diff16(d, tcp.src_port, sport);
-        d = csum::diff16(d, tcp.dst_port, dport);
-        tcp.check = csum::apply(tcp.check, d);
-        ip.src = src;
-        ip.dst = dst;
-        tcp.src_port = sport;
-        tcp.dst_port = dport;
     }
 }

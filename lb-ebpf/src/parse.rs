@@ -67,78 +67,111 @@ pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Headers of an IPv4/TCP packet, all bounds-checked.
+/// Headers of an IPv4 packet, all bounds-checked; `tcp` only for TCP first fragments.
 pub struct Packet {
     pub eth: *mut EthHdr,
+    /// The 802.1Q/802.1ad tag, or null.
+    pub vlan: *mut VlanHdr,
     pub ip: *mut Ipv4Hdr,
+    /// Offset of the L4 header from the start of the frame.
+    pub l4: usize,
     pub tcp: *mut TcpHdr,
-    /// The frame carries an 802.1Q/802.1ad tag.
-    pub tagged: bool,
     /// The IPv4 header has options (IHL > 5).
     pub has_options: bool,
-    /// MF set or a non-zero fragment offset.
+    /// MF set (a first fragment: the TCP header is there, the rest is not).
     pub fragment: bool,
 }
 
-/// What parsing found when it is not an IPv4/TCP packet.
-pub enum NotTcp {
+/// What parsing found when it is not an IPv4 packet lb could serve.
+pub enum NotOurs {
     /// Shorter than its headers: pass untouched.
     Truncated,
     /// Not IPv4.
     NotIpv4,
-    /// IPv4, another protocol.
-    OtherProto,
-    /// A later IPv4 fragment (no L4 header to look at).
+}
+
+/// What the IPv4 header says about the L4 header.
+pub enum L4 {
+    /// A TCP header is there (`Packet::tcp` is set).
+    Tcp,
+    /// ICMP.
+    Icmp,
+    /// A later fragment: no L4 header.
     LaterFragment,
+    /// Another protocol.
+    Other,
 }
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, NotTcp> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotTcp::Truncated)?;
+pub fn parse(ctx: &XdpContext) -> Result<(Packet, L4), NotOurs> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(NotOurs::Truncated)?;
     let mut proto = unsafe { (*eth).proto };
     let mut l3 = ETH_LEN;
-    let mut tagged = false;
+    let mut vlan: *mut VlanHdr = core::ptr::null_mut();
     if proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE {
-        let vlan: *const VlanHdr = ptr_at(ctx, ETH_LEN).ok_or(NotTcp::Truncated)?;
+        vlan = ptr_at(ctx, ETH_LEN).ok_or(NotOurs::Truncated)?;
         proto = unsafe { (*vlan).proto };
         l3 += VLAN_LEN;
-        tagged = true;
     }
     if proto != ETH_P_IP_BE {
-        return Err(NotTcp::NotIpv4);
+        return Err(NotOurs::NotIpv4);
     }
-    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(NotTcp::Truncated)?;
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3).ok_or(NotOurs::Truncated)?;
     let version_ihl = unsafe { (*ip).version_ihl };
     if version_ihl >> 4 != 4 {
-        return Err(NotTcp::NotIpv4);
+        return Err(NotOurs::NotIpv4);
     }
     let ihl = ((version_ihl & 0x0f) as usize) * 4;
     if ihl < size_of::<Ipv4Hdr>() {
-        return Err(NotTcp::Truncated);
+        return Err(NotOurs::Truncated);
     }
-    if unsafe { (*ip).proto } != lb_common::IPPROTO_TCP {
-        return Err(NotTcp::OtherProto);
+    // A packet longer than its frame (or shorter than its header) is malformed: whatever
+    // lb did with it, the next hop would drop it.
+    let tot_len = u16::from_be(unsafe { (*ip).tot_len }) as usize;
+    if tot_len < ihl || ip as usize + tot_len > ctx.data_end() {
+        return Err(NotOurs::Truncated);
     }
     let frag = u16::from_be(unsafe { (*ip).frag_off });
-    if frag & 0x1fff != 0 {
-        return Err(NotTcp::LaterFragment);
-    }
-    let tcp: *mut TcpHdr = ptr_at(ctx, l3 + ihl).ok_or(NotTcp::Truncated)?;
-    Ok(Packet {
+    let mut pkt = Packet {
         eth,
+        vlan,
         ip,
-        tcp,
-        tagged,
+        l4: l3 + ihl,
+        tcp: core::ptr::null_mut(),
         has_options: ihl > size_of::<Ipv4Hdr>(),
         fragment: frag & 0x2000 != 0,
-    })
+    };
+    if frag & 0x1fff != 0 {
+        return Ok((pkt, L4::LaterFragment));
+    }
+    let l4 = match unsafe { (*ip).proto } {
+        lb_common::IPPROTO_TCP => {
+            pkt.tcp = ptr_at(ctx, pkt.l4).ok_or(NotOurs::Truncated)?;
+            L4::Tcp
+        }
+        IPPROTO_ICMP => L4::Icmp,
+        _ => L4::Other,
+    };
+    Ok((pkt, l4))
+}
+
+/// IP protocol number of ICMP.
+pub const IPPROTO_ICMP: u8 = 1;
+
+impl Packet {
+    /// The frame carries a VLAN tag.
+    #[inline(always)]
+    pub fn tagged(&self) -> bool {
+        !self.vlan.is_null()
+    }
 }
 
 /// Offset from the TCP header of the TSval of the packet's timestamp option, if any.
 ///
 /// Linux puts NOP, NOP, TS first on every segment after the handshake: that case is one
 /// comparison. Anything else (SYNs, other stacks) walks the options, at most 40 bytes.
-/// Offsets stay relative to the TCP header and masked, so the verifier can bound them.
+/// Every offset is checked against the header length before it is used; the mask after the
+/// check only tells the verifier what the check already proved.
 #[inline(always)]
 pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
     let tcp = pkt.tcp as usize;
@@ -156,8 +189,12 @@ pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
     }
     let mut at = opts;
     for _ in 0..40 {
+        // doff <= 60, so an offset that passes this check is below 64 and the mask is a no-op.
+        if at + 2 > doff {
+            return None;
+        }
         let a = at & 63;
-        if a + 2 > doff || tcp + a + 2 > end {
+        if tcp + a + 2 > end {
             return None;
         }
         let [k, len] = unsafe { *((tcp + a) as *const [u8; 2]) };

@@ -12,18 +12,16 @@ use std::{
 use aya::{
     maps::{Array, Map, MapData},
     programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf, EbpfLoader,
 };
 use lb_agent::{
     config::{BackendConfig, Config},
     dataplane::{
-        loader::{self, Dataplane},
+        loader::Dataplane,
         pinned::PinnedMaps,
         writer::{self, VipPlan, Writer},
-        OBJECT,
     },
 };
-use lb_common::{map, FlowKey, FlowValue, ReverseValue, TrafficStats, IPPROTO_TCP, PROG_LB};
+use lb_common::{flow_flags, map, Flow, FlowKey, TrafficStats, IPPROTO_TCP};
 
 use crate::{
     netns::{self, Netns},
@@ -74,7 +72,7 @@ pub struct Options {
     pub backends: Vec<BackendSpec>,
     pub snat_address: Ipv4Addr,
     pub snat_ports: (u16, u16),
-    /// Resizes FLOWS and NAT_REVERSE (`None`: lb_common::MAX_FLOWS, what the agent loads).
+    /// Connections the flow table holds (`None`: lb_common::MAX_FLOWS, the agent's default).
     pub max_flows: Option<u32>,
 }
 
@@ -126,54 +124,15 @@ pub fn config(pin: &Path, o: &Options) -> Config {
     c
 }
 
-/// The loaded object: through the agent's loader, or with resized flow tables.
-enum Loaded {
-    Agent(Dataplane),
-    Resized { ebpf: Ebpf, pin: PathBuf },
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        if let Loaded::Resized { pin, .. } = self {
-            let _ = loader::remove_pins(pin);
-        }
-    }
-}
-
 /// The program loaded and configured inside a namespace of its own.
 pub struct Fixture {
     pub ns: Netns,
-    dp: Loaded,
+    dp: Dataplane,
     pub writer: Writer,
     pub vips: Vec<VipPlan>,
     pub ifindex: u32,
     pub options: Options,
     pin: PathBuf,
-}
-
-/// Loads the object as the agent does, but with FLOWS and NAT_REVERSE of `entries` each.
-fn load_resized(pin: &Path, entries: u32) -> Ebpf {
-    lb_agent::host::ensure_bpffs(pin).expect("bpffs");
-    let _ = loader::remove_pins(pin);
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(map::FLOWS, entries)
-        .map_max_entries(map::NAT_REVERSE, entries)
-        .load(OBJECT)
-        .expect("load the XDP object with resized flow tables");
-    let prog: &mut Xdp = ebpf
-        .program_mut(PROG_LB)
-        .expect("lb program")
-        .try_into()
-        .expect("xdp");
-    prog.load().expect("verify the LB program");
-    std::fs::create_dir_all(pin).expect("pin dir");
-    for name in map::ALL {
-        ebpf.map(name)
-            .unwrap_or_else(|| panic!("map {name}"))
-            .pin(pin.join(name))
-            .unwrap_or_else(|e| panic!("pin {name}: {e}"));
-    }
-    ebpf
 }
 
 impl Fixture {
@@ -215,13 +174,8 @@ impl Fixture {
         }
         let ifindex = ns.ifindex("d0");
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", ns.name));
-        let dp = match o.max_flows {
-            None => Loaded::Agent(Dataplane::load(&pin).expect("load the XDP object")),
-            Some(n) => Loaded::Resized {
-                ebpf: load_resized(&pin, n),
-                pin: pin.clone(),
-            },
-        };
+        let dp = Dataplane::load_with(&pin, o.max_flows.unwrap_or(lb_common::MAX_FLOWS))
+            .expect("load the XDP object");
         let mut writer = Writer::new(PinnedMaps::open(&pin).expect("open pins"));
         let mut vips = writer::plan(&config(&pin, &o), LB_ADDR);
         writer.install(&mut vips).expect("install");
@@ -238,13 +192,7 @@ impl Fixture {
 
     /// The LB program.
     pub fn program(&self) -> &Xdp {
-        match &self.dp {
-            Loaded::Agent(dp) => dp.program(),
-            Loaded::Resized { ebpf, .. } => ebpf
-                .program(PROG_LB)
-                .and_then(|p| p.try_into().ok())
-                .expect("loaded"),
-        }
+        self.dp.program()
     }
 
     /// Where the maps are pinned.
@@ -327,8 +275,9 @@ impl Fixture {
             .expect("SNAT_CURSOR is an array of u64")
     }
 
-    /// Inserts `n` flows of made-up clients (198.19.0.0/16) into FLOWS and NAT_REVERSE, as
-    /// the program would have: they never match the fixture's own packets.
+    /// Inserts `n` established connections of made-up clients (198.19.0.0/16) into FLOWS,
+    /// both directions, as the program would have: they never match the fixture's own
+    /// packets.
     pub fn prefill_flows(&mut self, n: u32) {
         for i in 0..n {
             let client = u32::from(Ipv4Addr::new(198, 19, 0, 0)) + i / 60_000;
@@ -341,40 +290,35 @@ impl Fixture {
                 proto: IPPROTO_TCP,
                 _pad: [0; 3],
             };
-            // Replies of made-up backends (198.19.128.0/17), so no reverse key of the
-            // fixture's own flows is taken.
+            // Made-up backends (198.19.128.0/17), so no reply key of the fixture's own flows
+            // is taken.
             let backend = u32::from(Ipv4Addr::new(198, 19, 128, 0)) + i / 60_000;
-            let rkey = FlowKey {
-                src_addr: backend.to_be(),
-                dst_addr: u32::from(LB_ADDR).to_be(),
-                src_port: VIP_PORT.to_be(),
-                dst_port: cport.to_be(),
-                proto: IPPROTO_TCP,
-                _pad: [0; 3],
-            };
-            let fv = FlowValue {
-                backend: 0,
-                snat_addr: u32::from(LB_ADDR).to_be(),
-                snat_port: cport.to_be(),
+            let fwd = Flow {
+                src_addr: u32::from(LB_ADDR).to_be(),
+                dst_addr: backend.to_be(),
+                src_port: cport.to_be(),
+                dst_port: VIP_PORT.to_be(),
+                flags: flow_flags::ESTABLISHED,
                 ..Default::default()
             };
-            let rv = ReverseValue {
-                client_addr: key.src_addr,
-                vip_addr: key.dst_addr,
-                client_port: key.src_port,
-                vip_port: key.dst_port,
+            let rev = Flow {
+                src_addr: key.dst_addr,
+                dst_addr: key.src_addr,
+                src_port: key.dst_port,
+                dst_port: key.src_port,
+                flags: flow_flags::ESTABLISHED | flow_flags::REPLY,
                 ..Default::default()
             };
             self.writer
                 .maps
                 .flows
-                .insert(key, fv, 0)
+                .insert(key, fwd, 0)
                 .expect("prefill FLOWS");
             self.writer
                 .maps
-                .nat_reverse
-                .insert(rkey, rv, 0)
-                .expect("prefill NAT_REVERSE");
+                .flows
+                .insert(fwd.peer_key(), rev, 0)
+                .expect("prefill FLOWS");
         }
     }
 }

@@ -61,6 +61,7 @@ pub struct Frame {
     options: Vec<u8>,
     tcp_options: Vec<u8>,
     more_fragments: bool,
+    seq: u32,
 }
 
 impl Frame {
@@ -86,6 +87,7 @@ impl Frame {
             options: Vec::new(),
             tcp_options: Vec::new(),
             more_fragments: false,
+            seq: 0x1234_5678,
         }
     }
     pub fn payload(mut self, p: &[u8]) -> Self {
@@ -132,6 +134,26 @@ impl Frame {
         self
     }
 
+    /// Sets the sequence number (default 0x12345678).
+    pub fn seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
+    }
+
+    /// A later fragment (offset 185 x 8 bytes) carrying this frame's TCP bytes as payload.
+    pub fn later_fragment(&self) -> Vec<u8> {
+        let mut f = self.bytes();
+        let ip = 14 + if self.vlan.is_some() { 4 } else { 0 };
+        f[ip + 6] = 0x00;
+        f[ip + 7] = 185;
+        f[ip + 10] = 0;
+        f[ip + 11] = 0;
+        let hl = (f[ip] & 0x0f) as usize * 4;
+        let c = checksum(&f[ip..ip + hl], 0);
+        f[ip + 10..ip + 12].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         let mut f = Vec::new();
         f.extend_from_slice(&self.dst_mac);
@@ -144,7 +166,7 @@ impl Frame {
         let mut tcp = Vec::new();
         tcp.extend_from_slice(&self.sport.to_be_bytes());
         tcp.extend_from_slice(&self.dport.to_be_bytes());
-        tcp.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        tcp.extend_from_slice(&self.seq.to_be_bytes());
         tcp.extend_from_slice(
             &(if self.flags & TcpFlags::ACK != 0 {
                 0x0abc_def0u32
@@ -201,6 +223,10 @@ pub struct Parsed {
     pub sport: u16,
     pub dport: u16,
     pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// IP total length.
+    pub ip_len: usize,
     pub ip_csum_ok: bool,
     pub tcp_csum_ok: bool,
     /// The timestamp option's (TSval, TSecr), if any.
@@ -255,6 +281,9 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
         sport: u16::from_be_bytes([tcp[0], tcp[1]]),
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
         flags: tcp[13],
+        seq: u32::from_be_bytes(tcp[4..8].try_into().ok()?),
+        ack: u32::from_be_bytes(tcp[8..12].try_into().ok()?),
+        ip_len: total,
         ip_csum_ok: checksum(&ip[..hl], 0) == 0,
         tcp_csum_ok: checksum(tcp, pseudo(src, dst, tcp.len())) == 0,
         timestamps: timestamps(tcp),

@@ -167,7 +167,8 @@ pub async fn run(config: Config) -> Result<()> {
     let socket_path = config.agent.control_socket.clone();
     let _lock = InstanceLock::take(&socket_path)?;
 
-    let mut dp = Dataplane::load(&pin_path).context("loading the data plane")?;
+    let mut dp = Dataplane::load_with(&pin_path, config.agent.max_flows)
+        .context("loading the data plane")?;
     if let Some(g) = group {
         dp.share_with_group(g)
             .context("agent.control_socket_group: giving the group read access to the pins")?;
@@ -196,6 +197,25 @@ pub async fn run(config: Config) -> Result<()> {
     };
     // The MAC before the program runs: it must never act on frames for other hosts.
     backends.writer().set_agent_meta(meta)?;
+    // Tagged frames leave by XDP only towards VLANs the program knows of.
+    let vlans: Vec<(u32, lb_common::VlanDev)> = nl
+        .vlans(ifindex)
+        .await?
+        .into_iter()
+        .map(|(i, vid)| {
+            (
+                i,
+                lb_common::VlanDev {
+                    parent: ifindex,
+                    vid: vid.to_be(),
+                    _pad: 0,
+                },
+            )
+        })
+        .collect();
+    for change in backends.writer().set_vlans(&vlans)? {
+        log::info!("{change}");
+    }
     let mode = dp
         .attach(&iface, config.agent.xdp_mode)
         .context("attaching the XDP program")?;

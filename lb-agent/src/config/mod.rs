@@ -64,6 +64,8 @@ pub struct AgentConfig {
     pub control_socket_group: Option<String>,
     /// How often the agent compares the maps with what it intends and repairs them.
     pub reconcile_interval: Duration,
+    /// Connections the flow table holds (FLOWS has an entry per direction).
+    pub max_flows: u32,
 }
 
 /// XDP attach mode requested in the config.
@@ -354,6 +356,7 @@ struct RawAgent {
     control_socket: Option<String>,
     control_socket_group: Option<String>,
     reconcile_interval: Option<String>,
+    max_flows: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -573,6 +576,16 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
             d
         }
     };
+    let max_flows = match raw.max_flows {
+        None => lb_common::MAX_FLOWS,
+        Some(n) if (MIN_MAX_FLOWS as i64..=MAX_MAX_FLOWS as i64).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(issue(
+                "agent.max_flows",
+                format!("{n}: between {MIN_MAX_FLOWS} and {MAX_MAX_FLOWS} connections"),
+            ))
+        }
+    };
     Ok(AgentConfig {
         interface,
         xdp_mode,
@@ -580,8 +593,14 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
         control_socket,
         control_socket_group,
         reconcile_interval,
+        max_flows,
     })
 }
+
+/// Fewest connections `agent.max_flows` accepts: below this a busy control plane evicts.
+pub const MIN_MAX_FLOWS: u32 = 1024;
+/// Most connections `agent.max_flows` accepts (about 1.3 GiB of kernel memory).
+pub const MAX_MAX_FLOWS: u32 = 8 << 20;
 
 /// Mirrors the kernel's dev_valid_name() so a bad name fails here rather than at attach time.
 pub(crate) fn validate_ifname(name: String) -> Result<String, String> {
@@ -1008,6 +1027,7 @@ pin_path = "/sys/fs/bpf/lb-test"
 control_socket = "/run/lb-test.sock"
 control_socket_group = "lbadmin"
 reconcile_interval = "2s"
+max_flows = 100000
 
 [[vip]]
 name = "kube-apiserver"
@@ -1161,6 +1181,7 @@ port = 8132
                 control_socket: "/run/lb-test.sock".into(),
                 control_socket_group: Some("lbadmin".into()),
                 reconcile_interval: Duration::from_secs(2),
+                max_flows: 100_000,
             }
         );
         assert_eq!(cfg.vips.len(), 2);

@@ -77,8 +77,14 @@ fn check_pin_dir(dir: &Path) -> Result<(), DataplaneError> {
 }
 
 impl Dataplane {
-    /// Loads and verifies the programs and pins every map under `pin_path`.
+    /// Loads and verifies the programs and pins every map under `pin_path`, with the
+    /// default flow table.
     pub fn load(pin_path: &Path) -> Result<Self, DataplaneError> {
+        Self::load_with(pin_path, lb_common::MAX_FLOWS)
+    }
+
+    /// As `load`, with a flow table for `max_flows` connections.
+    pub fn load_with(pin_path: &Path, max_flows: u32) -> Result<Self, DataplaneError> {
         crate::host::ensure_bpffs(pin_path).map_err(|e| DataplaneError::Io {
             path: pin_path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),
@@ -94,6 +100,7 @@ impl Dataplane {
             );
         }
         let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map::FLOWS, max_flows.saturating_mul(2))
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         let prog: &mut Xdp = ebpf

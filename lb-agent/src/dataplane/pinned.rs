@@ -8,8 +8,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    map, AgentMeta, BackendInfo, BackendMeta, FlowKey, FlowValue, ReverseValue, TrafficStats,
-    VipInfo, VipKey, VipMeta,
+    map, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, TrafficStats, VipInfo, VipKey,
+    VipMeta, VlanDev,
 };
 
 use super::{map_err, DataplaneError};
@@ -21,8 +21,10 @@ pub struct PinnedMaps {
     pub backends: Array<MapData, BackendInfo>,
     /// Raw: written and read in batches (a table is 2 x 65537 slots).
     pub maglev: MapData,
-    pub flows: HashMap<MapData, FlowKey, FlowValue>,
-    pub nat_reverse: HashMap<MapData, FlowKey, ReverseValue>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub half_open: HashMap<MapData, FlowKey, Flow>,
+    pub addr_filter: Array<MapData, u32>,
+    pub vlan_devs: HashMap<MapData, u32, VlanDev>,
     pub stats_vip: PerCpuArray<MapData, TrafficStats>,
     pub stats_backend: PerCpuArray<MapData, TrafficStats>,
     pub stats_reason: PerCpuArray<MapData, u64>,
@@ -30,6 +32,19 @@ pub struct PinnedMaps {
     pub backend_meta: Array<MapData, BackendMeta>,
     pub agent_meta: Array<MapData, AgentMeta>,
     pub snat_cursor: Array<MapData, u64>,
+}
+
+/// The kernel memory charged to a map (its fdinfo's `memlock`), 0 if unreadable.
+fn memlock(m: &MapData) -> u64 {
+    let path = format!("/proc/self/fdinfo/{}", m.fd().as_fd().as_raw_fd());
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// BPF_F_RDONLY: a map fd that can only be read, for which read access to the pin suffices.
@@ -120,7 +135,9 @@ impl PinnedMaps {
             backends: typed!(dir, map::BACKENDS, ro),
             maglev: open_data(dir, map::MAGLEV, ro)?,
             flows: typed!(dir, map::FLOWS, ro),
-            nat_reverse: typed!(dir, map::NAT_REVERSE, ro),
+            half_open: typed!(dir, map::HALF_OPEN, ro),
+            addr_filter: typed!(dir, map::ADDR_FILTER, ro),
+            vlan_devs: typed!(dir, map::VLAN_DEVS, ro),
             stats_vip: typed!(dir, map::STATS_VIP, ro),
             stats_backend: typed!(dir, map::STATS_BACKEND, ro),
             stats_reason: typed!(dir, map::STATS_REASON, ro),
@@ -129,6 +146,27 @@ impl PinnedMaps {
             agent_meta: typed!(dir, map::AGENT_META, ro),
             snat_cursor: typed!(dir, map::SNAT_CURSOR, ro),
         })
+    }
+
+    /// Capacity and kernel memory of the flow tables, from each map's pin.
+    pub fn flow_table(&self) -> crate::status::FlowTable {
+        let mut t = crate::status::FlowTable::default();
+        for name in map::ALL {
+            let Ok(m) = open_read_only(&self.pin_path.join(name)) else {
+                continue;
+            };
+            let bytes = memlock(&m);
+            t.all_maps_bytes += bytes;
+            let entries = m.info().map(|i| i.max_entries() as u64).unwrap_or(0);
+            if name == map::FLOWS {
+                t.capacity = entries / 2;
+                t.bytes += bytes;
+            } else if name == map::HALF_OPEN {
+                t.half_open_capacity = entries / 2;
+                t.bytes += bytes;
+            }
+        }
+        t
     }
 
     /// Writes `values` into MAGLEV starting at `first` with one BPF_MAP_UPDATE_BATCH.

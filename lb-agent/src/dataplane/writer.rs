@@ -6,8 +6,8 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    maglev_index, map, mode, name_bytes, state, AgentMeta, BackendInfo, BackendMeta, VipInfo,
-    VipKey, VipMeta, IPPROTO_TCP, NO_BACKEND,
+    addr_filter_index, maglev_index, map, mode, name_bytes, state, AgentMeta, BackendInfo,
+    BackendMeta, VipInfo, VipKey, VipMeta, VlanDev, IPPROTO_TCP, NO_BACKEND,
 };
 
 use super::{map_err, pinned::PinnedMaps, DataplaneError};
@@ -158,6 +158,13 @@ impl Writer {
     /// Writes everything for `vips`: names, backends, tables, and last the VIP entries that
     /// make the XDP program start serving them.
     pub fn install(&mut self, vips: &mut [VipPlan]) -> Result<(), DataplaneError> {
+        // The filter first: a VIP entry behind a filter that hides its address serves nothing.
+        for i in filter_slots(vips) {
+            self.maps
+                .addr_filter
+                .set(i, 1, 0)
+                .map_err(map_err(map::ADDR_FILTER))?;
+        }
         for v in vips.iter_mut() {
             self.maps
                 .vip_meta
@@ -265,6 +272,43 @@ impl Writer {
         self.failed(r)
     }
 
+    /// Makes VLAN_DEVS hold exactly `devs` (ifindex, device): the VLANs on the XDP
+    /// interface. Returns what changed, in words.
+    pub fn set_vlans(&mut self, devs: &[(u32, VlanDev)]) -> Result<Vec<String>, DataplaneError> {
+        let mut changed = Vec::new();
+        for (ifindex, dev) in devs {
+            if self.maps.vlan_devs.get(ifindex, 0).ok() != Some(*dev) {
+                let r = self
+                    .maps
+                    .vlan_devs
+                    .insert(ifindex, dev, 0)
+                    .map_err(map_err(map::VLAN_DEVS));
+                self.failed(r)?;
+                changed.push(format!(
+                    "VLAN_DEVS[{ifindex}]: VLAN {}",
+                    u16::from_be(dev.vid)
+                ));
+            }
+        }
+        let stale: Vec<u32> = self
+            .maps
+            .vlan_devs
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !devs.iter().any(|(i, _)| i == k))
+            .collect();
+        for k in stale {
+            let r = self
+                .maps
+                .vlan_devs
+                .remove(&k)
+                .map_err(map_err(map::VLAN_DEVS));
+            self.failed(r)?;
+            changed.push(format!("VLAN_DEVS[{k}]: removed"));
+        }
+        Ok(changed)
+    }
+
     /// Compares every map with `vips` and repairs what differs, in the same safe order as
     /// `set_state`: backends that take new flows first, then tables, then the others.
     /// `full` reads back whole Maglev tables; otherwise a window of each.
@@ -327,6 +371,17 @@ impl Writer {
                         note(format!("VIP_META[{}] ({})", v.info.index, v.name));
                     }
                 }
+            }
+        }
+        for i in filter_slots(vips) {
+            if self.maps.addr_filter.get(&i, 0).ok() != Some(1) {
+                let r = self
+                    .maps
+                    .addr_filter
+                    .set(i, 1, 0)
+                    .map_err(map_err(map::ADDR_FILTER));
+                self.failed(r)?;
+                note(format!("ADDR_FILTER[{i}]"));
             }
         }
         // VIP entries the agent did not write make the program serve what nobody configured.
@@ -402,6 +457,19 @@ impl Writer {
             live.iter().zip(want).filter(|(a, b)| a != b).count() + want.len().abs_diff(live.len());
         Ok((wrong > 0).then(|| format!("{wrong} Maglev slots differ")))
     }
+}
+
+/// ADDR_FILTER slots the VIPs' addresses and SNAT addresses hash to: the program looks at
+/// nothing else.
+fn filter_slots(vips: &[VipPlan]) -> Vec<u32> {
+    let mut slots: Vec<u32> = vips
+        .iter()
+        .flat_map(|v| [v.key.addr, v.info.snat_addr])
+        .map(addr_filter_index)
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    slots
 }
 
 fn vip_meta(v: &VipPlan) -> VipMeta {

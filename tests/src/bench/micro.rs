@@ -127,7 +127,7 @@ pub struct Point {
     pub backends: usize,
     /// Flows in the table besides the benchmark's own.
     pub flows: u32,
-    /// max_entries of FLOWS and NAT_REVERSE.
+    /// Connections the flow table holds (FLOWS has twice as many entries).
     pub table_entries: u32,
     pub syn: Case,
     pub established: Case,
@@ -146,7 +146,7 @@ pub struct MapMem {
 pub struct MapMemory {
     pub maps: Vec<MapMem>,
     pub total_bytes: u64,
-    /// (FLOWS + NAT_REVERSE) / MAX_FLOWS at the default size.
+    /// (FLOWS + HALF_OPEN) / MAX_FLOWS (connections) at the default size.
     pub bytes_per_flow: f64,
     /// The same from the growth between the default and the resized tables, when measured.
     pub marginal_bytes_per_flow: Option<f64>,
@@ -291,7 +291,34 @@ fn establish(f: &Fixture) -> Result<()> {
         p.dport
     );
     ensure!(p.ip_csum_ok && p.tcp_csum_ok, "checksums after the rewrite");
+    // The backend's first packet after the handshake moves the flow to FLOWS.
+    let (v, _) = f.run(&reply_frame());
+    ensure!(
+        v == XDP_TX,
+        "the reply establishing the flow got verdict {v}"
+    );
+    ensure!(
+        f.writer
+            .maps
+            .flows
+            .get(&key(CLIENT, EST_PORT, VIP, VIP_PORT), 0)
+            .is_ok(),
+        "the flow is established"
+    );
     Ok(())
+}
+
+fn reply_frame() -> Vec<u8> {
+    Frame::tcp(
+        VIP_MAC,
+        LB_MAC,
+        VIP,
+        VIP_PORT,
+        CLIENT,
+        EST_PORT,
+        TcpFlags::ACK,
+    )
+    .bytes()
 }
 
 fn est_frame() -> Vec<u8> {
@@ -330,16 +357,7 @@ fn established(f: &Fixture, o: &MicroOptions) -> Result<Case> {
 }
 
 fn reply(f: &Fixture, o: &MicroOptions) -> Result<Case> {
-    let frame = Frame::tcp(
-        VIP_MAC,
-        LB_MAC,
-        VIP,
-        VIP_PORT,
-        CLIENT,
-        EST_PORT,
-        TcpFlags::ACK,
-    )
-    .bytes();
+    let frame = reply_frame();
     let before = counters(f);
     let ns = measure(f, f.program(), &frame, o.repeat, o.calls, XDP_TX)?;
     let after = counters(f);
@@ -391,16 +409,12 @@ fn syn(f: &mut Fixture, o: &MicroOptions) -> Result<Case> {
     let (min, max) = SNAT_PORTS;
     let range = (max - min) as u64 + 1;
     // The established flow must not be met by a drifting SYN.
-    let _ = f
-        .writer
-        .maps
-        .flows
-        .remove(&key(CLIENT, EST_PORT, VIP, VIP_PORT));
-    let _ = f
-        .writer
-        .maps
-        .nat_reverse
-        .remove(&key(VIP, VIP_PORT, CLIENT, EST_PORT));
+    for k in [
+        key(CLIENT, EST_PORT, VIP, VIP_PORT),
+        key(VIP, VIP_PORT, CLIENT, EST_PORT),
+    ] {
+        let _ = f.writer.maps.flows.remove(&k);
+    }
     let n = f.vips[0].backends.len() as u64;
     let seg = range / n;
     // Each backend's share of a batch must stay inside its segment of the ring: the mean
@@ -452,19 +466,19 @@ fn syn(f: &mut Fixture, o: &MicroOptions) -> Result<Case> {
                 let _ = f
                     .writer
                     .maps
-                    .flows
+                    .half_open
                     .remove(&key(CLIENT, port, VIP, VIP_PORT));
                 let _ = f
                     .writer
                     .maps
-                    .nat_reverse
+                    .half_open
                     .remove(&key(VIP, VIP_PORT, CLIENT, port));
             }
         }
         let _ = f
             .writer
             .maps
-            .flows
+            .half_open
             .remove(&key(CLIENT, SYN_PORT, VIP, VIP_PORT));
     }
     Ok(case(
@@ -504,7 +518,7 @@ pub fn map_infos(pin: &Path) -> Result<Vec<MapMem>> {
 
 fn flow_bytes(maps: &[MapMem]) -> u64 {
     maps.iter()
-        .filter(|m| m.name == map::FLOWS || m.name == map::NAT_REVERSE)
+        .filter(|m| m.name == map::FLOWS || m.name == map::HALF_OPEN)
         .map(|m| m.info.memlock)
         .sum()
 }
