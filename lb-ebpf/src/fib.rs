@@ -26,8 +26,6 @@ const VID_MASK_BE: u16 = 0x0fffu16.to_be();
 
 /// Why a packet cannot leave by XDP.
 pub enum NoHop {
-    /// The route's MTU is smaller than the packet.
-    FragNeeded,
     /// Rewrite and pass to the kernel, counted under the reason.
     Pass(u32),
     /// Drop, counted under the reason.
@@ -54,33 +52,47 @@ pub fn dev_mtu(ctx: &XdpContext, ifindex: u32) -> u32 {
 }
 
 /// Makes the next hop cached in `f` current for the packet `f` rewrites `pkt` into.
+///
+/// Two FIB lookups per refresh: one with the largest length, which stops at the MTU check
+/// and reports the route's MTU (a locked route MTU or the device's), then the real one for
+/// the interface and MACs. Packets are then checked against the cached MTU, whatever
+/// their size at the refresh.
 #[inline(always)]
 pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result<(), NoHop> {
     let e = unsafe { &mut *f };
     if e.flags & flow_flags::NEXT_HOP != 0 && now.wrapping_sub(e.next_hop_ns) < NEXT_HOP_NS {
         return Ok(());
     }
-    let ingress = ingress(ctx);
     let mut p: FibParams = unsafe { zeroed() };
     unsafe {
         p.family = AF_INET;
         p.l4_protocol = lb_common::IPPROTO_TCP;
         p.sport = e.src_port;
         p.dport = e.dst_port;
-        p.__bindgen_anon_1.tot_len = u16::from_be((*pkt.ip).tot_len);
+        p.__bindgen_anon_1.tot_len = u16::MAX;
         p.__bindgen_anon_2.tos = (*pkt.ip).tos;
         p.__bindgen_anon_3.ipv4_src = e.src_addr;
         p.__bindgen_anon_4.ipv4_dst = e.dst_addr;
     }
-    p.ifindex = ingress;
-    let rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p, size_of::<FibParams>() as i32, 0) }
-        as u32;
+    p.ifindex = ingress(ctx);
+    let size = size_of::<FibParams>() as i32;
+    let mut rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p, size, 0) } as u32;
+    let mtu = if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED {
+        let mtu = unsafe { p.__bindgen_anon_1.mtu_result } as u32;
+        p.__bindgen_anon_1.tot_len = 0;
+        rc = unsafe { bpf_fib_lookup(ctx.ctx as *mut _, &mut p, size, 0) } as u32;
+        mtu
+    } else {
+        u16::MAX as u32
+    };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
             // Written only when changed: other CPUs read these fields without a lock.
             if e.ifindex != p.ifindex {
                 e.ifindex = p.ifindex;
-                e.mtu = dev_mtu(ctx, p.ifindex);
+            }
+            if e.mtu != mtu {
+                e.mtu = mtu;
             }
             if e.dmac != p.dmac {
                 e.dmac = p.dmac;
@@ -88,14 +100,10 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
             if e.smac != p.smac {
                 e.smac = p.smac;
             }
-            if e.mtu == 0 {
-                e.mtu = dev_mtu(ctx, p.ifindex);
-            }
             e.next_hop_ns = now;
             flow::mark(f, flow_flags::NEXT_HOP);
             Ok(())
         }
-        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err(NoHop::FragNeeded),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(NoHop::Pass(reason::PASS_NO_NEIGH)),
         BPF_FIB_LKUP_RET_BLACKHOLE | BPF_FIB_LKUP_RET_UNREACHABLE | BPF_FIB_LKUP_RET_PROHIBIT => {
             Err(NoHop::Drop(reason::DROP_FIB_UNREACHABLE))

@@ -2,8 +2,8 @@
 //! by Maglev, and translates the backends' replies back. Everything else passes untouched.
 //!
 //! One module per concern: `parse` (headers, bounds checks), `csum` (incremental checksums),
-//! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `rst`
-//! (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU counters). This
+//! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `icmp` (errors
+//! about flows, "fragmentation needed"), `rst` (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU counters). This
 //! file holds the maps and the entry points.
 #![no_std]
 #![no_main]
@@ -16,6 +16,7 @@
 mod csum;
 mod fib;
 mod flow;
+mod icmp;
 mod nat;
 mod parse;
 mod rst;

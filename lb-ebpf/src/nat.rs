@@ -10,6 +10,7 @@ use lb_common::{
 use crate::{
     csum, fib,
     flow::{self, Table},
+    icmp,
     parse::{self, NotOurs, Packet, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     rst, stats, ADDR_FILTER, AGENT_META, VIPS,
 };
@@ -36,7 +37,8 @@ pub fn process(ctx: &XdpContext) -> u32 {
     match l4 {
         L4::Tcp => {}
         L4::LaterFragment => return pass(reason::PASS_FRAGMENT),
-        L4::Icmp => return pass(reason::PASS_ICMP),
+        L4::Icmp if for_this_host(&pkt) => return icmp::process(ctx, &pkt),
+        L4::Icmp => return pass(reason::PASS_OTHER_HOST),
         L4::Other => return pass(reason::PASS_NOT_TCP),
     }
     if !for_this_host(&pkt) {
@@ -215,17 +217,21 @@ fn send(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, hop: Result<(), fib::NoHop
     if pkt.has_options {
         stats::reason(reason::IP_OPTIONS);
     }
-    let too_big = match hop {
-        Ok(()) => ip_len(pkt) > e.mtu as u64,
-        Err(fib::NoHop::FragNeeded) => true,
+    match hop {
+        Ok(()) => {}
         Err(fib::NoHop::Pass(r)) => {
             rewrite(ctx, pkt, e);
             return pass(r);
         }
         Err(fib::NoHop::Drop(r)) => return drop(r),
-    };
-    if too_big {
-        // The kernel forwards it and answers the sender if it must (PMTU discovery).
+    }
+    if ip_len(pkt) > e.mtu as u64 {
+        let df = unsafe { (*pkt.ip).frag_off } & 0x4000u16.to_be() != 0;
+        if df {
+            // Answered from the packet as it came, so the sender recognises its own.
+            return icmp::too_big(ctx, pkt, e.mtu);
+        }
+        // May be fragmented: the kernel does it.
         rewrite(ctx, pkt, e);
         return pass(reason::PASS_FIB_OTHER);
     }
