@@ -8,7 +8,7 @@ use aya_ebpf::{
         BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
         BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE,
     },
-    helpers::{bpf_check_mtu, bpf_fib_lookup},
+    helpers::bpf_fib_lookup,
     programs::XdpContext,
 };
 use core::mem::{size_of, zeroed};
@@ -36,19 +36,6 @@ pub enum NoHop {
 #[inline(always)]
 pub fn ingress(ctx: &XdpContext) -> u32 {
     unsafe { (*ctx.ctx).ingress_ifindex }
-}
-
-/// The MTU of interface `ifindex`.
-#[inline(always)]
-pub fn dev_mtu(ctx: &XdpContext, ifindex: u32) -> u32 {
-    let mut mtu: u32 = 0;
-    // With a length of 0 the helper checks nothing and reports the device's MTU.
-    unsafe { bpf_check_mtu(ctx.ctx as *mut _, ifindex, &mut mtu, 0, 0) };
-    if mtu == 0 {
-        u16::MAX as u32
-    } else {
-        mtu
-    }
 }
 
 /// Makes the next hop cached in `f` current for the packet `f` rewrites `pkt` into.

@@ -259,6 +259,15 @@ fn alloc_port(
     Err(reason::DROP_SNAT_EXHAUSTED)
 }
 
+/// Where a SYN came from: its reply goes back the same way until the FIB is asked.
+pub struct ReplyHop {
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    pub ifindex: u32,
+    /// False for a tagged SYN, whose reply needs the FIB and VLAN_DEVS to find its tag.
+    pub usable: bool,
+}
+
 /// A new connection's forward entry, not yet inserted (the caller adds its next hop), and
 /// its backend index. The reply entry is in HALF_OPEN already, holding the SNAT port.
 ///
@@ -275,7 +284,7 @@ pub fn create(
     key: &FlowKey,
     vip: &VipInfo,
     syn_tsval: u32,
-    reply_hop: Option<([u8; 6], [u8; 6], u32, u32)>,
+    reply_hop: &ReplyHop,
     now: u64,
 ) -> Result<Flow, u32> {
     let (index, backend) = pick(key, vip)?;
@@ -297,13 +306,15 @@ pub fn create(
         last_seen_ns: now,
         ..Flow::default()
     };
-    if let Some((dmac, smac, ifindex, mtu)) = reply_hop {
+    // Set whether used or not: a conditional copy of the interface index once made LLVM
+    // spill a register the verifier took for a pointer.
+    rev.dmac = reply_hop.dmac;
+    rev.smac = reply_hop.smac;
+    rev.ifindex = reply_hop.ifindex;
+    rev.mtu = u16::MAX as u32;
+    rev.next_hop_ns = now;
+    if reply_hop.usable {
         rev.flags |= flow_flags::NEXT_HOP;
-        rev.dmac = dmac;
-        rev.smac = smac;
-        rev.ifindex = ifindex;
-        rev.mtu = mtu;
-        rev.next_hop_ns = now;
     }
     let port = alloc_port(vip, index, &backend, &rev, now)?;
     Ok(Flow {

@@ -110,15 +110,14 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32
         .filter(|&a| a + 4 <= ctx.data_end())
         .map(|a| u32::from_be_bytes(unsafe { *(a as *const [u8; 4]) }))
         .unwrap_or(0);
-    // A tagged SYN's reply needs the FIB and VLAN_DEVS to find its tag: no shortcut.
-    let reply_hop = if pkt.tagged() {
-        None
-    } else {
-        let eth = unsafe { &*pkt.eth };
-        let ingress = fib::ingress(ctx);
-        Some((eth.src, eth.dst, ingress, fib::dev_mtu(ctx, ingress)))
+    let eth = unsafe { &*pkt.eth };
+    let reply_hop = flow::ReplyHop {
+        dmac: eth.src,
+        smac: eth.dst,
+        ifindex: fib::ingress(ctx),
+        usable: !pkt.tagged(),
     };
-    let mut fwd = match flow::create(key, vip, tsval, reply_hop, now) {
+    let mut fwd = match flow::create(key, vip, tsval, &reply_hop, now) {
         Ok(f) => f,
         Err(r) => return drop(r),
     };

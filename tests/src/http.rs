@@ -246,19 +246,50 @@ async fn copy_limited<R: AsyncBufRead + Unpin>(
 
 /// Reads the next request and discards its body; `None` when the peer closed between requests.
 pub async fn read_request<R: AsyncBufRead + Unpin>(r: &mut R) -> io::Result<Option<Request>> {
+    Ok(read_request_keep(r, 0).await?.map(|(req, _)| req))
+}
+
+/// Reads the next request and up to `keep` bytes of its body (the rest is read and
+/// dropped); `None` when the peer closed between requests.
+pub async fn read_request_keep<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    keep: usize,
+) -> io::Result<Option<(Request, Vec<u8>)>> {
     let Some(head) = read_head(r).await? else {
         return Ok(None);
     };
     let req = parse_request_head(&head)?;
-    if req.is_chunked() {
-        read_framed_body(r, true, None, 0).await?;
+    let body = if req.is_chunked() {
+        read_framed_body(r, true, None, keep).await?
     } else {
-        let len = req.content_length()?;
-        if len > 0 {
-            read_framed_body(r, false, Some(len), 0).await?;
+        match req.content_length()? {
+            0 => Vec::new(),
+            len => read_framed_body(r, false, Some(len), keep).await?,
         }
+    };
+    Ok(Some((req, body)))
+}
+
+/// FNV-1a, 64 bits: a content check for bulk transfers (lb-stub's /upload reports it).
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// `n` bytes of a fixed pseudo-random stream (xorshift64): what lb-stub's /bytes?n=N
+/// sends, so a client can check every byte it got. No period lines up with segment sizes.
+pub fn pattern(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out = Vec::with_capacity(n + 8);
+    while out.len() < n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
     }
-    Ok(Some(req))
+    out.truncate(n);
+    out
 }
 
 /// A complete response as seen by a client.
@@ -437,6 +468,36 @@ mod tests {
             assert_eq!(paths, ["/a", "/b", "/c"]);
             assert!(read_request(&mut r).await.unwrap().is_none());
         });
+    }
+
+    #[test]
+    fn request_bodies_are_kept_up_to_the_limit() {
+        let wire: &[u8] = b"POST /upload HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello\
+            POST /upload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+            GET /c HTTP/1.1\r\n\r\n";
+        block(async {
+            let mut r = BufReader::new(wire);
+            let (a, body) = read_request_keep(&mut r, 4).await.unwrap().unwrap();
+            assert_eq!((a.path(), body.as_slice()), ("/upload", &b"hell"[..]));
+            let (_, body) = read_request_keep(&mut r, 100).await.unwrap().unwrap();
+            assert_eq!(body, b"abcde");
+            let (c, body) = read_request_keep(&mut r, 100).await.unwrap().unwrap();
+            assert_eq!((c.path(), body.len()), ("/c", 0));
+        });
+    }
+
+    #[test]
+    fn pattern_and_hash_are_fixed() {
+        let p = pattern(1 << 20);
+        assert_eq!(p.len(), 1 << 20);
+        assert_eq!(&pattern(13)[..], &p[..13], "a prefix of the same stream");
+        // Not constant, not short-periodic.
+        assert_ne!(p[..1460], p[1460..2920]);
+        assert!(p.iter().filter(|&&b| b == 0).count() < 8192);
+        // FNV-1a test vectors.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
     }
 
     #[test]

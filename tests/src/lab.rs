@@ -1,5 +1,7 @@
 //! The lab: a bridge in the root namespace and one namespace per host (client, LBs,
 //! apiserver stubs), each joined to the bridge by a veth, addresses from 198.18.0.0/15.
+//! The client can instead sit behind a chain of router namespaces with links of chosen MTUs
+//! ([`Lab::with_routed_client`], for path MTU tests).
 //! Everything it creates is removed when it is dropped, also when a test fails.
 
 use std::{
@@ -22,6 +24,13 @@ pub const VIP_PORT: u16 = 6443;
 pub const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 50);
 /// Port of the stubs' plain-HTTP admin listener (on each stub's loopback).
 pub const STUB_ADMIN: &str = "127.0.0.1:9000";
+/// A routed client's address (see [`Lab::with_routed_client`]), on the first link behind
+/// the routers, 198.19.1.0/24.
+pub const ROUTED_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+/// The bridge address of the router that a routed client sits behind.
+pub const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+/// Where routed clients live: every link behind the routers is a /24 in it.
+pub const ROUTED_NET: &str = "198.19.0.0/16";
 
 /// Address of LB number `i` (0-based).
 pub fn lb_addr(i: usize) -> Ipv4Addr {
@@ -132,9 +141,15 @@ impl Drop for Proc {
 /// dropped before the lab), then namespaces, then the bridge and the XDP_PASS programs.
 pub struct Lab {
     pub id: String,
+    /// The client: on the bridge, or behind `routers` (see [`Lab::with_routed_client`]);
+    /// in the latter case its `port` is empty (it has no veth end in the root namespace).
     pub client: Host,
     pub lbs: Vec<Host>,
     pub backends: Vec<Host>,
+    /// Routers between a routed client and the bridge, the client's first hop first; the
+    /// last one is on the bridge at [`ROUTER`]. `addr` is each router's address on the
+    /// link towards the bridge; `port` is empty but for the last.
+    pub routers: Vec<Host>,
     /// Scratch directory: configs, certificates, logs.
     pub dir: PathBuf,
     bridge: String,
@@ -154,6 +169,43 @@ impl Lab {
     /// Builds a lab with `lbs` load balancers and `backends` apiserver hosts; None when the
     /// test cannot run here (not root, outside CI).
     pub fn new(test: &str, lbs: usize, backends: usize) -> Option<Self> {
+        Self::build(test, lbs, backends, None)
+    }
+
+    /// Like [`Lab::new`], with the client behind a chain of routers instead of on the
+    /// bridge. `link_mtus` gives the MTU of each link from the client outward, one router
+    /// per link; the last router joins the bridge (MTU 1500) at [`ROUTER`]:
+    ///
+    /// ```text
+    /// &[1280]:       client =1280= r1 -- bridge
+    /// &[1500, 1280]: client =1500= r1 =1280= r2 -- bridge
+    /// ```
+    ///
+    /// Link `i` (0-based) is 198.19.`i+1`.0/24: the end nearer the client has .2, the other
+    /// .1, so the client is [`ROUTED_CLIENT`] with its default route via 198.19.1.1. The LBs
+    /// and backends route [`ROUTED_NET`] via [`ROUTER`]. The routers forward like real ones:
+    /// ip_forward on, PMTU discovery and ICMP rate limits at the kernel's defaults (so a
+    /// too-big packet with DF set is dropped and answered with ICMP fragmentation needed),
+    /// and no offloads (no GRO merging what the wire carried as separate packets, no
+    /// partial checksums).
+    ///
+    /// With one link the client's own interface has the small MTU, so its SYN's MSS already
+    /// tells the server; with the small link further out (`&[1500, 1280]`) only PMTU
+    /// discovery can find it.
+    pub fn with_routed_client(
+        test: &str,
+        lbs: usize,
+        backends: usize,
+        link_mtus: &[u32],
+    ) -> Option<Self> {
+        assert!(
+            (1..=8).contains(&link_mtus.len()),
+            "one to eight links between the client and the bridge"
+        );
+        Self::build(test, lbs, backends, Some(link_mtus))
+    }
+
+    fn build(test: &str, lbs: usize, backends: usize, routed: Option<&[u32]>) -> Option<Self> {
         if !netns::require_root(test) {
             return None;
         }
@@ -168,21 +220,32 @@ impl Lab {
         let mut lab = Lab {
             client: Host {
                 ns: Netns::new(&format!("lb-{id}-client")),
-                addr: CLIENT,
-                port: format!("lb{id}c"),
+                addr: if routed.is_some() {
+                    ROUTED_CLIENT
+                } else {
+                    CLIENT
+                },
+                port: if routed.is_some() {
+                    String::new()
+                } else {
+                    format!("lb{id}c")
+                },
             },
             lbs: Vec::new(),
             backends: Vec::new(),
+            routers: Vec::new(),
             dir,
             bridge,
             _pass: None,
             id: id.clone(),
         };
-        lab.join(
-            &lab.client.ns.name.clone(),
-            &lab.client.port.clone(),
-            CLIENT,
-        );
+        if routed.is_none() {
+            lab.join(
+                &lab.client.ns.name.clone(),
+                &lab.client.port.clone(),
+                CLIENT,
+            );
+        }
         for i in 0..lbs {
             let h = Host {
                 ns: Netns::new(&format!("lb-{id}-lb{}", i + 1)),
@@ -201,8 +264,65 @@ impl Lab {
             lab.join(&h.ns.name, &h.port, h.addr);
             lab.backends.push(h);
         }
+        if let Some(mtus) = routed {
+            lab.route_client(mtus);
+        }
         lab.attach_pass();
         Some(lab)
+    }
+
+    /// The routers and links of [`Lab::with_routed_client`]; the client namespace exists.
+    fn route_client(&mut self, mtus: &[u32]) {
+        let id = self.id.clone();
+        let n = mtus.len();
+        for r in 1..=n {
+            let last = r == n;
+            let ns = Netns::new(&format!("lb-{id}-r{r}"));
+            // Its address on the link towards the bridge (link r, or the bridge itself).
+            let (addr, port) = if last {
+                (ROUTER, format!("lb{id}r"))
+            } else {
+                (Ipv4Addr::new(198, 19, r as u8 + 1, 2), String::new())
+            };
+            self.routers.push(Host { ns, addr, port });
+        }
+        // Link i joins node i (the client for i = 0, else router i) to router i + 1:
+        // eth0 is always the interface towards the bridge, eth1 a router's towards the client.
+        for (i, &mtu) in mtus.iter().enumerate() {
+            let near = if i == 0 {
+                &self.client.ns.name
+            } else {
+                &self.routers[i - 1].ns.name
+            };
+            let far = &self.routers[i].ns.name;
+            let net = i + 1;
+            sh(&format!(
+                "ip -n {far} link add eth1 mtu {mtu} type veth peer name eth0 mtu {mtu} netns {near} && \
+                 ip -n {far} link set eth1 address 02:00:c6:13:{net:02x}:01 && \
+                 ip -n {near} link set eth0 address 02:00:c6:13:{net:02x}:02 && \
+                 ip -n {far} addr add 198.19.{net}.1/24 dev eth1 && \
+                 ip -n {near} addr add 198.19.{net}.2/24 dev eth0 && \
+                 ip -n {far} link set eth1 up && ip -n {near} link set eth0 up && \
+                 ip -n {near} route add default via 198.19.{net}.1"
+            ));
+        }
+        let last = self.routers.last().expect("a router");
+        self.join(&last.ns.name.clone(), &last.port.clone(), ROUTER);
+        for (r, h) in self.routers.iter().enumerate() {
+            // Every router but the first reaches the links nearer the client through its
+            // neighbour on that side (the .2 end of link r).
+            if r > 0 {
+                h.ns.sh(&format!("ip route add {ROUTED_NET} via 198.19.{}.2", r + 1));
+            }
+            h.ns.sh("sysctl -qw net.ipv4.ip_forward=1 && \
+                 ethtool -K eth0 tx off gro off gso off tso off >/dev/null && \
+                 ethtool -K eth1 tx off gro off gso off tso off >/dev/null");
+        }
+        // The client's frames cross the XDP hairpin: complete checksums (see `join`).
+        self.client.ns.sh("ethtool -K eth0 tx off >/dev/null");
+        for h in self.lbs.iter().chain(&self.backends) {
+            h.ns.sh(&format!("ip route add {ROUTED_NET} via {ROUTER}"));
+        }
     }
 
     /// Joins namespace `ns` to the bridge by a veth: `port` in the root namespace, eth0 inside.
@@ -551,6 +671,8 @@ impl Drop for Lab {
         for h in std::iter::once(&self.client)
             .chain(&self.lbs)
             .chain(&self.backends)
+            .chain(&self.routers)
+            .filter(|h| !h.port.is_empty())
         {
             let _ = Command::new("ip").args(["link", "del", &h.port]).status();
         }

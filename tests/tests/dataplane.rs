@@ -8,7 +8,7 @@ use lb_tests::{
         Fixture, Options, BACKENDS, CLIENT, CLIENT_MAC, LB_ADDR, LB_MAC, VIP, XDP_DROP, XDP_PASS,
         XDP_TX,
     },
-    packet::{self, Frame, Parsed, TcpFlags},
+    packet::{self, Frame, IcmpError, IcmpKind, Parsed, Quote, TcpFlags},
 };
 
 fn syn(sport: u16) -> Frame {
@@ -776,4 +776,143 @@ fn fuzzed_frames_are_passed_untouched_or_sent_with_valid_checksums() {
         verdicts[XDP_TX as usize] > 100 && verdicts[XDP_PASS as usize] > 100,
         "the fuzzer reached both paths: {verdicts:?}"
     );
+}
+
+/// A router on the fixture's link that reports errors.
+const ROUTER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 0, 254);
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+
+#[test]
+fn icmp_errors_about_a_flow_are_translated_both_ways() {
+    let Some(f) = Fixture::new("dpicmp") else {
+        return;
+    };
+    let (v, out) = f.run(&syn(48000).bytes());
+    let fwd = assert_forwarded(&f, v, &out, 48000);
+    let sent_to_backend = out.clone();
+    let (v, _) = f.run(&from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK).bytes());
+    assert_eq!(v, XDP_TX);
+    // A full-sized segment of the response, established by now.
+    let (v, out) = f.run(
+        &from_backend(&fwd, TcpFlags::ACK)
+            .timestamps(5, 6)
+            .payload(&[0x17; 1436])
+            .bytes(),
+    );
+    assert_eq!(v, XDP_TX);
+    let sent_to_client = out;
+
+    // A router on the client's path cannot take the reply: the backend must hear of it.
+    // Linux quotes as much as fits in 576 bytes.
+    let err = IcmpError::about_ip(
+        ROUTER_MAC,
+        LB_MAC,
+        ROUTER,
+        VIP,
+        IcmpKind::FragNeeded { mtu: 1280 },
+        &sent_to_client[14..],
+    )
+    .quote(Quote::Linux);
+    let (v, out) = f.run(&err.bytes());
+    assert_eq!(v, XDP_TX);
+    let p = packet::parse_icmp(&out).expect("an ICMP error");
+    assert_eq!((p.src, p.dst), (LB_ADDR, fwd.dst), "from the SNAT address to the backend");
+    assert_eq!(p.eth_dst, BACKENDS[f.backend_by_addr(fwd.dst)].1);
+    assert_eq!((p.icmp_type, p.code, p.mtu), (3, 4, Some(1280)));
+    assert_eq!(
+        (p.inner.src, p.inner.sport, p.inner.dst, p.inner.dport),
+        (fwd.dst, 6443, LB_ADDR, fwd.sport),
+        "quotes the packet as the backend sent it"
+    );
+    assert!(p.ip_csum_ok && p.icmp_csum_ok && p.inner.ip_csum_ok);
+    assert_eq!(p.inner.tcp_csum_ok, None, "a partial segment: no checksum to check");
+    assert!(p.inner.tcp_check.is_some(), "the quoted TCP checksum is there (and updated)");
+
+    // A router on the backend's path drops a client packet: the client hears of it.
+    let err = IcmpError::about_ip(
+        ROUTER_MAC,
+        LB_MAC,
+        ROUTER,
+        LB_ADDR,
+        IcmpKind::TimeExceeded,
+        &sent_to_backend[14..],
+    );
+    let (v, out) = f.run(&err.bytes());
+    assert_eq!(v, XDP_TX);
+    let p = packet::parse_icmp(&out).expect("an ICMP error");
+    assert_eq!((p.src, p.dst, p.eth_dst), (VIP, CLIENT, CLIENT_MAC));
+    assert_eq!((p.icmp_type, p.code), (11, 0));
+    assert_eq!(
+        (p.inner.src, p.inner.sport, p.inner.dst, p.inner.dport),
+        (CLIENT, 48000, VIP, 6443),
+        "quotes the packet as the client sent it"
+    );
+    assert!(p.ip_csum_ok && p.icmp_csum_ok && p.inner.ip_csum_ok);
+    assert_eq!(p.inner.tcp_csum_ok, Some(true));
+    // Linux quotes up to 576 bytes; the minimum (8 bytes of TCP) works too.
+    let err = IcmpError::about_ip(
+        ROUTER_MAC,
+        LB_MAC,
+        ROUTER,
+        LB_ADDR,
+        IcmpKind::HostUnreachable,
+        &sent_to_backend[14..],
+    )
+    .quote(Quote::Min8);
+    let (v, out) = f.run(&err.bytes());
+    assert_eq!(v, XDP_TX);
+    let p = packet::parse_icmp(&out).unwrap();
+    assert!(p.ip_csum_ok && p.icmp_csum_ok && p.inner.ip_csum_ok);
+    assert_eq!((p.dst, p.inner.sport), (CLIENT, 48000));
+    assert_eq!(f.reason(reason::ICMP_TRANSLATED), 3);
+
+    // About no flow, or not an error: passed untouched.
+    let stray = IcmpError::new(
+        ROUTER_MAC,
+        LB_MAC,
+        ROUTER,
+        VIP,
+        IcmpKind::HostUnreachable,
+        &Frame::tcp(LB_MAC, CLIENT_MAC, VIP, 6443, CLIENT, 9, TcpFlags::ACK),
+    )
+    .bytes();
+    let echo = packet::icmp_echo(CLIENT_MAC, LB_MAC, CLIENT, VIP);
+    for frame in [stray, echo] {
+        let (v, out) = f.run(&frame);
+        assert_eq!((v, &out), (XDP_PASS, &frame));
+    }
+    assert_eq!(f.reason(reason::PASS_ICMP), 2);
+}
+
+#[test]
+fn a_packet_too_big_for_the_route_gets_fragmentation_needed() {
+    let Some(f) = Fixture::new("dpmtu") else {
+        return;
+    };
+    for (b, _) in BACKENDS {
+        f.ns.sh(&format!("ip route replace {b}/32 dev d0 mtu lock 1280"));
+    }
+    let (v, out) = f.run(&syn(49000).bytes());
+    let fwd = assert_forwarded(&f, v, &out, 49000);
+    f.run(&from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK).bytes());
+    // 1240 bytes fit; 1400 do not.
+    let small = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK)
+        .payload(&[7; 1200]);
+    let (v, out) = f.run(&small.bytes());
+    assert_forwarded(&f, v, &out, 49000);
+    let big = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK)
+        .payload(&[7; 1360]);
+    let (v, out) = f.run(&big.bytes());
+    assert_eq!(v, XDP_TX, "answered, not forwarded");
+    let p = packet::parse_icmp(&out).expect("an ICMP error");
+    assert_eq!((p.src, p.dst, p.eth_dst), (VIP, CLIENT, CLIENT_MAC));
+    assert_eq!((p.icmp_type, p.code, p.mtu), (3, 4, Some(1280)));
+    assert_eq!(
+        (p.inner.src, p.inner.sport, p.inner.dst, p.inner.dport, p.inner.tot_len),
+        (CLIENT, 49000, VIP, 6443, 1400),
+        "quotes the client's packet as it sent it"
+    );
+    assert!(p.ip_csum_ok && p.icmp_csum_ok && p.inner.ip_csum_ok);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "IP header and 8 bytes quoted");
+    assert_eq!(f.reason(reason::ICMP_FRAG_NEEDED_SENT), 1);
 }

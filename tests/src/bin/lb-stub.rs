@@ -1,5 +1,9 @@
 //! lb-stub: a fake kube-apiserver over HTTPS, with a plain-HTTP admin port to count traffic and
 //! inject failures (readyz 503/401/403/hang/slow, accept hang, dropping every connection).
+//!
+//! Bulk transfers for path MTU tests: `GET /bytes?n=N` answers N bytes of
+//! `lb_tests::http::pattern` (N up to 64 MiB); `POST /upload` reads a body of up to 16 MiB and
+//! answers `{"received": LEN, "fnv1a64": "HEX"}` (`lb_tests::http::fnv1a64` of the body).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -25,6 +29,10 @@ use tokio_rustls::TlsAcceptor;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds the per-path map so a client spraying random paths cannot grow it without limit.
 const MAX_TRACKED_PATHS: usize = 256;
+/// Largest /bytes response.
+const MAX_BYTES: usize = 64 << 20;
+/// Largest /upload body kept and hashed (bodies of other requests are kept too, up to this).
+const MAX_UPLOAD: usize = 16 << 20;
 
 #[derive(Parser)]
 #[command(
@@ -178,6 +186,13 @@ impl Reply {
             body: v.to_string().into_bytes(),
         }
     }
+    fn bytes(body: Vec<u8>) -> Self {
+        Self::Full {
+            status: 200,
+            content_type: "application/octet-stream",
+            body,
+        }
+    }
 }
 
 struct Stub {
@@ -243,7 +258,7 @@ impl Stub {
         *map.entry(key.to_string()).or_default() += 1;
     }
 
-    fn api_route(&self, req: &Request) -> Reply {
+    fn api_route(&self, req: &Request, body: &[u8]) -> Reply {
         let path = req.path();
         self.count_request(path);
         match path {
@@ -273,6 +288,20 @@ impl Stub {
                     json!(self.name)
                 )
                 .into_bytes(),
+            },
+            "/bytes" => match req.query_param("n").map(str::parse::<usize>) {
+                Some(Ok(n)) if n <= MAX_BYTES => Reply::bytes(http::pattern(n)),
+                _ => Reply::text(400, "bad n: /bytes?n=N with N at most 64 MiB\n"),
+            },
+            "/upload" if req.method == "POST" => match req.content_length() {
+                Ok(n) if n as usize <= MAX_UPLOAD => Reply::json(
+                    200,
+                    json!({
+                        "received": body.len(),
+                        "fnv1a64": format!("{:016x}", http::fnv1a64(body)),
+                    }),
+                ),
+                _ => Reply::text(400, "upload: a Content-Length of at most 16 MiB\n"),
             },
             "/watch" => match req.query_param("interval_ms").map(str::parse::<u64>) {
                 None => Reply::Watch(Duration::from_millis(100)),
@@ -371,8 +400,8 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     let mut conn = BufReader::new(stream);
     let name = stub.name.as_str();
     loop {
-        let req = match http::read_request(&mut conn).await {
-            Ok(Some(req)) => req,
+        let (req, body) = match http::read_request_keep(&mut conn, MAX_UPLOAD).await {
+            Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let resp = http::response(
@@ -395,7 +424,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            stub.api_route(&req)
+            stub.api_route(&req, &body)
         };
         match reply {
             Reply::Full {
