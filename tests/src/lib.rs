@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod fixture;
+pub mod flood;
 pub mod http;
 pub mod lab;
 pub mod netns;

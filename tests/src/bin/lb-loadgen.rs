@@ -51,6 +51,12 @@ struct Args {
     /// Count mode: requests in flight at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     concurrency: u64,
+    /// Count mode: start a request every 1/RATE s whatever became of the earlier ones (an
+    /// open-loop client: a request stuck until its timeout holds none of the others back, so
+    /// failures weigh in the tally as often as they happen).
+    #[arg(long, requires = "count", conflicts_with = "concurrency",
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rate: Option<u64>,
     /// Long mode: N keep-alive connections, each sending a request every --interval.
     #[arg(long, requires_all = ["interval", "duration"], conflicts_with = "gap",
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
@@ -264,6 +270,25 @@ async fn run_count(client: Arc<Client>, count: u64, concurrency: u64) -> serde_j
            "backends": total.backends, "elapsed_ms": start.elapsed().as_millis() as u64})
 }
 
+async fn run_open(client: Arc<Client>, count: u64, rate: u64) -> serde_json::Value {
+    let start = Instant::now();
+    // A late tick fires at once (Burst, the default): the pace over the run stays the rate.
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut requests = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        tick.tick().await;
+        let client = client.clone();
+        requests.spawn(async move { client.one_shot().await });
+    }
+    let mut total = Tally::default();
+    while let Some(res) = requests.join_next().await {
+        total.record(&res.expect("request panicked"));
+    }
+    json!({"mode": "count", "rate": rate, "ok": total.ok, "failed": total.failed,
+           "errors": total.errors, "backends": total.backends,
+           "elapsed_ms": start.elapsed().as_millis() as u64})
+}
+
 #[derive(Serialize)]
 struct Failure {
     at_ms: u64,
@@ -446,6 +471,8 @@ async fn run(args: Args) -> Result<serde_json::Value> {
         run_gap(client, interval, duration, args.new_connection).await
     } else if let Some(n) = args.connections {
         run_long(client, n, interval, duration).await
+    } else if let Some(rate) = args.rate {
+        run_open(client, args.count.unwrap_or(1), rate).await
     } else {
         run_count(client, args.count.unwrap_or(1), args.concurrency).await
     })
@@ -564,6 +591,24 @@ mod tests {
             "1s",
             "--duration",
             "2s"
+        ])
+        .is_err());
+        let a = p(&["--url", "u", "--insecure", "--count", "9", "--rate", "3"]).unwrap();
+        assert_eq!((a.count, a.rate), (Some(9), Some(3)));
+        assert!(
+            p(&["--url", "u", "--insecure", "--rate", "3"]).is_err(),
+            "needs --count"
+        );
+        assert!(p(&[
+            "--url",
+            "u",
+            "--insecure",
+            "--count",
+            "9",
+            "--rate",
+            "3",
+            "--concurrency",
+            "2"
         ])
         .is_err());
         let a = p(&["--url", "u", "--insecure", "--timeout", "500ms"]).unwrap();
