@@ -91,7 +91,11 @@ pub fn process(ctx: &XdpContext, pkt: &Packet) -> u32 {
     let old_ip_check = inner.check;
     inner.check = csum::apply(inner.check, d_addr);
     let mut d_icmp = csum::diff16(d_addr, old_ip_check, inner.check);
-    let d_ports = csum::diff16(csum::diff16(0, ports.src, e.dst_port), ports.dst, e.src_port);
+    let d_ports = csum::diff16(
+        csum::diff16(0, ports.src, e.dst_port),
+        ports.dst,
+        e.src_port,
+    );
     d_icmp += d_ports;
     let tcp_check_at = pkt.l4 + ICMP_LEN + size_of::<Ipv4Hdr>() + 16;
     if let Some(c) = ptr_at::<u16>(ctx, tcp_check_at) {

@@ -816,7 +816,11 @@ fn icmp_errors_about_a_flow_are_translated_both_ways() {
     let (v, out) = f.run(&err.bytes());
     assert_eq!(v, XDP_TX);
     let p = packet::parse_icmp(&out).expect("an ICMP error");
-    assert_eq!((p.src, p.dst), (LB_ADDR, fwd.dst), "from the SNAT address to the backend");
+    assert_eq!(
+        (p.src, p.dst),
+        (LB_ADDR, fwd.dst),
+        "from the SNAT address to the backend"
+    );
     assert_eq!(p.eth_dst, BACKENDS[f.backend_by_addr(fwd.dst)].1);
     assert_eq!((p.icmp_type, p.code, p.mtu), (3, 4, Some(1280)));
     assert_eq!(
@@ -825,8 +829,14 @@ fn icmp_errors_about_a_flow_are_translated_both_ways() {
         "quotes the packet as the backend sent it"
     );
     assert!(p.ip_csum_ok && p.icmp_csum_ok && p.inner.ip_csum_ok);
-    assert_eq!(p.inner.tcp_csum_ok, None, "a partial segment: no checksum to check");
-    assert!(p.inner.tcp_check.is_some(), "the quoted TCP checksum is there (and updated)");
+    assert_eq!(
+        p.inner.tcp_csum_ok, None,
+        "a partial segment: no checksum to check"
+    );
+    assert!(
+        p.inner.tcp_check.is_some(),
+        "the quoted TCP checksum is there (and updated)"
+    );
 
     // A router on the backend's path drops a client packet: the client hears of it.
     let err = IcmpError::about_ip(
@@ -896,19 +906,25 @@ fn a_packet_too_big_for_the_route_gets_fragmentation_needed() {
     let fwd = assert_forwarded(&f, v, &out, 49000);
     f.run(&from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK).bytes());
     // 1240 bytes fit; 1400 do not.
-    let small = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK)
-        .payload(&[7; 1200]);
+    let small =
+        Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK).payload(&[7; 1200]);
     let (v, out) = f.run(&small.bytes());
     assert_forwarded(&f, v, &out, 49000);
-    let big = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK)
-        .payload(&[7; 1360]);
+    let big =
+        Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 49000, VIP, 6443, TcpFlags::ACK).payload(&[7; 1360]);
     let (v, out) = f.run(&big.bytes());
     assert_eq!(v, XDP_TX, "answered, not forwarded");
     let p = packet::parse_icmp(&out).expect("an ICMP error");
     assert_eq!((p.src, p.dst, p.eth_dst), (VIP, CLIENT, CLIENT_MAC));
     assert_eq!((p.icmp_type, p.code, p.mtu), (3, 4, Some(1280)));
     assert_eq!(
-        (p.inner.src, p.inner.sport, p.inner.dst, p.inner.dport, p.inner.tot_len),
+        (
+            p.inner.src,
+            p.inner.sport,
+            p.inner.dst,
+            p.inner.dport,
+            p.inner.tot_len
+        ),
         (CLIENT, 49000, VIP, 6443, 1400),
         "quotes the client's packet as it sent it"
     );
