@@ -61,19 +61,25 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
         return on_flow(ctx, &pkt, &key, f, table);
     }
-    let vip_key = VipKey {
-        addr: dst,
-        port: tcp.dst_port,
-        proto: IPPROTO_TCP,
-        _pad: 0,
-    };
-    let Some(vip) = (unsafe { VIPS.get(vip_key) }) else {
+    let Some(vip) = vip_of(&key) else {
         return pass(reason::PASS_NOT_OURS);
     };
     if pkt.fragment {
         return drop(reason::DROP_FRAGMENT);
     }
     no_flow(ctx, &pkt, &key, vip)
+}
+
+/// The VIP a client packet with `key` is for.
+#[inline(always)]
+fn vip_of(key: &FlowKey) -> Option<&'static VipInfo> {
+    let vip_key = VipKey {
+        addr: key.dst_addr,
+        port: key.dst_port,
+        proto: IPPROTO_TCP,
+        _pad: 0,
+    };
+    unsafe { VIPS.get(vip_key) }
 }
 
 #[inline(always)]
@@ -149,13 +155,7 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow, table: T
             if gone && !syn && flags & TCP_RST == 0 {
                 return rst::reply(ctx, pkt, reason::RST_BACKEND_DOWN);
             }
-            let vip_key = VipKey {
-                addr: key.dst_addr,
-                port: key.dst_port,
-                proto: IPPROTO_TCP,
-                _pad: 0,
-            };
-            return match unsafe { VIPS.get(vip_key) } {
+            return match vip_of(key) {
                 Some(vip) => no_flow(ctx, pkt, key, vip),
                 None => pass(reason::PASS_NOT_OURS),
             };
