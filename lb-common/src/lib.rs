@@ -39,6 +39,10 @@ pub mod map {
     pub const AGENT_META: &str = "AGENT_META";
     /// Array of u64 per backend: the next SNAT port to try (a ring over the range).
     pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
+    /// Per-CPU array of one TickClock: the data plane's cache of the coarse clock. Not
+    /// pinned and not in ALL: nothing outside the program reads it, and a new program
+    /// starts with an empty cache.
+    pub const CLOCK: &str = "CLOCK";
 
     /// Every map the agent pins, in the order status reads them.
     pub const ALL: [&str; 14] = [
@@ -162,6 +166,16 @@ pub mod flow_flags {
     pub const ESTABLISHED: u32 = 16;
     /// The next hop cached in the entry is valid.
     pub const NEXT_HOP: u32 = 32;
+}
+
+/// The data plane's per-CPU cache of the coarse clock (map CLOCK): the coarse clock only
+/// moves on a tick, when jiffies moves, and jiffies costs one load where the clock is a
+/// helper call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TickClock {
+    pub jiffies: u64,
+    pub ns: u64,
 }
 
 /// XDP attach modes (AgentMeta.xdp_mode).
@@ -321,7 +335,7 @@ pub struct BackendInfo {
     pub vip: u32,
 }
 
-/// A TCP/UDP 5-tuple as seen in a packet (key of FLOWS and NAT_REVERSE).
+/// A TCP/UDP 5-tuple as seen in a packet (key of FLOWS and HALF_OPEN).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -335,6 +349,33 @@ pub struct FlowKey {
     pub dst_port: u16,
     pub proto: u8,
     pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// A TCP key; addresses and ports in network byte order.
+    ///
+    /// Built from four words: built field by field, the zero fill of the 3-byte padding
+    /// becomes a memset subprogram call in BPF, paid by every packet.
+    #[inline(always)]
+    pub const fn tcp(src_addr: u32, dst_addr: u32, src_port: u16, dst_port: u16) -> Self {
+        #[repr(C)]
+        struct Words {
+            src_addr: u32,
+            dst_addr: u32,
+            src_port: u16,
+            dst_port: u16,
+            proto: u32,
+        }
+        let w = Words {
+            src_addr,
+            dst_addr,
+            src_port,
+            dst_port,
+            proto: u32::from_ne_bytes([IPPROTO_TCP, 0, 0, 0]),
+        };
+        // SAFETY: same size, both repr(C) with the same offsets, every bit pattern valid.
+        unsafe { core::mem::transmute::<Words, FlowKey>(w) }
+    }
 }
 
 /// Value of FLOWS and HALF_OPEN: the ready-made rewrite for a packet arriving with the
@@ -378,14 +419,7 @@ impl Flow {
     /// The key of the other direction's entry.
     #[inline(always)]
     pub const fn peer_key(&self) -> FlowKey {
-        FlowKey {
-            src_addr: self.dst_addr,
-            dst_addr: self.src_addr,
-            src_port: self.dst_port,
-            dst_port: self.src_port,
-            proto: IPPROTO_TCP,
-            _pad: [0; 3],
-        }
+        FlowKey::tcp(self.dst_addr, self.src_addr, self.dst_port, self.src_port)
     }
 }
 

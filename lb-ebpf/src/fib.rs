@@ -81,12 +81,8 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
             if e.mtu != mtu {
                 e.mtu = mtu;
             }
-            if e.dmac != p.dmac {
-                e.dmac = p.dmac;
-            }
-            if e.smac != p.smac {
-                e.smac = p.smac;
-            }
+            set_mac(&mut e.dmac, &p.dmac);
+            set_mac(&mut e.smac, &p.smac);
             e.next_hop_ns = now;
             flow::mark(f, flow_flags::NEXT_HOP);
             Ok(())
@@ -96,6 +92,17 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
             Err(NoHop::Drop(reason::DROP_FIB_UNREACHABLE))
         }
         _ => Err(NoHop::Pass(reason::PASS_FIB_OTHER)),
+    }
+}
+
+/// Copies a MAC address byte by byte, and only the bytes that changed: other CPUs read the
+/// entry without a lock, and an array assignment compiles to a memmove subprogram call.
+#[inline(always)]
+fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
+    for i in 0..6 {
+        if to[i] != from[i] {
+            to[i] = from[i];
+        }
     }
 }
 

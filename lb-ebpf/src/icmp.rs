@@ -14,7 +14,7 @@ use lb_common::{reason, FlowKey, IPPROTO_TCP};
 
 use crate::{
     csum, fib, flow,
-    parse::{ptr_at, EthHdr, Ipv4Hdr, Packet, VlanHdr, ETH_LEN, ETH_P_IP_BE, VLAN_LEN},
+    parse::{self, ptr_at, EthHdr, Ipv4Hdr, Packet, VlanHdr, ETH_LEN, ETH_P_IP_BE, VLAN_LEN},
     stats,
 };
 
@@ -69,14 +69,7 @@ pub fn process(ctx: &XdpContext, pkt: &Packet) -> u32 {
     }
     // The quoted packet is one lb sent: the entry of the opposite direction rewrote it, and
     // its own rewrite, reversed, is the packet as its sender sent it.
-    let key = FlowKey {
-        src_addr: inner.dst,
-        dst_addr: inner.src,
-        src_port: ports.dst,
-        dst_port: ports.src,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::tcp(inner.dst, inner.src, ports.dst, ports.src);
     let Some((f, _)) = flow::lookup(&key) else {
         return pass(reason::PASS_ICMP);
     };
@@ -121,10 +114,7 @@ pub fn process(ctx: &XdpContext, pkt: &Packet) -> u32 {
     match hop {
         Ok(()) => {
             let e = unsafe { &*f };
-            unsafe {
-                (*pkt.eth).dst = e.dmac;
-                (*pkt.eth).src = e.smac;
-            }
+            parse::set_macs(pkt.eth, &e.dmac, &e.smac);
             fib::egress(ctx, pkt, e.ifindex)
         }
         Err(fib::NoHop::Pass(_)) => xdp_action::XDP_PASS,

@@ -45,14 +45,7 @@ pub fn process(ctx: &XdpContext) -> u32 {
         return pass(reason::PASS_OTHER_HOST);
     }
     let tcp = unsafe { &*pkt.tcp };
-    let key = FlowKey {
-        src_addr: unsafe { (*pkt.ip).src },
-        dst_addr: dst,
-        src_port: tcp.src_port,
-        dst_port: tcp.dst_port,
-        proto: IPPROTO_TCP,
-        _pad: [0; 3],
-    };
+    let key = FlowKey::tcp(unsafe { (*pkt.ip).src }, dst, tcp.src_port, tcp.dst_port);
     if let Some((f, table)) = flow::lookup(&key) {
         if pkt.fragment {
             // Only the first fragment names the ports; the rest could not follow it. A TCP
@@ -235,10 +228,7 @@ fn send(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, hop: Result<(), fib::NoHop
         return pass(reason::PASS_FIB_OTHER);
     }
     rewrite(ctx, pkt, e);
-    unsafe {
-        (*pkt.eth).dst = e.dmac;
-        (*pkt.eth).src = e.smac;
-    }
+    parse::set_macs(pkt.eth, &e.dmac, &e.smac);
     fib::egress(ctx, pkt, e.ifindex)
 }
 

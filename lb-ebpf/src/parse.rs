@@ -22,6 +22,22 @@ pub struct EthHdr {
     pub proto: u16,
 }
 
+/// Writes a frame's MAC addresses as 16-bit stores (EthHdr is 2-aligned): an array
+/// assignment compiles to a call of a byte-by-byte memmove subprogram, which cost a tenth
+/// of an established packet.
+#[inline(always)]
+pub fn set_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6]) {
+    let p = eth as *mut u16;
+    unsafe {
+        *p = u16::from_ne_bytes([dst[0], dst[1]]);
+        *p.add(1) = u16::from_ne_bytes([dst[2], dst[3]]);
+        *p.add(2) = u16::from_ne_bytes([dst[4], dst[5]]);
+        *p.add(3) = u16::from_ne_bytes([src[0], src[1]]);
+        *p.add(4) = u16::from_ne_bytes([src[2], src[3]]);
+        *p.add(5) = u16::from_ne_bytes([src[4], src[5]]);
+    }
+}
+
 #[repr(C)]
 pub struct VlanHdr {
     pub tci: u16,

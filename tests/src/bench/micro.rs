@@ -489,6 +489,60 @@ fn syn(f: &mut Fixture, o: &MicroOptions) -> Result<Case> {
     ))
 }
 
+/// A case `profile` repeats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileCase {
+    Syn,
+    Established,
+    Reply,
+    NotOurs,
+}
+
+/// Runs one case of the base configuration over and over for `seconds`, for `perf record`
+/// to see one path of the program alone. Returns the case's median ns per packet.
+pub fn profile(case: ProfileCase, seconds: u64, log: &mut dyn FnMut(&str)) -> Result<f64> {
+    let o = MicroOptions::quick();
+    let mut f = fixture(BASE_BACKENDS, BASE_FLOWS, o.syn_batch)?;
+    establish(&f)?;
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut ns = Vec::new();
+    while std::time::Instant::now() < until {
+        let c = match case {
+            ProfileCase::Syn => syn(
+                &mut f,
+                &MicroOptions {
+                    syn_packets: 20_000,
+                    ..o.clone()
+                },
+            )?,
+            ProfileCase::Established => established(
+                &f,
+                &MicroOptions {
+                    calls: 1,
+                    ..o.clone()
+                },
+            )?,
+            ProfileCase::Reply => reply(
+                &f,
+                &MicroOptions {
+                    calls: 1,
+                    ..o.clone()
+                },
+            )?,
+            ProfileCase::NotOurs => not_ours(
+                &f,
+                &MicroOptions {
+                    calls: 1,
+                    ..o.clone()
+                },
+            )?,
+        };
+        log(&format!("  {}: {:.1} ns", c.name, c.ns));
+        ns.push(c.ns);
+    }
+    stats::median(&ns).context("no round ran")
+}
+
 /// The trivial XDP_PASS program of the same object.
 fn pass_program() -> Result<Ebpf> {
     let mut ebpf = Ebpf::load(lb_agent::dataplane::OBJECT).context("load the XDP object")?;

@@ -41,6 +41,13 @@ struct Cli {
     /// The raw results.
     #[arg(long, default_value = "target/bench/results.json")]
     json: PathBuf,
+    /// Repeat one microbenchmark case for `--seconds`, nothing else, no report: for
+    /// `perf record -a -g -- lb-bench --profile syn`.
+    #[arg(long, value_enum)]
+    profile: Option<micro::ProfileCase>,
+    /// How long `--profile` runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +89,11 @@ fn main() -> Result<()> {
         bail!("lb-bench needs root (BPF, XDP, network namespaces): run `cargo xtask bench`");
     }
     catch_signals()?;
+    if let Some(case) = cli.profile {
+        let ns = micro::profile(case, cli.seconds, &mut |l| println!("{l}"))?;
+        println!("median {ns:.1} ns per packet");
+        return Ok(());
+    }
     let want = |p: Part| cli.only.is_empty() || cli.only.contains(&p);
     let mut r = Results {
         env: report::env(cli.quick),
