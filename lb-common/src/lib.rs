@@ -43,6 +43,10 @@ pub mod map {
     /// pinned and not in ALL: nothing outside the program reads it, and a new program
     /// starts with an empty cache.
     pub const CLOCK: &str = "CLOCK";
+    /// Array of NextHop, indexed by backend index: the next hop towards each backend, so a
+    /// new flow (a SYN) and the refresh of an established one copy it instead of asking the
+    /// FIB. A cache the data plane fills itself; not pinned, not in ALL.
+    pub const NEXT_HOP: &str = "NEXT_HOP";
 
     /// Every map the agent pins, in the order status reads them.
     pub const ALL: [&str; 14] = [
@@ -166,6 +170,22 @@ pub mod flow_flags {
     pub const ESTABLISHED: u32 = 16;
     /// The next hop cached in the entry is valid.
     pub const NEXT_HOP: u32 = 32;
+}
+
+/// Element of NEXT_HOP: the FIB's answer for packets towards one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    /// The backend's address the answer is for (network byte order): a backend index
+    /// reused for another backend never gets the old one's next hop.
+    pub addr: u32,
+    pub ifindex: u32,
+    /// The route's MTU.
+    pub mtu: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
+    /// When the FIB was asked (coarse clock); 0: never.
+    pub refreshed_ns: u64,
 }
 
 /// The data plane's per-CPU cache of the coarse clock (map CLOCK): the coarse clock only

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use core::mem::{size_of, zeroed};
 use lb_common::{flow_flags, reason, Flow};
 
-use crate::{flow, parse::Packet, stats, VLAN_DEVS};
+use crate::{flow, parse::Packet, stats, NEXT_HOP, VLAN_DEVS};
 
 const AF_INET: u8 = 2;
 /// How long a cached next hop is used before the FIB is asked again. A neighbour's new MAC
@@ -40,6 +40,12 @@ pub fn ingress(ctx: &XdpContext) -> u32 {
 
 /// Makes the next hop cached in `f` current for the packet `f` rewrites `pkt` into.
 ///
+/// Towards a backend, the answer is shared by all its flows through NEXT_HOP, so a SYN and
+/// the refresh of an established flow ask the FIB at most once a second per backend, not
+/// per flow (two lookups were a sixth of a SYN's cost). This assumes one route per backend:
+/// multipath routes hashing on ports would send all of a backend's flows one way. Towards
+/// clients, each flow asks for itself.
+///
 /// Two FIB lookups per refresh: one with the largest length, which stops at the MTU check
 /// and reports the route's MTU (a locked route MTU or the device's), then the real one for
 /// the interface and MACs. Packets are then checked against the cached MTU, whatever
@@ -49,6 +55,22 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
     let e = unsafe { &mut *f };
     if e.flags & flow_flags::NEXT_HOP != 0 && now.wrapping_sub(e.next_hop_ns) < NEXT_HOP_NS {
         return Ok(());
+    }
+    let shared = if e.flags & flow_flags::REPLY == 0 {
+        NEXT_HOP.get_ptr_mut(e.backend)
+    } else {
+        None
+    };
+    if let Some(h) = shared {
+        let h = unsafe { &*h };
+        if h.addr == e.dst_addr
+            && h.refreshed_ns != 0
+            && now.wrapping_sub(h.refreshed_ns) < NEXT_HOP_NS
+        {
+            // The flow expires with the shared answer, not later.
+            store(f, h.ifindex, h.mtu, &h.dmac, &h.smac, h.refreshed_ns);
+            return Ok(());
+        }
     }
     let mut p: FibParams = unsafe { zeroed() };
     unsafe {
@@ -74,17 +96,26 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            // Written only when changed: other CPUs read these fields without a lock.
-            if e.ifindex != p.ifindex {
-                e.ifindex = p.ifindex;
+            store(f, p.ifindex, mtu, &p.dmac, &p.smac, now);
+            if let Some(h) = shared {
+                // Written only where changed, like a flow entry; the address first, so a
+                // reader racing a backend's replacement sees a miss, not the old MACs.
+                let h = unsafe { &mut *h };
+                let dst = unsafe { &*f }.dst_addr;
+                if h.addr != dst {
+                    h.refreshed_ns = 0;
+                    h.addr = dst;
+                }
+                if h.ifindex != p.ifindex {
+                    h.ifindex = p.ifindex;
+                }
+                if h.mtu != mtu {
+                    h.mtu = mtu;
+                }
+                set_mac(&mut h.dmac, &p.dmac);
+                set_mac(&mut h.smac, &p.smac);
+                h.refreshed_ns = now;
             }
-            if e.mtu != mtu {
-                e.mtu = mtu;
-            }
-            set_mac(&mut e.dmac, &p.dmac);
-            set_mac(&mut e.smac, &p.smac);
-            e.next_hop_ns = now;
-            flow::mark(f, flow_flags::NEXT_HOP);
             Ok(())
         }
         BPF_FIB_LKUP_RET_NO_NEIGH => Err(NoHop::Pass(reason::PASS_NO_NEIGH)),
@@ -93,6 +124,23 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
         }
         _ => Err(NoHop::Pass(reason::PASS_FIB_OTHER)),
     }
+}
+
+/// Writes a next hop into a flow entry, each field only when changed: other CPUs read the
+/// entry without a lock.
+#[inline(always)]
+fn store(f: *mut Flow, ifindex: u32, mtu: u32, dmac: &[u8; 6], smac: &[u8; 6], at: u64) {
+    let e = unsafe { &mut *f };
+    if e.ifindex != ifindex {
+        e.ifindex = ifindex;
+    }
+    if e.mtu != mtu {
+        e.mtu = mtu;
+    }
+    set_mac(&mut e.dmac, dmac);
+    set_mac(&mut e.smac, smac);
+    e.next_hop_ns = at;
+    flow::mark(f, flow_flags::NEXT_HOP);
 }
 
 /// Copies a MAC address byte by byte, and only the bytes that changed: other CPUs read the

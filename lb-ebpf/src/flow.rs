@@ -311,16 +311,15 @@ pub fn create(
         vip: vip.index,
         flags: flow_flags::REPLY,
         ts_delta: ts_off.wrapping_neg(),
+        // Set whether used or not: a conditional copy of the interface index once made
+        // LLVM spill a register the verifier took for a pointer.
+        ifindex: reply_hop.ifindex,
+        dmac: reply_hop.dmac,
+        smac: reply_hop.smac,
+        mtu: u16::MAX as u32,
         last_seen_ns: now,
-        ..Flow::default()
+        next_hop_ns: now,
     };
-    // Set whether used or not: a conditional copy of the interface index once made LLVM
-    // spill a register the verifier took for a pointer.
-    rev.dmac = reply_hop.dmac;
-    rev.smac = reply_hop.smac;
-    rev.ifindex = reply_hop.ifindex;
-    rev.mtu = u16::MAX as u32;
-    rev.next_hop_ns = now;
     if reply_hop.usable {
         rev.flags |= flow_flags::NEXT_HOP;
     }
@@ -334,8 +333,15 @@ pub fn create(
         vip: vip.index,
         flags: 0,
         ts_delta: ts_off,
+        // No next hop yet (no NEXT_HOP flag): the caller resolves it. The fields get the
+        // reply's values rather than zeros, which LLVM would merge into a call of a
+        // byte-by-byte memset subprogram.
+        ifindex: reply_hop.ifindex,
+        dmac: reply_hop.smac,
+        smac: reply_hop.dmac,
+        mtu: u16::MAX as u32,
         last_seen_ns: now,
-        ..Flow::default()
+        next_hop_ns: 0,
     })
 }
 

@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    reason, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, TickClock, TrafficStats, VipInfo,
-    VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_HALF_OPEN,
+    reason, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, TickClock, TrafficStats,
+    VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_HALF_OPEN,
     MAX_MAGLEV_SIZE, MAX_VIPS, MAX_VLAN_DEVS,
 };
 
@@ -55,6 +55,8 @@ static STATS_VIP: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_
 static STATS_BACKEND: PerCpuArray<TrafficStats> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static STATS_REASON: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+#[map]
+static NEXT_HOP: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
 #[map]

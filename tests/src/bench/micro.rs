@@ -52,6 +52,8 @@ const SYN_PORT: u16 = 1000;
 pub const BASE_BACKENDS: usize = 3;
 /// Flows in the table besides the benchmark's own, for the main table.
 pub const BASE_FLOWS: u32 = 10;
+/// The flow count the scaling target names: the default table, full.
+pub const FULL_TABLE_FLOWS: u32 = MAX_FLOWS;
 
 /// How much to measure.
 #[derive(Clone, Debug, Serialize)]
@@ -79,7 +81,7 @@ impl MicroOptions {
             syn_batch: 20_000,
             syn_packets: 1_000_000,
             backends: vec![3, 100, 1000],
-            flows: vec![10, 100_000, 1_000_000],
+            flows: vec![BASE_FLOWS, FULL_TABLE_FLOWS, 1_000_000],
         }
     }
 
@@ -100,7 +102,7 @@ impl MicroOptions {
             syn_batch: 500,
             syn_packets: 1000,
             backends: vec![3, 100],
-            flows: vec![10, 1000],
+            flows: vec![BASE_FLOWS, 1000],
         }
     }
 }

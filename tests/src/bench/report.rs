@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{
     e2e::{E2e, Mode, PathKind},
     failover::{Failover, Stack, Stop, Variant},
-    micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS},
+    micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS, FULL_TABLE_FLOWS},
     probe::ProbeCost,
 };
 
@@ -177,26 +177,61 @@ pub fn targets(r: &Results) -> Vec<Target> {
         ));
         t.push(target(
             "lb CPU overhead over direct / HAProxy's (keep-alive)",
-            "<= 0.33",
+            "<= 0.25",
             e.ratio("lb overhead/haproxy overhead", Mode::KeepAlive),
             "",
-            |v| v <= 1.0 / 3.0,
+            |v| v <= 0.25,
         ));
         t.push(target(
             "lb CPU overhead over direct / HAProxy's (close)",
-            "<= 0.33",
+            "<= 0.25",
             e.ratio("lb overhead/haproxy overhead", Mode::Close),
             "",
-            |v| v <= 1.0 / 3.0,
+            |v| v <= 0.25,
         ));
     }
     if let Some(m) = &r.micro {
+        // Issue 10's targets for data plane v1.
         t.push(target(
             "established-flow packet over the XDP_PASS floor",
-            "<= 2.5x",
+            "<= 4x",
             Some(m.established.x_floor),
             "x",
-            |v| v <= 2.5,
+            |v| v <= 4.0,
+        ));
+        t.push(target(
+            "backend's reply over the XDP_PASS floor",
+            "<= 4x",
+            Some(m.reply.x_floor),
+            "x",
+            |v| v <= 4.0,
+        ));
+        t.push(target(
+            "packet not for lb over the XDP_PASS floor",
+            "<= 2x",
+            Some(m.not_ours.x_floor),
+            "x",
+            |v| v <= 2.0,
+        ));
+        t.push(target(
+            "SYN creating a flow over the XDP_PASS floor",
+            "<= 20x",
+            Some(m.syn.x_floor),
+            "x",
+            |v| v <= 20.0,
+        ));
+        let at = |flows: u32| {
+            m.by_flows
+                .iter()
+                .find(|p| p.flows == flows)
+                .map(|p| p.established.ns)
+        };
+        t.push(target(
+            "established packet at 262,144 flows over at 10",
+            "<= 1.10x",
+            at(FULL_TABLE_FLOWS).zip(at(BASE_FLOWS)).map(|(a, b)| a / b),
+            "x",
+            |v| v <= 1.10,
         ));
     }
     for p in &r.probe {
