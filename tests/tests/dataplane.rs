@@ -932,3 +932,42 @@ fn a_packet_too_big_for_the_route_gets_fragmentation_needed() {
     assert_eq!(out.len(), 14 + 20 + 8 + 28, "IP header and 8 bytes quoted");
     assert_eq!(f.reason(reason::ICMP_FRAG_NEEDED_SENT), 1);
 }
+
+#[test]
+fn a_backends_new_mac_reaches_new_and_existing_flows_within_a_second() {
+    let Some(f) = Fixture::new("dpnewmac") else {
+        return;
+    };
+    let (v, out) = f.run(&syn(48000).bytes());
+    let first = assert_forwarded(&f, v, &out, 48000);
+    // The backend's host was replaced: same address, new MAC.
+    let new_mac = [0x02, 0x00, 0x5e, 0x00, 0x4e, 0x77];
+    f.ns.sh(&format!(
+        "ip neigh replace {} lladdr {} dev d0 nud permanent",
+        first.dst,
+        packet::mac_str(&new_mac)
+    ));
+    // Next hops are cached for a second, per flow and per backend.
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // A new flow to that backend asks the FIB and refreshes the backend's shared next hop...
+    let mut found = false;
+    for port in 48001..48200u16 {
+        let (v, out) = f.run(&syn(port).bytes());
+        assert_eq!(v, XDP_TX, "SYN from port {port}");
+        let p = packet::parse(&out).unwrap();
+        if p.dst == first.dst {
+            assert_eq!(p.eth_dst, new_mac, "new flow from port {port}");
+            found = true;
+            break;
+        }
+    }
+    assert!(found, "no SYN of 199 went to {}", first.dst);
+    // ...which the existing flow's next packet copies.
+    let ack = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 48000, VIP, 6443, TcpFlags::ACK);
+    let (v, out) = f.run(&ack.bytes());
+    assert_eq!(v, XDP_TX);
+    let p = packet::parse(&out).unwrap();
+    assert_eq!((p.dst, p.sport), (first.dst, first.sport), "same flow");
+    assert_eq!(p.eth_dst, new_mac, "existing flow after the refresh");
+    assert!(p.ip_csum_ok && p.tcp_csum_ok);
+}
