@@ -1,6 +1,6 @@
 //! How the agent attaches to a veth: `xdp_mode = "generic"` is refused (generic mode would
 //! corrupt the TCP checksums of CHECKSUM_PARTIAL packets there), `auto` takes native mode and
-//! never falls back to generic.
+//! never falls back to generic; and VLAN_DEVS follows link changes after the start.
 
 use std::{
     fs,
@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::lab::{bin, Host, Lab};
+use lb_agent::dataplane::pinned::PinnedMaps;
+use lb_common::VlanDev;
+use lb_tests::lab::{bin, wait_for, Host, Lab};
 
 /// A command's exit status and stderr; the command is killed if it outlives `timeout`.
 struct Finished {
@@ -156,5 +158,74 @@ fn auto_does_not_fall_back_to_generic_on_a_veth() {
         "{last}"
     );
     assert!(!out.stderr.contains("falling back"), "{}", out.stderr);
+    assert_nothing_left(&lab);
+}
+
+/// The pinned VLAN_DEVS map of LB 0, writable.
+fn vlan_devs(lab: &Lab) -> PinnedMaps {
+    PinnedMaps::open(&lab.pin_path(0)).expect("pinned maps")
+}
+
+/// An entry for an ifindex that is no VLAN device (none here: this kernel has no 802.1Q
+/// support): what VLAN_DEVS holds after a VLAN device it knew was deleted.
+fn plant(lab: &Lab, ifindex: u32) {
+    let parent = lab.lbs[0].ns.ifindex("eth0");
+    let dev = VlanDev {
+        parent,
+        vid: 42u16.to_be(),
+        _pad: 0,
+    };
+    vlan_devs(lab)
+        .vlan_devs
+        .insert(ifindex, dev, 0)
+        .expect("VLAN_DEVS insert");
+}
+
+fn planted(lab: &Lab, ifindex: u32) -> bool {
+    vlan_devs(lab).vlan_devs.get(&ifindex, 0).is_ok()
+}
+
+#[test]
+fn vlan_devs_follow_link_events_and_the_periodic_reconcile() {
+    let Some(lab) = Lab::new("xdpmode_vlan", 1, 1) else {
+        return;
+    };
+    // No periodic pass for an hour: only a link event can refresh VLAN_DEVS.
+    let cfg = config(&lab, "native", "reconcile_interval = \"1h\"\n");
+    let mut agent = lab.start_agent(0, &cfg);
+    // The start's own link events (the XDP attach) are handled within VLAN_SETTLE.
+    std::thread::sleep(Duration::from_secs(1));
+    plant(&lab, 4000);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        planted(&lab, 4000),
+        "removed without a link event:\n{}",
+        agent.output()
+    );
+    // Any link appearing in the agent's namespace makes it read the VLAN devices again.
+    lab.lbs[0]
+        .ns
+        .sh("ip link add xmv0 type veth peer name xmv1");
+    wait_for(Duration::from_secs(5), "VLAN_DEVS[4000] removed", || {
+        !planted(&lab, 4000)
+    });
+    let log = "VLAN devices on eth0: VLAN_DEVS[4000]: removed";
+    wait_for(Duration::from_secs(2), log, || agent.output().contains(log));
+    let st = agent.terminate(Duration::from_secs(10)).expect("stops");
+    assert!(st.success(), "{st}\n{}", agent.output());
+    assert_nothing_left(&lab);
+
+    // Link events can be lost: the periodic reconcile reads them too.
+    let cfg = config(&lab, "native", "reconcile_interval = \"1s\"\n");
+    let mut agent = lab.start_agent(0, &cfg);
+    std::thread::sleep(Duration::from_secs(1));
+    plant(&lab, 4001);
+    wait_for(Duration::from_secs(5), "VLAN_DEVS[4001] removed", || {
+        !planted(&lab, 4001)
+    });
+    let log = "VLAN devices on eth0: VLAN_DEVS[4001]: removed";
+    wait_for(Duration::from_secs(2), log, || agent.output().contains(log));
+    let st = agent.terminate(Duration::from_secs(10)).expect("stops");
+    assert!(st.success(), "{st}\n{}", agent.output());
     assert_nothing_left(&lab);
 }

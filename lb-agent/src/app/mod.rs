@@ -41,7 +41,7 @@ use crate::{
     },
     heartbeat::Heartbeat,
     host::{self, Sysctls},
-    netlink::Netlink,
+    netlink::{self, Netlink},
     vrrp::{self, VrrpThread},
 };
 pub use supervisor::{Exit, Supervisor};
@@ -214,24 +214,15 @@ pub async fn run(config: Config) -> Result<()> {
     };
     // The MAC before the program runs: it must never act on frames for other hosts.
     backends.writer().set_agent_meta(meta)?;
-    // Tagged frames leave by XDP only towards VLANs the program knows of.
-    let vlans: Vec<(u32, lb_common::VlanDev)> = nl
-        .vlans(ifindex)
-        .await?
-        .into_iter()
-        .map(|(i, vid)| {
-            (
-                i,
-                lb_common::VlanDev {
-                    parent: ifindex,
-                    vid: vid.to_be(),
-                    _pad: 0,
-                },
-            )
-        })
-        .collect();
-    for change in backends.writer().set_vlans(&vlans)? {
-        log::info!("{change}");
+    // Tagged frames leave by XDP only towards VLANs the program knows of. Subscribed before
+    // the first read, so a VLAN device added in between is not missed; the keeper follows.
+    let link_events = netlink::link_events().context("subscribing to link events")?;
+    let vlans = nl.vlans(ifindex).await?;
+    for change in backends
+        .writer()
+        .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
+    {
+        log::info!("VLAN devices on {iface}: {change}");
     }
     let mode = dp
         .attach(&iface, config.agent.xdp_mode, generic_hazard.as_deref())
@@ -323,6 +314,7 @@ pub async fn run(config: Config) -> Result<()> {
         nl: nl.clone(),
         ifindex,
         iface: iface.clone(),
+        link_events: Some(link_events),
         reconcile_every: config.agent.reconcile_interval,
         alive: keeper_alive.clone(),
     };
