@@ -7,6 +7,7 @@ use lb_agent::{
     app,
     config::{self, Config},
     control::{self, Request},
+    dataplane::generic,
     status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
@@ -118,11 +119,29 @@ fn load_config(path: &std::path::Path, rt: &tokio::runtime::Runtime) -> Result<C
             ));
         }
     }
-    if lb_agent::host::ifindex(&cfg.agent.interface).is_err() {
+    let Ok(ifindex) = lb_agent::host::ifindex(&cfg.agent.interface) else {
         return Err(error(
             "agent.interface".into(),
             format!("no interface {:?} on this host", cfg.agent.interface),
         ));
+    };
+    if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
+        // Refused by `run` too; check-config sees the same interface, so it says so first.
+        let hazard = rt.block_on(async {
+            let nl = lb_agent::netlink::Netlink::connect()?;
+            let links = nl.links().await.map_err(|e| e.source)?;
+            Ok::<_, std::io::Error>(generic::generic_hazard(&links, ifindex))
+        });
+        match hazard {
+            Ok(None) => {}
+            Ok(Some(h)) => {
+                return Err(error(
+                    "agent.xdp_mode".into(),
+                    generic::refusal(&cfg.agent.interface, &h),
+                ))
+            }
+            Err(e) => log::warn!("cannot list the links of this host: {e}"),
+        }
     }
     if let Some(g) = &cfg.agent.control_socket_group {
         if control::group_id(g).is_err() {

@@ -55,6 +55,21 @@ pub struct Link {
     pub running: bool,
     /// Id of the XDP program attached in any mode.
     pub xdp_prog_id: Option<u32>,
+    /// IFLA_INFO_KIND ("veth", "vlan", "bond"...): None for a device a hardware driver
+    /// registered (a NIC) and for the loopback.
+    pub kind: Option<String>,
+    /// IFF_LOOPBACK.
+    pub loopback: bool,
+    /// IFLA_LINK: the device below a VLAN (a veth's peer; meaningless for a NIC).
+    pub lower: Option<u32>,
+    /// IFLA_LINK is an index in another network namespace (IFLA_LINK_NETNSID is set).
+    pub lower_elsewhere: bool,
+    /// IFLA_MASTER: the bond, team or bridge this link is a port of.
+    pub master: Option<u32>,
+    /// IFLA_PARENT_DEV_BUS_NAME: the bus of the device behind the link ("pci", "virtio").
+    pub parent_bus: Option<String>,
+    /// The VLAN id, for a VLAN device.
+    pub vlan_id: Option<u16>,
 }
 
 impl Link {
@@ -71,6 +86,13 @@ impl Link {
             up: m.header.flags.contains(LinkFlags::Up),
             running: m.header.flags.contains(LinkFlags::Running),
             xdp_prog_id: None,
+            kind: None,
+            loopback: m.header.flags.contains(LinkFlags::Loopback),
+            lower: None,
+            lower_elsewhere: false,
+            master: None,
+            parent_bus: None,
+            vlan_id: None,
         };
         for a in &m.attributes {
             match a {
@@ -89,11 +111,39 @@ impl Link {
                         }
                     }
                 }
+                LinkAttribute::Link(l) => link.lower = Some(*l),
+                LinkAttribute::LinkNetNsId(_) => link.lower_elsewhere = true,
+                LinkAttribute::Controller(c) => link.master = Some(*c),
+                LinkAttribute::ParentDevBusName(b) => link.parent_bus = Some(b.clone()),
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => link.kind = Some(k.to_string()),
+                            LinkInfo::Data(InfoData::Vlan(v)) => {
+                                for x in v {
+                                    if let InfoVlan::Id(id) = x {
+                                        link.vlan_id = Some(*id);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
                 _ => {}
             }
         }
         link
     }
+}
+
+/// The VLAN devices stacked on link `parent` among `links`: (ifindex, VLAN id).
+pub fn vlans_on(links: &[Link], parent: u32) -> Vec<(u32, u16)> {
+    links
+        .iter()
+        .filter(|l| l.lower == Some(parent) && !l.lower_elsewhere)
+        .filter_map(|l| Some((l.index, l.vlan_id?)))
+        .collect()
 }
 
 /// An IPv4 address on an interface.
@@ -167,8 +217,8 @@ impl Netlink {
         first_link(req, || format!("get link {name}")).await
     }
 
-    /// The VLAN devices stacked on link `parent`: (ifindex, VLAN id).
-    pub async fn vlans(&self, parent: u32) -> Result<Vec<(u32, u16)>, NetlinkError> {
+    /// Every link in this network namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, NetlinkError> {
         let msgs: Vec<LinkMessage> = self
             .handle
             .link()
@@ -177,31 +227,12 @@ impl Netlink {
             .try_collect()
             .await
             .map_err(|e| NetlinkError::new("list links", e))?;
-        Ok(msgs
-            .iter()
-            .filter_map(|m| {
-                let mut lower = None;
-                let mut vid = None;
-                for a in &m.attributes {
-                    match a {
-                        LinkAttribute::Link(l) => lower = Some(*l),
-                        LinkAttribute::LinkInfo(infos) => {
-                            for i in infos {
-                                if let LinkInfo::Data(InfoData::Vlan(v)) = i {
-                                    for x in v {
-                                        if let InfoVlan::Id(id) = x {
-                                            vid = Some(*id);
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                (lower == Some(parent)).then_some((m.header.index, vid?))
-            })
-            .collect())
+        Ok(msgs.iter().map(Link::from_message).collect())
+    }
+
+    /// The VLAN devices stacked on link `parent`: (ifindex, VLAN id).
+    pub async fn vlans(&self, parent: u32) -> Result<Vec<(u32, u16)>, NetlinkError> {
+        Ok(vlans_on(&self.links().await?, parent))
     }
 
     /// The IPv4 addresses on link `index`, in the kernel's order (primary first).
@@ -298,8 +329,16 @@ async fn first_link(
 /// Subscribes to link and IPv4 address events (what `ip monitor link address` shows). The
 /// socket is driven by a task on the current runtime; the stream ends if that task ends.
 pub fn events() -> io::Result<Events> {
-    let (conn, _handle, messages) =
-        new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])?;
+    subscribe(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+}
+
+/// Subscribes to link events only (`ip monitor link`), as `events` does.
+pub fn link_events() -> io::Result<Events> {
+    subscribe(&[MulticastGroup::Link])
+}
+
+fn subscribe(groups: &[MulticastGroup]) -> io::Result<Events> {
+    let (conn, _handle, messages) = new_multicast_connection(groups)?;
     tokio::spawn(conn);
     Ok(messages
         .filter_map(|(m, _)| async move {
@@ -325,4 +364,99 @@ pub fn events() -> io::Result<Events> {
             }
         })
         .boxed())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::{Emitable, Parseable};
+    use netlink_packet_route::link::InfoKind;
+
+    /// `attrs` as the kernel would send them: emitted to bytes and parsed back.
+    fn link(index: u32, flags: LinkFlags, attrs: Vec<LinkAttribute>) -> Link {
+        let mut m = LinkMessage::default();
+        m.header.index = index;
+        m.header.flags = flags;
+        m.attributes = attrs;
+        let mut buf = vec![0u8; m.buffer_len()];
+        m.emit(&mut buf);
+        Link::from_message(&LinkMessage::parse(&buf[..]).expect("parses"))
+    }
+
+    fn info(kind: InfoKind, data: Option<InfoData>) -> LinkAttribute {
+        let mut i = vec![LinkInfo::Kind(kind)];
+        i.extend(data.map(LinkInfo::Data));
+        LinkAttribute::LinkInfo(i)
+    }
+
+    #[test]
+    fn links_carry_kind_stacking_and_vlan_id() {
+        let nic = link(
+            4,
+            LinkFlags::Up | LinkFlags::Running,
+            vec![
+                LinkAttribute::IfName("eth0".into()),
+                LinkAttribute::ParentDevBusName("pci".into()),
+                LinkAttribute::Controller(9),
+            ],
+        );
+        assert_eq!(nic.kind, None);
+        assert_eq!(nic.parent_bus.as_deref(), Some("pci"));
+        assert_eq!(nic.master, Some(9));
+        assert!(nic.usable() && !nic.loopback);
+
+        let lo = link(1, LinkFlags::Loopback | LinkFlags::Up, vec![]);
+        assert!(lo.loopback);
+
+        let vlan = link(
+            7,
+            LinkFlags::Up,
+            vec![
+                LinkAttribute::IfName("eth0.100".into()),
+                LinkAttribute::Link(4),
+                info(
+                    InfoKind::Vlan,
+                    Some(InfoData::Vlan(vec![InfoVlan::Id(100)])),
+                ),
+            ],
+        );
+        assert_eq!(vlan.kind.as_deref(), Some("vlan"));
+        assert_eq!((vlan.lower, vlan.vlan_id), (Some(4), Some(100)));
+        assert!(!vlan.lower_elsewhere);
+
+        // A veth's IFLA_LINK is its peer, often in another namespace.
+        let veth = link(
+            5,
+            LinkFlags::Up,
+            vec![
+                LinkAttribute::Link(4),
+                LinkAttribute::LinkNetNsId(0),
+                info(InfoKind::Veth, None),
+            ],
+        );
+        assert_eq!(veth.kind.as_deref(), Some("veth"));
+        assert!(veth.lower_elsewhere);
+
+        // Same lower index, but in another namespace: not a VLAN on our eth0.
+        let mut far_vlan = vlan.clone();
+        far_vlan.index = 8;
+        far_vlan.lower_elsewhere = true;
+        let macvlan = link(
+            10,
+            LinkFlags::Up,
+            vec![LinkAttribute::Link(4), info(InfoKind::MacVlan, None)],
+        );
+        let other = link(
+            11,
+            LinkFlags::Up,
+            vec![
+                LinkAttribute::Link(3),
+                info(InfoKind::Vlan, Some(InfoData::Vlan(vec![InfoVlan::Id(5)]))),
+            ],
+        );
+        let all = [nic, lo, vlan, veth, far_vlan, macvlan, other];
+        assert_eq!(vlans_on(&all, 4), vec![(7, 100)]);
+        assert_eq!(vlans_on(&all, 3), vec![(11, 5)]);
+        assert!(vlans_on(&all, 2).is_empty());
+    }
 }

@@ -1,10 +1,13 @@
 //! The keeper: the one task that owns the backends' state and the map writer. It applies
 //! probe results and operator commands, retries map writes that failed, reconciles the maps
-//! with what the agent intends, watches that the XDP program stays attached, answers status,
-//! and tells VRRP how much tracking lowers the priority.
+//! with what the agent intends, keeps VLAN_DEVS in step with the VLAN devices on the
+//! interface, watches that the XDP program stays attached, answers status, and tells VRRP
+//! how much tracking lowers the priority.
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+use lb_common::VlanDev;
 use tokio::{
     sync::{mpsc, watch},
     time::{sleep_until, Instant, MissedTickBehavior},
@@ -16,7 +19,7 @@ use crate::{
     control::{AgentInfo, Call, Request, Response},
     health::ProbeEvent,
     heartbeat::Heartbeat,
-    netlink::Netlink,
+    netlink::{Events, Netlink},
     vrrp,
 };
 
@@ -24,6 +27,31 @@ use crate::{
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// How often the keeper checks that the XDP program is still attached.
 const WATCHDOG_EVERY: Duration = Duration::from_secs(1);
+/// How long after a link event VLAN_DEVS is refreshed: a device being set up is announced
+/// several times in a row (created, renamed, brought up), and one read after them is enough.
+const VLAN_SETTLE: Duration = Duration::from_millis(200);
+/// When a VLAN_DEVS refresh failed, the next try.
+const VLAN_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait for the list of links.
+const VLAN_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// VLAN_DEVS entries for the VLAN devices (ifindex, VLAN id) stacked on link `parent`.
+pub fn vlan_devs(parent: u32, vlans: &[(u32, u16)]) -> Vec<(u32, VlanDev)> {
+    vlans
+        .iter()
+        .map(|&(index, vid)| {
+            (
+                index,
+                VlanDev {
+                    parent,
+                    // As the tag carries it, so the program compares and sets it unconverted.
+                    vid: vid.to_be(),
+                    _pad: 0,
+                },
+            )
+        })
+        .collect()
+}
 
 /// Everything the keeper owns.
 pub struct Keeper {
@@ -38,6 +66,8 @@ pub struct Keeper {
     pub reconcile_every: Duration,
     /// Beaten on every turn of the loop; VRRP resigns when it goes stale.
     pub alive: Heartbeat,
+    /// Link events (`netlink::link_events`): any of them re-reads the VLAN devices.
+    pub link_events: Option<Events>,
 }
 
 impl Keeper {
@@ -56,6 +86,8 @@ impl Keeper {
         let mut retry_at: Option<Instant> = None;
         let mut backoff = RETRY_FIRST;
         let mut attached = true;
+        let mut link_events = self.link_events.take();
+        let mut vlans_at: Option<Instant> = None;
         self.update_penalty(attached);
         loop {
             self.alive.beat();
@@ -84,7 +116,30 @@ impl Keeper {
                     self.update_penalty(attached);
                     let _ = reply.send(resp);
                 }
-                _ = reconcile.tick() => self.reconcile(false, &mut retry_at, &mut backoff),
+                ev = async { link_events.as_mut()?.next().await }, if link_events.is_some() => {
+                    match ev {
+                        Some(_) => {
+                            vlans_at.get_or_insert_with(|| Instant::now() + VLAN_SETTLE);
+                        }
+                        None => {
+                            log::warn!(
+                                "link events stopped; VLAN devices on {} are re-read every {} only",
+                                self.iface,
+                                humantime::format_duration(self.reconcile_every)
+                            );
+                            link_events = None;
+                        }
+                    }
+                }
+                _ = sleep_until(vlans_at.unwrap_or_else(Instant::now)), if vlans_at.is_some() => {
+                    vlans_at = (!self.refresh_vlans().await).then(|| Instant::now() + VLAN_RETRY);
+                }
+                _ = reconcile.tick() => {
+                    self.reconcile(false, &mut retry_at, &mut backoff);
+                    // Link events can be lost (a full socket buffer): the VLANs are read
+                    // here too.
+                    self.refresh_vlans().await;
+                }
                 _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     retry_at = None;
                     // After a failed write, look at everything.
@@ -140,6 +195,45 @@ impl Keeper {
         }
     }
 
+    /// Makes VLAN_DEVS hold the VLAN devices now on the interface and logs each change;
+    /// false when that failed (logged).
+    async fn refresh_vlans(&mut self) -> bool {
+        // The keeper's loop waits for this: a netlink answer that never comes must not stop
+        // probes, commands and heartbeats.
+        let vlans = match tokio::time::timeout(VLAN_READ_TIMEOUT, self.nl.vlans(self.ifindex)).await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                log::warn!("re-reading the VLAN devices on {}: {e}", self.iface);
+                return false;
+            }
+            Err(_) => {
+                log::warn!(
+                    "re-reading the VLAN devices on {}: no answer from netlink in {}s",
+                    self.iface,
+                    VLAN_READ_TIMEOUT.as_secs()
+                );
+                return false;
+            }
+        };
+        match self
+            .backends
+            .writer()
+            .set_vlans(&vlan_devs(self.ifindex, &vlans))
+        {
+            Ok(changes) => {
+                for c in changes {
+                    log::info!("VLAN devices on {}: {c}", self.iface);
+                }
+                true
+            }
+            Err(e) => {
+                log::error!("updating the VLAN devices on {}: {e}", self.iface);
+                false
+            }
+        }
+    }
+
     fn agent_info(&self) -> AgentInfo {
         let w = self.backends.writer_ref();
         AgentInfo {
@@ -173,5 +267,25 @@ fn answer(r: Result<String, String>) -> Response {
     match r {
         Ok(m) => Response::done(m),
         Err(e) => Response::error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vlan_entries_carry_the_parent_and_the_id_as_the_tag_does() {
+        let devs = vlan_devs(4, &[(7, 100), (9, 0x0abc)]);
+        assert_eq!(devs.len(), 2);
+        assert_eq!(devs[0].0, 7);
+        assert_eq!(devs[0].1.parent, 4);
+        assert_eq!(
+            devs[0].1.vid.to_ne_bytes(),
+            [0x00, 0x64],
+            "network byte order"
+        );
+        assert_eq!(devs[1].1.vid.to_ne_bytes(), [0x0a, 0xbc]);
+        assert!(vlan_devs(4, &[]).is_empty());
     }
 }

@@ -25,12 +25,14 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     backends::Backends,
-    config::{Config, HealthKind},
+    config::{Config, HealthKind, XdpModeSetting},
     control::{self, Access, AgentInfo},
     dataplane::{
+        generic,
         loader::Dataplane,
         pinned::PinnedMaps,
         writer::{self, Writer},
+        DataplaneError,
     },
     health::{
         self,
@@ -39,7 +41,7 @@ use crate::{
     },
     heartbeat::Heartbeat,
     host::{self, Sysctls},
-    netlink::Netlink,
+    netlink::{self, Netlink},
     vrrp::{self, VrrpThread},
 };
 pub use supervisor::{Exit, Supervisor};
@@ -142,6 +144,21 @@ pub async fn run(config: Config) -> Result<()> {
     let mac = link
         .mac
         .ok_or_else(|| anyhow!("{file}: agent.interface: {iface} has no MAC address"))?;
+    // Before anything is loaded: a refusal leaves nothing behind.
+    let links = nl.links().await.context("listing the links")?;
+    let generic_hazard = generic::generic_hazard(&links, ifindex);
+    match (config.agent.xdp_mode, &generic_hazard) {
+        (XdpModeSetting::Generic, Some(h)) => {
+            return Err(anyhow!(
+                "{file}: agent.xdp_mode: {}",
+                generic::refusal(&iface, h)
+            ))
+        }
+        (XdpModeSetting::Generic, None) => log::warn!(
+            "agent.xdp_mode = \"generic\" on {iface}: generic (skb) mode is for testing and for NICs whose driver has no XDP support; it is much slower than native mode"
+        ),
+        _ => {}
+    }
     let default_snat = match config.vips.iter().position(|v| v.snat_address.is_none()) {
         None => Ipv4Addr::UNSPECIFIED,
         Some(i) => nl.primary_ipv4(ifindex).await?.ok_or_else(|| {
@@ -197,28 +214,24 @@ pub async fn run(config: Config) -> Result<()> {
     };
     // The MAC before the program runs: it must never act on frames for other hosts.
     backends.writer().set_agent_meta(meta)?;
-    // Tagged frames leave by XDP only towards VLANs the program knows of.
-    let vlans: Vec<(u32, lb_common::VlanDev)> = nl
-        .vlans(ifindex)
-        .await?
-        .into_iter()
-        .map(|(i, vid)| {
-            (
-                i,
-                lb_common::VlanDev {
-                    parent: ifindex,
-                    vid: vid.to_be(),
-                    _pad: 0,
-                },
-            )
-        })
-        .collect();
-    for change in backends.writer().set_vlans(&vlans)? {
-        log::info!("{change}");
+    // Tagged frames leave by XDP only towards VLANs the program knows of. Subscribed before
+    // the first read, so a VLAN device added in between is not missed; the keeper follows.
+    let link_events = netlink::link_events().context("subscribing to link events")?;
+    let vlans = nl.vlans(ifindex).await?;
+    for change in backends
+        .writer()
+        .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
+    {
+        log::info!("VLAN devices on {iface}: {change}");
     }
     let mode = dp
-        .attach(&iface, config.agent.xdp_mode)
-        .context("attaching the XDP program")?;
+        .attach(&iface, config.agent.xdp_mode, generic_hazard.as_deref())
+        .map_err(|e| match e {
+            DataplaneError::GenericRefused { .. } | DataplaneError::NoFallback { .. } => {
+                anyhow!("{file}: {e}")
+            }
+            e => anyhow::Error::new(e).context("attaching the XDP program"),
+        })?;
     meta.xdp_mode = mode;
     backends.writer().set_agent_meta(meta)?;
     log::info!(
@@ -301,6 +314,7 @@ pub async fn run(config: Config) -> Result<()> {
         nl: nl.clone(),
         ifindex,
         iface: iface.clone(),
+        link_events: Some(link_events),
         reconcile_every: config.agent.reconcile_interval,
         alive: keeper_alive.clone(),
     };

@@ -8,7 +8,7 @@ use aya::{
 };
 use lb_common::{map, xdp_mode, PROG_LB};
 
-use super::{DataplaneError, OBJECT};
+use super::{generic, DataplaneError, OBJECT};
 use crate::config::XdpModeSetting;
 
 /// The loaded data plane. Dropping it detaches the program and removes the pins.
@@ -166,11 +166,20 @@ impl Dataplane {
     }
 
     /// Attaches to `interface`; `auto` tries native mode first, then generic with a warning.
+    /// `generic_hazard` (from `generic::generic_hazard`) says why generic mode would corrupt
+    /// checksums there: then it is neither used nor fallen back to.
     pub fn attach(
         &mut self,
         interface: &str,
         setting: XdpModeSetting,
+        generic_hazard: Option<&str>,
     ) -> Result<u32, DataplaneError> {
+        if let (XdpModeSetting::Generic, Some(h)) = (setting, generic_hazard) {
+            return Err(DataplaneError::GenericRefused {
+                interface: interface.to_string(),
+                hazard: h.to_string(),
+            });
+        }
         let prog: &mut Xdp = self
             .ebpf
             .program_mut(PROG_LB)
@@ -193,6 +202,21 @@ impl Dataplane {
             }
             XdpModeSetting::Auto => match try_mode(prog, XdpMode::Driver, "native") {
                 Ok(l) => (l, xdp_mode::NATIVE),
+                Err(DataplaneError::Attach { source, .. }) if generic_hazard.is_some() => {
+                    let hazard = generic_hazard.unwrap_or_default().to_string();
+                    let mut native = error_chain(&source);
+                    if let Some(hint) = (hazard == "veth")
+                        .then(|| errno(&source).and_then(generic::veth_native_hint))
+                        .flatten()
+                    {
+                        native = format!("{native}: {hint}");
+                    }
+                    return Err(DataplaneError::NoFallback {
+                        interface: interface.to_string(),
+                        hazard,
+                        native,
+                    });
+                }
                 Err(e) => {
                     log::warn!("{e}; falling back to generic (skb) mode, which is much slower");
                     (try_mode(prog, XdpMode::Skb, "generic")?, xdp_mode::GENERIC)
@@ -219,6 +243,33 @@ impl Dataplane {
             self.mode = xdp_mode::NONE;
         }
     }
+}
+
+/// `e` and its causes on one line, as anyhow's `{:#}` prints them.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// The errno somewhere in `e`'s causes.
+fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        if let Some(n) = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+        {
+            return Some(n);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 impl Drop for Dataplane {

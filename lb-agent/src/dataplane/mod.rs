@@ -1,9 +1,11 @@
 //! The XDP data plane as the agent sees it.
 //!
-//! `loader` loads the embedded object, pins its maps and attaches the program; `pinned` opens
-//! the pinned maps (the agent and `lb-agent status` both go through it); `writer` turns the
-//! config and backend states into map contents, publishing Maglev tables atomically.
+//! `loader` loads the embedded object, pins its maps and attaches the program; `generic` says
+//! where XDP generic mode would corrupt checksums; `pinned` opens the pinned maps (the agent
+//! and `lb-agent status` both go through it); `writer` turns the config and backend states
+//! into map contents, publishing Maglev tables atomically.
 
+pub mod generic;
 pub mod loader;
 pub mod pinned;
 pub mod writer;
@@ -56,6 +58,17 @@ pub enum DataplaneError {
         mode: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    /// `xdp_mode = "generic"` on an interface where it would corrupt checksums.
+    #[error("agent.xdp_mode: {}", generic::refusal(interface, hazard))]
+    GenericRefused { interface: String, hazard: String },
+    /// `xdp_mode = "auto"`: native mode failed where generic mode would corrupt checksums.
+    #[error("agent.xdp_mode: {}", generic::no_fallback(interface, hazard, native))]
+    NoFallback {
+        interface: String,
+        hazard: String,
+        /// Why native mode failed, with its causes.
+        native: String,
     },
     /// A failure injected by a test (failpoints build only).
     #[error("{0}: injected failure")]
