@@ -314,9 +314,9 @@ fn shift_ts(ctx: &XdpContext, pkt: &Packet, at: usize, delta: u32) {
 }
 
 /// Clamps the MSS of a handshake segment of a connection lb knows: the backend's SYN-ACK,
-/// or the client's SYN retransmitted (the backend heeds the last SYN it gets). Its VIP is
-/// where a client packet goes, or where a reply is rewritten to come from; only SYNs pay
-/// for the lookup.
+/// or the client's SYN retransmitted (the first may never have reached the backend). Its
+/// VIP is where a client packet goes, or where a reply is rewritten to come from; only SYNs
+/// pay for the lookup.
 #[inline(always)]
 fn clamp_known(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: &Flow, reply: bool) {
     let vip = if reply {

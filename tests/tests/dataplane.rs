@@ -444,8 +444,8 @@ fn mss_clamp_lowers_larger_mss_options_of_syns_and_syn_acks() {
     assert_eq!(back.mss, Some(1360));
     assert_eq!(clamped(), 2);
 
-    // The client's SYN again (its first was lost on the way to the backend): the backend
-    // heeds the last SYN it gets, so this one is lowered too.
+    // The client's SYN again (its first was lost on the way to the backend, which then
+    // takes the MSS of this one): lowered too.
     let (v, out) = f.run(&sent.bytes());
     let again = assert_forwarded(&f, v, &out, 50000);
     assert_eq!(
