@@ -101,6 +101,8 @@ pub struct VipStatus {
     pub snat_address: String,
     pub snat_ports: String,
     pub maglev_table_size: u32,
+    /// Largest MSS the VIP's SYNs and SYN-ACKs may announce; null: no clamp.
+    pub mss_clamp: Option<u16>,
     /// Probe kind ("https", "http", "tcp", "none"), from the agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe: Option<String>,
@@ -287,6 +289,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
             snat_address: ip(info.snat_addr).to_string(),
             snat_ports: format!("{}-{}", info.snat_port_min, info.snat_port_max),
             maglev_table_size: info.table_size,
+            mss_clamp: (info.mss_clamp != 0).then_some(info.mss_clamp),
             packets: stats.packets,
             bytes: stats.bytes,
             new_flows: stats.new_flows,
@@ -460,7 +463,7 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}  probes {}",
+            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}{}  probes {}",
             v.name,
             v.address,
             v.port,
@@ -469,6 +472,9 @@ pub fn render(r: &Report) -> String {
             v.snat_address,
             v.snat_ports,
             v.maglev_table_size,
+            v.mss_clamp
+                .map(|m| format!("  mss clamp {m}"))
+                .unwrap_or_default(),
             v.probe.as_deref().unwrap_or("?")
         );
         let _ = writeln!(

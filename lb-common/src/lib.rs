@@ -274,8 +274,11 @@ pub mod reason {
     pub const ICMP_TRANSLATED: u32 = 23;
     /// An ICMP message to a VIP or SNAT address that is about no flow: passed.
     pub const PASS_ICMP: u32 = 24;
+    /// A SYN or SYN-ACK whose MSS option was lowered to the VIP's `mss_clamp` (a count, not
+    /// a drop: a SYN dropped afterwards, e.g. for want of a backend, is counted too).
+    pub const MSS_CLAMPED: u32 = 25;
     /// Number of reasons.
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -304,6 +307,7 @@ pub mod reason {
         "icmp_frag_needed_sent",
         "icmp_translated",
         "pass_icmp",
+        "mss_clamped",
     ];
 }
 
@@ -338,6 +342,9 @@ pub struct VipInfo {
     pub table_size: u32,
     /// Which half of the Maglev double buffer is live (0/1); flipped by rewriting this value.
     pub active_half: u32,
+    /// Largest MSS a SYN or SYN-ACK of this VIP may announce, host byte order; 0: no clamp.
+    pub mss_clamp: u16,
+    pub _pad: u16,
 }
 
 /// Element of BACKENDS.
@@ -563,7 +570,7 @@ mod pod {
 // Layouts are part of the kernel ABI between the two sides: pin them.
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 8);
-    assert!(core::mem::size_of::<VipInfo>() == 24);
+    assert!(core::mem::size_of::<VipInfo>() == 28);
     assert!(core::mem::size_of::<BackendInfo>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<Flow>() == 64);

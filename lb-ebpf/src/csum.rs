@@ -30,8 +30,19 @@ pub fn apply(check: u16, sum: u32) -> u16 {
 /// which swaps the bytes of the one's complement difference.
 #[inline(always)]
 pub fn apply32(check: u16, old: u32, new: u32, odd: bool) -> u16 {
-    let mut s = diff32(0, old, new);
-    s = (s & 0xffff) + (s >> 16);
+    apply_at(check, diff32(0, old, new), odd)
+}
+
+/// Applies the change of a 16-bit field at an `odd` or even offset (see `apply32`).
+#[inline(always)]
+pub fn apply16(check: u16, old: u16, new: u16, odd: bool) -> u16 {
+    apply_at(check, diff16(0, old, new), odd)
+}
+
+/// Applies an unfolded difference of bytes at an `odd` or even offset.
+#[inline(always)]
+fn apply_at(check: u16, sum: u32, odd: bool) -> u16 {
+    let mut s = (sum & 0xffff) + (sum >> 16);
     s = (s & 0xffff) + (s >> 16);
     let s = if odd {
         (s as u16).swap_bytes()

@@ -182,12 +182,16 @@ impl Packet {
     }
 }
 
+/// TCP option kinds and lengths lb looks for (RFC 9293, RFC 7323).
+pub const TCPOPT_MSS: u8 = 2;
+pub const TCPOLEN_MSS: u8 = 4;
+pub const TCPOPT_TS: u8 = 8;
+pub const TCPOLEN_TS: u8 = 10;
+
 /// Offset from the TCP header of the TSval of the packet's timestamp option, if any.
 ///
 /// Linux puts NOP, NOP, TS first on every segment after the handshake: that case is one
-/// comparison. Anything else (SYNs, other stacks) walks the options, at most 40 bytes.
-/// Every offset is checked against the header length before it is used; the mask after the
-/// check only tells the verifier what the check already proved.
+/// comparison. Anything else (SYNs, other stacks) walks the options.
 #[inline(always)]
 pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
     let tcp = pkt.tcp as usize;
@@ -199,11 +203,42 @@ pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
     let opts = size_of::<TcpHdr>();
     if tcp + opts + 12 <= end && opts + 12 <= doff {
         let first = unsafe { *((tcp + opts) as *const [u8; 4]) };
-        if first == [1, 1, 8, 10] {
+        if first == [1, 1, TCPOPT_TS, TCPOLEN_TS] {
             return Some(opts + 4);
         }
     }
-    let mut at = opts;
+    tcp_option(tcp, end, doff, TCPOPT_TS, TCPOLEN_TS)
+}
+
+/// Offset from the TCP header of the 16-bit value of the packet's MSS option, if any (a
+/// SYN's or a SYN-ACK's; Linux puts it first, which the walk meets at once).
+#[inline(always)]
+pub fn tcp_mss(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
+    let doff = ((unsafe { (*pkt.tcp).doff_res } >> 4) as usize) * 4;
+    if doff <= size_of::<TcpHdr>() {
+        return None;
+    }
+    tcp_option(
+        pkt.tcp as usize,
+        ctx.data_end(),
+        doff,
+        TCPOPT_MSS,
+        TCPOLEN_MSS,
+    )
+}
+
+/// Offset from the TCP header (at `tcp`; the packet ends at `end`) of the data of the first
+/// option `kind` whose length is `len` and which ends inside the header (`doff` bytes): a
+/// walk of at most 40 steps (40 bytes of options, each step at least one byte).
+///
+/// Every offset is checked against the header length before it is used; the mask after the
+/// check only tells the verifier what the check already proved. The found option's end is
+/// checked once, after its kind and length matched: a check on every option (what LLVM
+/// made of it as a match guard) doubles the states the verifier explores at each step, and
+/// the program went past the verifier's million instructions.
+#[inline(always)]
+fn tcp_option(tcp: usize, end: usize, doff: usize, kind: u8, len: u8) -> Option<usize> {
+    let mut at = size_of::<TcpHdr>();
     for _ in 0..40 {
         // doff <= 60, so an offset that passes this check is below 64 and the mask is a no-op.
         if at + 2 > doff {
@@ -213,13 +248,16 @@ pub fn tcp_ts(ctx: &XdpContext, pkt: &Packet) -> Option<usize> {
         if tcp + a + 2 > end {
             return None;
         }
-        let [k, len] = unsafe { *((tcp + a) as *const [u8; 2]) };
+        let [k, l] = unsafe { *((tcp + a) as *const [u8; 2]) };
         match k {
             0 => return None,
             1 => at = a + 1,
-            8 if len == 10 && a + 10 <= doff => return Some(a + 2),
-            _ if len < 2 => return None,
-            _ => at = a + len as usize,
+            // One running past the header is not an option, and nothing follows it.
+            _ if k == kind && l == len => {
+                return (a + len as usize <= doff).then_some(a + 2);
+            }
+            _ if l < 2 => return None,
+            _ => at = a + l as usize,
         }
     }
     None

@@ -74,6 +74,8 @@ pub struct Options {
     pub snat_ports: (u16, u16),
     /// Connections the flow table holds (`None`: lb_common::MAX_FLOWS, the agent's default).
     pub max_flows: Option<u32>,
+    /// The VIP's `mss_clamp` (`None`: not set).
+    pub mss_clamp: Option<u16>,
 }
 
 impl Default for Options {
@@ -92,6 +94,7 @@ impl Default for Options {
             snat_address: LB_ADDR,
             snat_ports: (61000, 65535),
             max_flows: None,
+            mss_clamp: None,
         }
     }
 }
@@ -99,10 +102,14 @@ impl Default for Options {
 /// The agent's config for the fixture. The backend list is set after validation, so the
 /// microbenchmark can go past what the config file accepts (1000 backends in one VIP).
 pub fn config(pin: &Path, o: &Options) -> Config {
+    let mss_clamp = o
+        .mss_clamp
+        .map(|m| format!("mss_clamp = {m}\n"))
+        .unwrap_or_default();
     let text = format!(
         "[agent]\ninterface = \"d0\"\npin_path = \"{}\"\ncontrol_socket = \"/nonexistent\"\n\n\
          [[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
-         snat_address = \"{}\"\nsnat_ports = \"{}-{}\"\nmaglev_table_size = 65537\n\n\
+         snat_address = \"{}\"\nsnat_ports = \"{}-{}\"\nmaglev_table_size = 65537\n{mss_clamp}\n\
          [[vip.backend]]\nname = \"placeholder\"\naddress = \"{}\"\n",
         pin.display(),
         o.snat_address,

@@ -130,6 +130,10 @@ impl Frame {
         }
         self.tcp_options(&o)
     }
+    /// An MSS option alone (a SYN as the simplest stacks send it).
+    pub fn mss(self, mss: u16) -> Self {
+        self.tcp_options(&mss_option(mss))
+    }
     pub fn more_fragments(mut self) -> Self {
         self.more_fragments = true;
         self
@@ -238,6 +242,37 @@ pub struct Parsed {
     pub tcp_csum_ok: bool,
     /// The timestamp option's (TSval, TSecr), if any.
     pub timestamps: Option<(u32, u32)>,
+    /// The MSS option's value, if any (see [`mss`]).
+    pub mss: Option<u16>,
+    /// The TCP options as they are.
+    pub tcp_options: Vec<u8>,
+}
+
+/// The 4 bytes of an MSS option.
+pub fn mss_option(mss: u16) -> [u8; 4] {
+    let m = mss.to_be_bytes();
+    [2, 4, m[0], m[1]]
+}
+
+/// The MSS option's value in a TCP header, walking the options as RFC 9293 says and as
+/// lb's data plane does: the walk ends at End of Option List or at an option whose length
+/// is below 2, and an MSS option counts only with length 4, inside the header.
+pub fn mss(tcp: &[u8]) -> Option<u16> {
+    let doff = ((*tcp.get(12)? >> 4) as usize * 4).min(tcp.len());
+    let mut i = 20;
+    while i + 2 <= doff {
+        let (kind, len) = (tcp[i], tcp[i + 1] as usize);
+        match kind {
+            0 => return None,
+            1 => i += 1,
+            2 if len == 4 && i + 4 <= doff => {
+                return Some(u16::from_be_bytes([tcp[i + 2], tcp[i + 3]]))
+            }
+            _ if len < 2 => return None,
+            _ => i += len,
+        }
+    }
+    None
 }
 
 /// Finds the timestamp option in a TCP header.
@@ -294,6 +329,11 @@ pub fn parse(f: &[u8]) -> Option<Parsed> {
         ip_csum_ok: checksum(&ip[..hl], 0) == 0,
         tcp_csum_ok: checksum(tcp, pseudo(src, dst, tcp.len())) == 0,
         timestamps: timestamps(tcp),
+        mss: mss(tcp),
+        tcp_options: tcp
+            .get(20..((tcp[12] >> 4) as usize * 4).min(tcp.len()))
+            .unwrap_or_default()
+            .to_vec(),
     })
 }
 
@@ -821,6 +861,40 @@ mod tests {
         let mut f = good;
         f[14 + 8] = 1;
         assert!(!parse_icmp(&f).unwrap().ip_csum_ok);
+    }
+
+    #[test]
+    fn mss_is_found_where_a_tcp_stack_would_find_it() {
+        let syn = |opts: &[u8]| {
+            Frame::tcp(LB_MAC, ROUTER_MAC, CLIENT, 40000, VIP, 6443, TcpFlags::SYN)
+                .tcp_options(opts)
+        };
+        let p = parse(&syn(&[]).mss(1460).bytes()).unwrap();
+        assert_eq!(
+            (p.mss, p.tcp_options.clone()),
+            (Some(1460), vec![2, 4, 5, 0xb4])
+        );
+        assert!(p.tcp_csum_ok);
+        let linux = Frame::tcp(LB_MAC, ROUTER_MAC, CLIENT, 40000, VIP, 6443, TcpFlags::SYN)
+            .timestamps(1, 0);
+        assert_eq!(parse(&linux.bytes()).unwrap().mss, Some(1460));
+        // Behind a NOP: at an odd offset.
+        assert_eq!(
+            parse(&syn(&[1, 2, 4, 0x05, 0x50]).bytes()).unwrap().mss,
+            Some(1360)
+        );
+        assert_eq!(parse(&syn(&[]).bytes()).unwrap().mss, None);
+        // After End of Option List, behind an option of length 0 or 1, with a length other
+        // than 4, or running past the header: not an MSS option.
+        for opts in [
+            &[0, 2, 4, 5, 0xb4][..],
+            &[3, 0, 2, 4, 5, 0xb4],
+            &[3, 1, 2, 4, 5, 0xb4],
+            &[2, 5, 5, 0xb4, 0],
+            &[1, 1, 1, 1, 1, 2, 4, 5],
+        ] {
+            assert_eq!(parse(&syn(opts).bytes()).unwrap().mss, None, "{opts:?}");
+        }
     }
 
     #[test]

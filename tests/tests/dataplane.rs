@@ -402,6 +402,152 @@ fn client_timestamps_reach_the_backend_on_this_hosts_clock_and_come_back_unchang
     assert_eq!(p.timestamps, None);
 }
 
+/// The TCP options of `frame` as the program left them: those sent, with the MSS value at
+/// `at` bytes into the options replaced by `mss`.
+fn options_with_mss(sent: &Frame, at: usize, mss: u16) -> Vec<u8> {
+    let mut o = packet::parse(&sent.bytes()).unwrap().tcp_options;
+    o[at..at + 2].copy_from_slice(&mss.to_be_bytes());
+    o
+}
+
+#[test]
+fn mss_clamp_lowers_larger_mss_options_of_syns_and_syn_acks() {
+    let Some(f) = Fixture::with(
+        "dpmss",
+        Options {
+            mss_clamp: Some(1360),
+            ..Default::default()
+        },
+    ) else {
+        return;
+    };
+    let clamped = || f.reason(reason::MSS_CLAMPED);
+
+    // Larger than the clamp: lowered, checksums right, every other option byte as it was.
+    let sent = syn(50000).mss(1460);
+    let (v, out) = f.run(&sent.bytes());
+    let fwd = assert_forwarded(&f, v, &out, 50000);
+    assert_eq!(fwd.mss, Some(1360));
+    assert_eq!(fwd.tcp_options, options_with_mss(&sent, 2, 1360));
+    assert_eq!(clamped(), 1);
+
+    // The backend's SYN-ACK is lowered on its way to the client the same way.
+    let synack = from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK).mss(8960);
+    let (v, out) = f.run(&synack.bytes());
+    assert_eq!(v, XDP_TX);
+    let back = packet::parse(&out).unwrap();
+    assert!(
+        back.ip_csum_ok && back.tcp_csum_ok,
+        "checksums of the SYN-ACK"
+    );
+    assert_eq!((back.src, back.dst, back.dport), (VIP, CLIENT, 50000));
+    assert_eq!(back.mss, Some(1360));
+    assert_eq!(clamped(), 2);
+
+    // The client's SYN again (its first was lost on the way to the backend, which then
+    // takes the MSS of this one): lowered too.
+    let (v, out) = f.run(&sent.bytes());
+    let again = assert_forwarded(&f, v, &out, 50000);
+    assert_eq!(
+        (again.dst, again.sport, again.mss),
+        (fwd.dst, fwd.sport, Some(1360))
+    );
+    assert_eq!(clamped(), 3);
+
+    // Smaller or equal: untouched, and not counted.
+    for (port, mss) in [(50001, 1200), (50002, 1360)] {
+        let sent = syn(port).mss(mss);
+        let (v, out) = f.run(&sent.bytes());
+        let p = assert_forwarded(&f, v, &out, port);
+        assert_eq!(
+            (p.mss, p.tcp_options.clone()),
+            (Some(mss), vec![2, 4, (mss >> 8) as u8, mss as u8])
+        );
+        let synack = from_backend(&p, TcpFlags::SYN | TcpFlags::ACK).mss(mss);
+        let (v, out) = f.run(&synack.bytes());
+        assert_eq!(v, XDP_TX);
+        let back = packet::parse(&out).unwrap();
+        assert!(back.tcp_csum_ok);
+        assert_eq!(back.mss, Some(mss));
+    }
+    assert_eq!(clamped(), 3);
+
+    // No options at all: nothing to lower.
+    let (v, out) = f.run(&syn(50003).bytes());
+    let p = assert_forwarded(&f, v, &out, 50003);
+    assert_eq!((p.mss, p.tcp_options.len()), (None, 0));
+    assert_eq!(clamped(), 3);
+
+    // Linux's SYN (MSS, SACK-permitted, timestamps, window scale): the MSS is lowered and
+    // the timestamp moved to this host's clock, both in one checksum.
+    let sent = syn(50004).timestamps(123_456, 0);
+    let (v, out) = f.run(&sent.bytes());
+    let p = assert_forwarded(&f, v, &out, 50004);
+    assert_eq!(p.mss, Some(1360));
+    let (tsval, _) = p.timestamps.expect("timestamps kept");
+    let mut want = options_with_mss(&sent, 2, 1360);
+    want[8..12].copy_from_slice(&tsval.to_be_bytes());
+    assert_eq!(p.tcp_options, want, "only the MSS and the TSval changed");
+    assert_eq!(clamped(), 4);
+
+    // Behind one NOP the MSS value sits at an odd offset; behind three and a window scale
+    // option, at an even one again. Both ways, SYN and SYN-ACK.
+    for (port, opts, at) in [
+        (50005, vec![1, 2, 4, 0x05, 0xb4], 3),
+        (50006, vec![1, 3, 3, 7, 1, 1, 2, 4, 0x05, 0xb4], 8),
+        (50007, vec![1, 1, 1, 2, 4, 0x23, 0x28], 5),
+    ] {
+        let mss = u16::from_be_bytes([opts[at], opts[at + 1]]);
+        let sent = syn(port).tcp_options(&opts);
+        let (v, out) = f.run(&sent.bytes());
+        let p = assert_forwarded(&f, v, &out, port);
+        assert_eq!(p.mss, Some(1360), "{opts:?} ({mss})");
+        assert_eq!(p.tcp_options, options_with_mss(&sent, at, 1360));
+        let synack = from_backend(&p, TcpFlags::SYN | TcpFlags::ACK).tcp_options(&opts);
+        let (v, out) = f.run(&synack.bytes());
+        assert_eq!(v, XDP_TX);
+        let back = packet::parse(&out).unwrap();
+        assert!(
+            back.ip_csum_ok && back.tcp_csum_ok,
+            "SYN-ACK checksums, {opts:?}"
+        );
+        assert_eq!(back.tcp_options, options_with_mss(&synack, at, 1360));
+    }
+    assert_eq!(clamped(), 10);
+
+    // Only handshake segments are looked at: an MSS option on an ACK is left alone.
+    let ack = Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, 50000, VIP, 6443, TcpFlags::ACK).mss(1460);
+    let (v, out) = f.run(&ack.bytes());
+    let p = assert_forwarded(&f, v, &out, 50000);
+    assert_eq!(p.mss, Some(1460));
+    let (v, out) = f.run(&from_backend(&fwd, TcpFlags::ACK).mss(1460).bytes());
+    assert_eq!(v, XDP_TX);
+    assert_eq!(packet::parse(&out).unwrap().mss, Some(1460));
+    assert_eq!(clamped(), 10);
+}
+
+#[test]
+fn a_vip_without_mss_clamp_leaves_mss_alone() {
+    let Some(f) = Fixture::new("dpnomss") else {
+        return;
+    };
+    let sent = syn(51000).tcp_options(&[1, 2, 4, 0x23, 0x28]);
+    let (v, out) = f.run(&sent.bytes());
+    let fwd = assert_forwarded(&f, v, &out, 51000);
+    assert_eq!(fwd.mss, Some(9000));
+    assert_eq!(fwd.tcp_options, options_with_mss(&sent, 3, 9000));
+    let (v, out) = f.run(
+        &from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK)
+            .mss(8960)
+            .bytes(),
+    );
+    assert_eq!(v, XDP_TX);
+    let back = packet::parse(&out).unwrap();
+    assert!(back.tcp_csum_ok);
+    assert_eq!((back.dst, back.mss), (CLIENT, Some(8960)));
+    assert_eq!(f.reason(reason::MSS_CLAMPED), 0);
+}
+
 /// The backend's reply for the flow `fwd` (as the backend saw it), with `flags`.
 fn from_backend(fwd: &Parsed, flags: u8) -> Frame {
     let bmac = BACKENDS
@@ -707,35 +853,77 @@ impl Rng {
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
+    /// Up to 40 bytes of TCP options: random bytes, or a list of real options (MSS among
+    /// them, of any value) with now and then a broken one.
+    fn tcp_options(&mut self) -> Vec<u8> {
+        if self.below(2) == 0 {
+            let n = 4 * self.below(11) as usize;
+            return self.bytes(n);
+        }
+        let mut o = Vec::new();
+        loop {
+            let next: Vec<u8> = match self.below(8) {
+                0 | 1 => packet::mss_option(self.next() as u16).to_vec(),
+                2 => vec![1],
+                3 => vec![4, 2],
+                4 => vec![3, 3, self.below(15) as u8],
+                5 => {
+                    let mut ts = vec![8, 10];
+                    ts.extend(self.bytes(8));
+                    ts
+                }
+                6 => vec![self.next() as u8, self.below(6) as u8],
+                _ => vec![0],
+            };
+            if o.len() + next.len() > 40 || self.below(6) == 0 {
+                return o;
+            }
+            o.extend(next);
+        }
+    }
 }
 
 #[test]
 fn fuzzed_frames_are_passed_untouched_or_sent_with_valid_checksums() {
-    let Some(f) = Fixture::new("dpfuzz") else {
+    const CLAMP: u16 = 1360;
+    let Some(f) = Fixture::with(
+        "dpfuzz",
+        Options {
+            mss_clamp: Some(CLAMP),
+            ..Default::default()
+        },
+    ) else {
         return;
     };
     let seed = 0x5eed_1b0b_u64;
     let mut rng = Rng(seed);
     let mut verdicts = [0u32; 4];
+    // (backend, SNAT port) of connections the program opened, so replies reach their flows.
+    let mut opened: Vec<(std::net::Ipv4Addr, u16)> = Vec::new();
+    // MSS options lowered: towards backends, towards clients.
+    let mut clamped = [0u64; 2];
     for i in 0..3000 {
-        let src = match rng.below(3) {
+        let mut src = match rng.below(3) {
             0 => CLIENT,
             1 => BACKENDS[rng.below(3) as usize].0,
             _ => std::net::Ipv4Addr::from(0xc613_0000 | rng.below(1 << 16) as u32),
         };
-        let dst = match rng.below(4) {
+        let mut dst = match rng.below(4) {
             0 | 1 => VIP,
             2 => LB_ADDR,
             _ => std::net::Ipv4Addr::from(0xc612_0000 | rng.below(1 << 16) as u32),
         };
-        let (sport, dport) = match rng.below(3) {
+        let (mut sport, mut dport) = match rng.below(3) {
             0 => (20000 + rng.below(50) as u16, 6443),
             1 => (6443, 61000 + rng.below(50) as u16),
             _ => (rng.next() as u16, rng.next() as u16),
         };
+        if !opened.is_empty() && rng.below(4) == 0 {
+            let (b, port) = opened[rng.below(opened.len() as u64) as usize];
+            (src, sport, dst, dport) = (b, 6443, LB_ADDR, port);
+        }
         let (flags, seq) = (rng.next() as u8, rng.next() as u32);
-        let opt_len = 4 * rng.below(11) as usize;
-        let options = rng.bytes(opt_len);
+        let options = rng.tcp_options();
         let payload_len = rng.below(200) as usize;
         let payload = rng.bytes(payload_len);
         let mut frame = Frame::tcp(CLIENT_MAC, LB_MAC, src, sport, dst, dport, flags)
@@ -767,6 +955,19 @@ fn fuzzed_frames_are_passed_untouched_or_sent_with_valid_checksums() {
                 let p = packet::parse(&out).unwrap_or_else(|| panic!("unparsable; {why}"));
                 assert!(p.ip_csum_ok && p.tcp_csum_ok, "checksums; {why}");
                 assert!(ours, "rewrote a packet that is not lb's; {why}");
+                let sent = packet::parse(&bytes).unwrap_or_else(|| panic!("{why}"));
+                // Every SYN lb sends on (RSTs it makes carry no SYN) announces at most the
+                // clamp, and only its MSS changed from what came in.
+                if p.flags & TcpFlags::SYN != 0 {
+                    let want = sent.mss.map(|m| m.min(CLAMP));
+                    assert_eq!(p.mss, want, "MSS; {why}");
+                    if sent.mss != want {
+                        clamped[(p.src != LB_ADDR) as usize] += 1;
+                    }
+                }
+                if p.src == LB_ADDR && !opened.contains(&(p.dst, p.sport)) {
+                    opened.push((p.dst, p.sport));
+                }
             }
             XDP_PASS | XDP_DROP => {}
             _ => panic!("{why}"),
@@ -775,6 +976,16 @@ fn fuzzed_frames_are_passed_untouched_or_sent_with_valid_checksums() {
     assert!(
         verdicts[XDP_TX as usize] > 100 && verdicts[XDP_PASS as usize] > 100,
         "the fuzzer reached both paths: {verdicts:?}"
+    );
+    // Every backend is up and ports are plenty: no SYN is dropped after its MSS was lowered.
+    assert_eq!(
+        f.reason(reason::MSS_CLAMPED),
+        clamped[0] + clamped[1],
+        "every clamp counted once"
+    );
+    assert!(
+        clamped.iter().all(|&n| n > 5),
+        "the fuzzer lowered MSS options both ways: {clamped:?}"
     );
 }
 

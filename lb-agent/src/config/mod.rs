@@ -32,6 +32,10 @@ const SLOTS_PER_BACKEND: u64 = 100;
 const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// Ports below this are privileged/well-known; SNAT must not steal them.
 const MIN_SNAT_PORT: u32 = 1024;
+/// `mss_clamp` bounds. Below 536 (RFC 1122's default MSS, 576 - 40) a clamp would ask
+/// clients for segments smaller than any IPv4 host is allowed to assume; above 9000 (a
+/// jumbo frame) it would never lower anything a real link carries.
+const MSS_CLAMP_RANGE: std::ops::RangeInclusive<i64> = 536..=9000;
 /// A repair is due this long after a map was changed behind the agent's back, at most.
 const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 const EPHEMERAL_RANGE_PATH: &str = "/proc/sys/net/ipv4/ip_local_port_range";
@@ -98,6 +102,8 @@ pub struct VipConfig {
     pub snat_ports: (u16, u16),
     /// Maglev table size M (prime).
     pub maglev_table_size: u32,
+    /// Largest MSS the VIP's SYNs and SYN-ACKs may announce; None = left as they are.
+    pub mss_clamp: Option<u16>,
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
     /// The `[vip.health]` section (defaults when absent).
@@ -370,6 +376,7 @@ struct RawVip {
     snat_address: Option<String>,
     snat_ports: Option<String>,
     maglev_table_size: Option<i64>,
+    mss_clamp: Option<i64>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -702,6 +709,21 @@ fn validate_vip(
         raw.backend.len(),
     )?;
 
+    let mss_clamp = match raw.mss_clamp {
+        None => None,
+        Some(n) if MSS_CLAMP_RANGE.contains(&n) => Some(n as u16),
+        Some(n) => {
+            return Err(issue(
+                at("mss_clamp"),
+                format!(
+                    "{n} is out of range ({}-{}, bytes of TCP payload per segment)",
+                    MSS_CLAMP_RANGE.start(),
+                    MSS_CLAMP_RANGE.end()
+                ),
+            ))
+        }
+    };
+
     if raw.backend.is_empty() {
         return Err(issue(
             at("backend"),
@@ -765,6 +787,7 @@ fn validate_vip(
         snat_address,
         snat_ports,
         maglev_table_size,
+        mss_clamp,
         backends,
         health,
     })
@@ -1038,6 +1061,7 @@ mode = "nat"
 snat_address = "198.18.0.2"
 snat_ports = "62000-63000"
 maglev_table_size = 1009
+mss_clamp = 1360
 
   [[vip.backend]]
   name = "master01"
@@ -1196,6 +1220,7 @@ port = 8132
                 snat_address: Some(Ipv4Addr::new(198, 18, 0, 2)),
                 snat_ports: (62000, 63000),
                 maglev_table_size: 1009,
+                mss_clamp: Some(1360),
                 backends: vec![
                     BackendConfig {
                         name: "master01".into(),
@@ -1235,6 +1260,7 @@ port = 8132
         assert_eq!(vip.snat_address, None);
         assert_eq!(vip.snat_ports, (61000, 65535));
         assert_eq!(vip.maglev_table_size, 65537);
+        assert_eq!(vip.mss_clamp, None, "no clamp unless asked for");
         assert_eq!(vip.backends[0].port, 6443);
         assert_eq!(vip.backends[0].weight, 100);
     }
@@ -1439,6 +1465,32 @@ port = 8132
             &minimal("maglev_table_size = -7", ""),
             "vip[0].maglev_table_size",
             "not prime",
+        );
+    }
+
+    #[test]
+    fn mss_clamp_bounds() {
+        for (n, want) in [(536, 536), (1360, 1360), (1460, 1460), (9000, 9000)] {
+            let cfg = parse(&minimal(&format!("mss_clamp = {n}"), "")).expect("in range");
+            assert_eq!(cfg.vips[0].mss_clamp, Some(want));
+        }
+        for n in [0, 535, 9001, -1, 65536] {
+            let err = assert_err(
+                &minimal(&format!("mss_clamp = {n}"), ""),
+                "vip[0].mss_clamp",
+                "out of range",
+            );
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{FILE}: vip[0].mss_clamp: {n} is out of range (536-9000, bytes of TCP payload per segment)"
+                )
+            );
+        }
+        assert_err(
+            &minimal("mss_clamp = \"1360\"", ""),
+            "vip[0].mss_clamp",
+            "invalid type",
         );
     }
 

@@ -98,6 +98,8 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                     snat_port_max: v.snat_ports.1,
                     table_size: v.maglev_table_size,
                     active_half: 0,
+                    mss_clamp: v.mss_clamp.unwrap_or(0),
+                    _pad: 0,
                 },
                 backends,
                 table: Vec::new(),
@@ -521,4 +523,24 @@ pub fn table_for(vip: &VipPlan) -> Vec<u32> {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn the_plan_carries_each_vips_mss_clamp() {
+        let text = "[agent]\ninterface = \"eth0\"\n\n\
+            [[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\nport = 6443\nmss_clamp = 1360\n\
+            [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n\n\
+            [[vip]]\nname = \"konn\"\naddress = \"198.18.0.100\"\nport = 8132\n\
+            [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n";
+        let config = Config::parse(Path::new("lb.toml"), text).expect("valid config");
+        let plans = plan(&config, Ipv4Addr::new(198, 18, 0, 2));
+        assert_eq!(plans[0].info.mss_clamp, 1360);
+        assert_eq!(plans[1].info.mss_clamp, 0, "absent: no clamp");
+    }
 }

@@ -204,6 +204,7 @@ fn fixture(backends: usize, flows: u32, syn_batch: u32) -> Result<Fixture> {
         snat_address: CLIENT,
         snat_ports: SNAT_PORTS,
         max_flows: (entries != MAX_FLOWS).then_some(entries),
+        mss_clamp: None,
     };
     let mut f = Fixture::with("bench", o).context("the microbenchmark needs root")?;
     f.prefill_flows(flows);
