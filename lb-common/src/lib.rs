@@ -103,8 +103,12 @@ pub const NAME_LEN: usize = 64;
 pub const NO_BACKEND: u32 = u32::MAX;
 /// How many SNAT ports a new flow tries before it is dropped as "SNAT ports exhausted".
 pub const SNAT_TRIES: u32 = 8;
-/// A closed flow's SNAT port is reused only after this long without packets (ns).
-pub const SNAT_CLOSED_REUSE_NS: u64 = 1_000_000_000;
+/// A closed flow's SNAT port is reused only after this long without packets (ns): longer
+/// than TCP's minimum retransmission timeout (200 ms), so a backend whose last FIN or ACK
+/// was lost has retransmitted it before its tuple carries a new SYN. It also caps new
+/// connections per backend at the SNAT range per this time (4536 ports: 18,000/s); at 1 s
+/// the lab's close-mode benchmark ran into that cap (SYNs dropped for want of a port).
+pub const SNAT_CLOSED_REUSE_NS: u64 = 250_000_000;
 /// A flow idle this long may lose its SNAT port to a new flow (ns).
 pub const SNAT_IDLE_REUSE_NS: u64 = 600 * 1_000_000_000;
 

@@ -197,7 +197,7 @@ fn pick(key: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), u32> {
 }
 
 /// True when an established connection may give its SNAT port to a new one: closed and
-/// quiet for a second, or idle for SNAT_IDLE_REUSE_NS.
+/// quiet for SNAT_CLOSED_REUSE_NS, or idle for SNAT_IDLE_REUSE_NS.
 #[inline(always)]
 fn reusable(f: &Flow, now: u64) -> bool {
     let idle = now.wrapping_sub(f.last_seen_ns);
