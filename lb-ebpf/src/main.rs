@@ -69,8 +69,10 @@ static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 
 #[map]
 static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
 
-/// The load balancer.
+/// The load balancer. Inlined into the section's entry function that `#[xdp]` wraps it
+/// in: a BPF-to-BPF call and its return (through the SRSO return thunk here) per packet.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     nat::process(&ctx)
 }

@@ -11,7 +11,7 @@
 //!   is a flow table hit, rewrite, FIB lookup and XDP_TX;
 //! - reply: the backend's reply of that flow is likewise its own translation;
 //! - SYN: each run's rewrite is a SYN from a port not seen before, so each run creates a
-//!   flow (Maglev, SNAT port, NAT_REVERSE and FLOWS inserts). The SNAT port rings are
+//!   flow (Maglev, SNAT port, two HALF_OPEN inserts). The SNAT port rings are
 //!   spread over the range so that no two backends hand out the same port, and the flows
 //!   are deleted between batches so the ring never comes round to a taken port.
 //!

@@ -482,16 +482,16 @@ pub fn markdown(r: &Results) -> String {
                 thousands(p.flows as u64)
             } else {
                 format!(
-                    "{} (FLOWS and NAT_REVERSE resized to {} entries)",
+                    "{} (`max_flows` = {})",
                     thousands(p.flows as u64),
                     thousands(p.table_entries as u64)
                 )
             }
         }));
         s.push_str(&format!(
-            "\nThe default tables hold {} flows (`lb_common::MAX_FLOWS`); the 1M row loads \
-             the object with `EbpfLoader::map_max_entries` on FLOWS and NAT_REVERSE (the \
-             agent cannot do this yet). A 1000-backend VIP is built past the config check, \
+            "\nThe default tables hold {} flows (`lb_common::MAX_FLOWS`, `[agent] max_flows`); \
+             the 1M row loads the data plane with `max_flows` = 1 Mi, as the agent does. A \
+             1000-backend VIP is built past the config check, \
              which allows 655 backends per VIP with the largest Maglev table (100 slots per \
              backend).\n\n",
             thousands(lb_common::MAX_FLOWS as u64)
@@ -581,7 +581,7 @@ pub fn markdown(r: &Results) -> String {
         s.push_str(&format!(
             "Maps at their default sizes: {} in all (the kernel's own accounting, `memlock` in \
              each map's fdinfo, on {} CPUs: per-CPU maps grow with the CPU count). A flow costs \
-             {:.0} bytes (FLOWS + NAT_REVERSE over {} entries, preallocated: the tables cost \
+             {:.0} bytes (FLOWS + HALF_OPEN over {} connections, preallocated: the tables cost \
              this whether full or empty){}.\n\n",
             mib(mm.total_bytes as f64),
             mm.cpus,
@@ -1101,12 +1101,15 @@ it overstates each path's own cost, and lb's share of HAProxy's overhead with it
 - **HAProxy** runs with the kubeadm guide's settings (two threads, the default on this VM) \
 but without logging, which would cost it more in production. **nftables** (dnat + \
 masquerade with conntrack) stands in for IPVS, which this kernel does not have.
-- **Per packet, lb is far above its floor.** An established packet costs a FIB lookup \
-(`bpf_fib_lookup`, for the next hop's MAC), hash lookups in VIPS and FLOWS, array lookups \
-(BACKENDS, AGENT_META, counters), `bpf_ktime_get_ns` and per-CPU counter updates; a new flow \
-adds two inserts into LRU hashes (NAT_REVERSE, FLOWS), which dominate its cost. The \
-XDP_PASS floor does none of this. This VM's kernel runs with retpolines and \"Safe RET\" \
-(SRSO) mitigations, which make every helper call dearer than on bare metal.
+- **What a packet costs.** An established packet (either direction) is one hash lookup in \
+FLOWS whose value is the finished rewrite and the cached next hop, array reads (ADDR_FILTER, \
+AGENT_META, BACKENDS, the per-CPU clock cache) and three per-CPU counters; no helper call \
+besides the lookup. A SYN adds two inserts into LRU hashes (the reply entry that claims the \
+SNAT port, the forward entry, both in HALF_OPEN) and lookups that miss in large tables, which \
+dominate its cost (`lb-bench --profile syn` under `perf record -a -g`: about half in \
+`htab_lru_map_update_elem`, a quarter in bucket walks). The XDP_PASS floor does none of this. \
+This VM's kernel runs with retpolines and \"Safe RET\" (SRSO) mitigations, which make every \
+helper call dearer than on bare metal.
 - **The microbenchmark** runs the program on one buffer again and again, so the flow entry, \
 the Maglev slot and the FIB entry stay in the CPU cache: it is the program's cost without \
 cache misses, a floor for a busy LB whose tables exceed the cache. The flow-table rows show \
