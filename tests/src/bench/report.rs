@@ -192,7 +192,8 @@ pub fn targets(r: &Results) -> Vec<Target> {
     }
     if let Some(m) = &r.micro {
         // Issue 10's targets for data plane v1: each case at most this many times the floor.
-        let cases: [(&str, &str, &Case, fn(f64) -> bool); 4] = [
+        type Bound = fn(f64) -> bool;
+        let cases: [(&str, &str, &Case, Bound); 4] = [
             ("established-flow packet", "<= 4x", &m.established, |v| {
                 v <= 4.0
             }),
