@@ -231,11 +231,22 @@ fn alloc_port(
     let cursor = SNAT_CURSOR
         .get_ptr_mut(index)
         .ok_or(reason::DROP_SNAT_EXHAUSTED)?;
-    for _ in 0..SNAT_TRIES {
+    // A try can also fail for want of a free HALF_OPEN element (the LRU's free lists
+    // contended under a flood): counted apart, since no port was short.
+    let mut why = reason::DROP_SNAT_EXHAUSTED;
+    // Connections opened back to back hold consecutive ports of the ring (kubelets
+    // reconnecting after a restart: hundreds per backend). Each try that fails makes the
+    // next step four times longer, so SNAT_TRIES tries reach 5461 ports ahead instead of 8
+    // and a SYN gets past such a block; ports jumped over wait one more turn. The step
+    // follows the try's number, not what the tries met: a step carried from try to try
+    // multiplied the verifier's states past its million instructions.
+    for i in 0..SNAT_TRIES {
+        let step = 1u64 << (2 * i);
         // SAFETY: an aligned u64 in a map value shared by all CPUs, only touched atomically.
         // SeqCst: for a relaxed add LLVM's BPF backend emits the legacy XADD, which returns
         // nothing, and then reads the result anyway (seen with LLVM 22).
-        let turn: u64 = unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, 1) };
+        let turn: u64 =
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(cursor, step) };
         let off = (turn % range as u64) as u32;
         let port = ((min + off) as u16).to_be();
         let rkey = FlowKey::tcp(backend.addr, vip.snat_addr, backend.port, port);
@@ -246,6 +257,7 @@ fn alloc_port(
                 recycled = Some(old.peer_key());
             }
             if HALF_OPEN.insert(rkey, rev, BPF_ANY as u64).is_err() {
+                why = reason::DROP_FLOW_INSERT;
                 continue;
             }
         }
@@ -264,7 +276,7 @@ fn alloc_port(
         }
         return Ok(port);
     }
-    Err(reason::DROP_SNAT_EXHAUSTED)
+    Err(why)
 }
 
 /// Where a SYN came from: its reply goes back the same way until the FIB is asked.

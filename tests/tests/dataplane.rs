@@ -1182,3 +1182,56 @@ fn a_backends_new_mac_reaches_new_and_existing_flows_within_a_second() {
     assert_eq!(p.eth_dst, new_mac, "existing flow after the refresh");
     assert!(p.ip_csum_ok && p.tcp_csum_ok);
 }
+
+#[test]
+fn a_block_of_established_ports_longer_than_the_tries_does_not_stop_new_flows() {
+    // Connections opened back to back (kubelets reconnecting after a restart) hold
+    // consecutive ports of each backend's ring; when the ring comes round to them, a SYN
+    // must get past the whole block, not give up after SNAT_TRIES ports of it.
+    let Some(f) = Fixture::with(
+        "dpblock",
+        Options {
+            snat_ports: (61000, 61099),
+            ..Options::default()
+        },
+    ) else {
+        return;
+    };
+    let n = f.vips[0].backends.len();
+    let cursors = f.snat_cursors();
+    let start: Vec<(u32, u64)> = f.vips[0]
+        .backends
+        .iter()
+        .map(|b| (b.index, cursors.get(&b.index, 0).unwrap()))
+        .collect();
+    // 20 established connections per backend at least: 60 in a row.
+    let mut per_backend = vec![0usize; n];
+    let mut port = 50000u16;
+    while per_backend.iter().any(|&c| c < 20) {
+        let (v, out) = f.run(&syn(port).bytes());
+        let p = assert_forwarded(&f, v, &out, port);
+        assert_eq!(
+            f.run(&from_backend(&p, TcpFlags::SYN | TcpFlags::ACK).bytes())
+                .0,
+            XDP_TX
+        );
+        assert_eq!(f.run(&from_backend(&p, TcpFlags::ACK).bytes()).0, XDP_TX);
+        per_backend[f.backend_by_addr(p.dst)] += 1;
+        port += 1;
+    }
+    // The rings come round to the start of the blocks.
+    let mut cursors = f.snat_cursors();
+    for (index, at) in &start {
+        cursors.set(*index, *at, 0).unwrap();
+    }
+    for port in 51000..51030u16 {
+        let (v, out) = f.run(&syn(port).bytes());
+        let p = assert_forwarded(&f, v, &out, port);
+        assert!(
+            p.sport >= 61000 && p.sport <= 61099,
+            "SNAT port {} in range",
+            p.sport
+        );
+    }
+    assert_eq!(f.reason(reason::DROP_SNAT_EXHAUSTED), 0);
+}
