@@ -207,7 +207,7 @@ pub async fn run(config: Config) -> Result<()> {
         xdp_mode: lb_common::xdp_mode::NONE,
         ifindex,
         pid: std::process::id(),
-        _pad: 0,
+        layout_version: lb_common::MAP_LAYOUT_VERSION,
         started_unix,
         mac,
         _pad2: [0; 2],
