@@ -116,8 +116,16 @@ const MAX_CONNECTIONS: usize = 32;
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AgentInfo {
     pub pid: u32,
+    /// The agent's version (`CARGO_PKG_VERSION`).
     pub version: String,
+    /// The config file, as an absolute path.
     pub config: String,
+    /// SHA-256 of the config file's bytes as loaded, hex; empty from an agent too old to say.
+    #[serde(default)]
+    pub config_sha256: String,
+    /// When the config file was loaded, Unix seconds; 0 from an agent too old to say.
+    #[serde(default)]
+    pub config_loaded_unix: u64,
     pub interface: String,
     pub started_unix: u64,
     /// Map entries the reconcile found wrong and repaired, since start.

@@ -6,6 +6,9 @@
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown).
 
+/// This lb-agent's version (the crate's; the build records no git commit).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod app;
 pub mod backends;
 pub mod config;

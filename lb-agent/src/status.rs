@@ -8,7 +8,8 @@ use std::{
 };
 
 use lb_common::{
-    flow_flags, maglev_index, reason, state, xdp_mode, TrafficStats, MAX_BACKENDS, NO_BACKEND,
+    flow_flags, maglev_index, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION,
+    MAX_BACKENDS, NO_BACKEND,
 };
 use serde::Serialize;
 
@@ -47,9 +48,12 @@ pub struct FlowTable {
 }
 
 /// Everything `lb-agent status` shows; `--json` prints it as is.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Default)]
 pub struct Report {
     pub agent: AgentStatus,
+    /// The config file the agent runs with, when the agent answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigStatus>,
     /// Established connections in the flow table (all VIPs).
     pub flows: u64,
     /// Connections whose backend has not answered past the handshake yet.
@@ -64,7 +68,18 @@ pub struct Report {
     pub vrrp: Option<VrrpStatus>,
 }
 
-#[derive(Debug, Serialize)]
+/// The loaded config file's identity (from the agent).
+#[derive(Debug, Serialize, Default)]
+pub struct ConfigStatus {
+    /// Absolute path.
+    pub path: String,
+    /// SHA-256 of the file's bytes as loaded, hex.
+    pub sha256: String,
+    /// When it was loaded, RFC 3339 (UTC).
+    pub loaded_at: String,
+}
+
+#[derive(Debug, Serialize, Default)]
 pub struct AgentStatus {
     /// The control socket answered.
     pub running: bool,
@@ -76,7 +91,13 @@ pub struct AgentStatus {
     pub pin_path: String,
     pub control_socket: String,
     pub uptime_seconds: u64,
+    /// The running agent's version (from the agent).
     pub version: String,
+    /// Layout version of the pinned maps, as the agent that pinned them wrote it (0: pinned
+    /// before layouts were versioned).
+    pub map_layout_version: u32,
+    /// The layout version this lb-agent binary reads and writes.
+    pub expected_map_layout_version: u32,
     /// Why the control socket did not answer, when it did not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_error: Option<String>,
@@ -212,6 +233,11 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let config = (running && !info.config_sha256.is_empty()).then(|| ConfigStatus {
+        path: info.config.clone(),
+        sha256: info.config_sha256.clone(),
+        loaded_at: rfc3339(info.config_loaded_unix),
+    });
     let agent = AgentStatus {
         running,
         pid: meta.pid,
@@ -228,6 +254,8 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         control_socket: control_socket.display().to_string(),
         uptime_seconds: now.saturating_sub(meta.started_unix),
         version: info.version,
+        map_layout_version: meta.layout_version,
+        expected_map_layout_version: MAP_LAYOUT_VERSION,
         control_error,
         map_repairs: info.map_repairs,
         last_map_repair: info.last_map_repair,
@@ -355,6 +383,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
     }
     Ok(Report {
         agent,
+        config,
         flows,
         half_open,
         flow_table,
@@ -362,6 +391,46 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         counters,
         vrrp,
     })
+}
+
+/// Unix seconds as RFC 3339 in UTC, to the second.
+fn rfc3339(unix: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The pinned maps' layout version, and plainly whether this binary expects another.
+fn layout_words(pinned: u32, expected: u32) -> String {
+    match pinned {
+        p if p == expected => format!("map layout {p}"),
+        0 => format!(
+            "map layout 0 (pinned before layouts were versioned; this lb-agent expects {expected})"
+        ),
+        p => format!("map layout {p} (this lb-agent expects {expected})"),
+    }
+}
+
+/// Which agent, with which config file, over which map layout.
+fn identity_line(r: &Report) -> String {
+    let a = &r.agent;
+    let agent = if a.running {
+        format!("lb-agent {}", a.version)
+    } else {
+        "lb-agent unknown (not answering)".to_string()
+    };
+    let config = match &r.config {
+        Some(c) => format!(
+            "config {} (sha256 {}, loaded {})",
+            c.path,
+            c.sha256.get(..12).unwrap_or(&c.sha256),
+            c.loaded_at
+        ),
+        None => "config unknown".to_string(),
+    };
+    format!(
+        "{agent}; {config}; {}",
+        layout_words(a.map_layout_version, a.expected_map_layout_version)
+    )
 }
 
 fn human_bytes(b: u64) -> String {
@@ -384,10 +453,7 @@ pub fn render(r: &Report) -> String {
     let mut o = String::new();
     let a = &r.agent;
     let state = if a.running {
-        format!(
-            "running (pid {}, up {}s, {})",
-            a.pid, a.uptime_seconds, a.version
-        )
+        format!("running (pid {}, up {}s)", a.pid, a.uptime_seconds)
     } else {
         format!(
             "NOT ANSWERING on {} (maps below may be stale: {})",
@@ -396,6 +462,7 @@ pub fn render(r: &Report) -> String {
         )
     };
     let _ = writeln!(o, "agent:     {state}");
+    let _ = writeln!(o, "version:   {}", identity_line(r));
     let _ = writeln!(
         o,
         "data plane: XDP {} on {} (ifindex {}), maps pinned under {}",
@@ -567,4 +634,111 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(o, "  (all zero)");
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(running: bool, pinned_layout: u32) -> Report {
+        Report {
+            agent: AgentStatus {
+                running,
+                pid: 4242,
+                version: if running {
+                    "0.1.0".into()
+                } else {
+                    String::new()
+                },
+                map_layout_version: pinned_layout,
+                expected_map_layout_version: MAP_LAYOUT_VERSION,
+                control_error: (!running).then(|| "connection refused".into()),
+                ..Default::default()
+            },
+            config: running.then(|| ConfigStatus {
+                path: "/etc/lb/lb.toml".into(),
+                sha256: "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad".into(),
+                loaded_at: rfc3339(1_795_000_000),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line in:\n{text}"))
+    }
+
+    #[test]
+    fn rfc3339_is_utc_to_the_second() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+    }
+
+    #[test]
+    fn version_line_names_agent_config_and_layout() {
+        let text = render(&report(true, MAP_LAYOUT_VERSION));
+        assert_eq!(
+            line(&text, "version:"),
+            format!(
+                "version:   lb-agent 0.1.0; config /etc/lb/lb.toml (sha256 ba7816bf8f01, loaded 2026-11-18T11:06:40Z); map layout {MAP_LAYOUT_VERSION}"
+            )
+        );
+        // Near the top: right after the agent's own line.
+        assert!(
+            text.lines().nth(1).unwrap().starts_with("version:"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_layout_this_binary_does_not_expect_is_said_plainly() {
+        let text = render(&report(true, MAP_LAYOUT_VERSION + 1));
+        assert!(
+            line(&text, "version:").ends_with(&format!(
+                "; map layout {} (this lb-agent expects {MAP_LAYOUT_VERSION})",
+                MAP_LAYOUT_VERSION + 1
+            )),
+            "{text}"
+        );
+        let text = render(&report(true, 0));
+        assert!(
+            line(&text, "version:").ends_with(&format!(
+                "; map layout 0 (pinned before layouts were versioned; this lb-agent expects {MAP_LAYOUT_VERSION})"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_wedged_agent_still_shows_the_pinned_layout() {
+        let text = render(&report(false, MAP_LAYOUT_VERSION));
+        assert_eq!(
+            line(&text, "version:"),
+            format!(
+                "version:   lb-agent unknown (not answering); config unknown; map layout {MAP_LAYOUT_VERSION}"
+            )
+        );
+    }
+
+    #[test]
+    fn json_names_the_identity_fields() {
+        let v = serde_json::to_value(report(true, MAP_LAYOUT_VERSION)).unwrap();
+        assert_eq!(v["agent"]["version"], "0.1.0");
+        assert_eq!(v["agent"]["map_layout_version"], MAP_LAYOUT_VERSION);
+        assert_eq!(
+            v["agent"]["expected_map_layout_version"],
+            MAP_LAYOUT_VERSION
+        );
+        assert_eq!(v["config"]["path"], "/etc/lb/lb.toml");
+        assert_eq!(
+            v["config"]["sha256"],
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(v["config"]["loaded_at"], "2026-11-18T11:06:40Z");
+        let v = serde_json::to_value(report(false, MAP_LAYOUT_VERSION)).unwrap();
+        assert!(v.get("config").is_none(), "unknown without the agent: {v}");
+        assert_eq!(v["agent"]["map_layout_version"], MAP_LAYOUT_VERSION);
+    }
 }

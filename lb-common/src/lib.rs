@@ -524,6 +524,12 @@ impl Default for BackendMeta {
     }
 }
 
+/// Version of the pinned maps' layout, written to `AgentMeta::layout_version` when the agent
+/// loads the data plane. Bump it with any change a running program and a newer agent would
+/// disagree on: a pinned map's key or value type (fields, order, size), its type or size, or
+/// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
 /// The single element of AGENT_META.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -534,7 +540,10 @@ pub struct AgentMeta {
     pub ifindex: u32,
     /// Agent's process id.
     pub pid: u32,
-    pub _pad: u32,
+    /// `MAP_LAYOUT_VERSION` of the agent that loaded the pinned maps. Stays at offset 12 in
+    /// every layout (it was padding before versioning, so older pins read 0), so any lb-agent
+    /// can tell which layout a running data plane has.
+    pub layout_version: u32,
     /// Wall-clock start time, Unix seconds.
     pub started_unix: u64,
     /// The interface's MAC: frames for other hosts (flooded by a switch or bridge, or seen
@@ -583,5 +592,7 @@ const _: () = {
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<AgentMeta>() == 32);
+    // Where every lb-agent looks for the layout version: it must never move.
+    assert!(core::mem::offset_of!(AgentMeta, layout_version) == 12);
     assert!(MAX_VIPS * 2 * MAX_MAGLEV_SIZE < u32::MAX);
 };

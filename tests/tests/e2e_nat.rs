@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use lb_tests::lab::{backend_name, Lab};
+use sha2::{Digest, Sha256};
 
 #[test]
 fn thousand_requests_through_the_vip_each_on_a_new_connection() {
@@ -29,6 +30,27 @@ fn thousand_requests_through_the_vip_each_on_a_new_connection() {
         assert_eq!(vip["address"], "198.18.0.100");
         assert_eq!(vip["port"], 6443);
         assert_eq!(status["agent"]["xdp_mode"], "native");
+        // Which agent runs which config over which map layout.
+        assert_eq!(status["agent"]["version"], lb_agent::VERSION);
+        assert_eq!(
+            status["agent"]["map_layout_version"],
+            lb_common::MAP_LAYOUT_VERSION
+        );
+        assert_eq!(
+            status["agent"]["expected_map_layout_version"],
+            lb_common::MAP_LAYOUT_VERSION
+        );
+        let config_path = std::path::absolute(&config).unwrap();
+        assert_eq!(status["config"]["path"], config_path.to_str().unwrap());
+        let bytes = std::fs::read(&config).unwrap();
+        let sha256: String = Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(status["config"]["sha256"], sha256, "{status}");
+        let loaded_at = status["config"]["loaded_at"].as_str().unwrap();
+        let loaded = humantime::parse_rfc3339(loaded_at).expect("loaded_at is RFC 3339");
+        assert!(loaded <= std::time::SystemTime::now(), "{loaded_at}");
         let mut total_new = 0;
         for i in 0..3 {
             let name = backend_name(i);

@@ -121,11 +121,17 @@ async fn watch_vrrp(
     }
 }
 
+/// `t` in whole seconds since the Unix epoch (0 before it).
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Runs the agent until SIGTERM or SIGINT (Ok) or until a supervised task ends (Err).
 pub async fn run(config: Config) -> Result<()> {
     // Before anything changes on the host: a signal from here on is handled, never fatal.
     let mut signals = signals::Signals::install().context("installing signal handlers")?;
     let file = config.path.display().to_string();
+    let source = config.source.as_ref();
     host::check_privileges(
         "run",
         host::Needs {
@@ -199,15 +205,12 @@ pub async fn run(config: Config) -> Result<()> {
     let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
     sysctls.reserve_ports(&ranges)?;
 
-    let started_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let started_unix = unix_seconds(SystemTime::now());
     let mut meta = AgentMeta {
         xdp_mode: lb_common::xdp_mode::NONE,
         ifindex,
         pid: std::process::id(),
-        _pad: 0,
+        layout_version: lb_common::MAP_LAYOUT_VERSION,
         started_unix,
         mac,
         _pad2: [0; 2],
@@ -304,8 +307,10 @@ pub async fn run(config: Config) -> Result<()> {
         penalty: penalty_tx,
         info: AgentInfo {
             pid: std::process::id(),
-            version: format!("lb-agent {}", env!("CARGO_PKG_VERSION")),
-            config: file.clone(),
+            version: crate::VERSION.to_string(),
+            config: source.map_or(file.clone(), |s| s.path.display().to_string()),
+            config_sha256: source.map(|s| s.sha256.clone()).unwrap_or_default(),
+            config_loaded_unix: source.map_or(0, |s| unix_seconds(s.loaded)),
             interface: iface.clone(),
             started_unix,
             ..Default::default()

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
@@ -51,6 +51,44 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// The `[vrrp]` section; None = the VIP addresses are placed by other means.
     pub vrrp: Option<VrrpConfig>,
+    /// Which file, and which version of it, this config was read from (`load` only).
+    pub source: Option<ConfigSource>,
+}
+
+/// The identity of a loaded config file: `lb-agent status` shows it, so an operator can
+/// tell whether the running agent has the file that is on disk now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// Absolute (symlinks kept as named: this is the path the operator gave).
+    pub path: PathBuf,
+    /// SHA-256 of the file's bytes, lower-case hex.
+    pub sha256: String,
+    /// Wall-clock time the file was read.
+    pub loaded: SystemTime,
+}
+
+impl ConfigSource {
+    /// The identity of `bytes`, read from `path` now.
+    pub fn new(path: &Path, bytes: &[u8]) -> ConfigSource {
+        ConfigSource {
+            // Only fails for an empty path, which could not have been read.
+            path: std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()),
+            sha256: sha256_hex(bytes),
+            loaded: SystemTime::now(),
+        }
+    }
+}
+
+/// SHA-256 of `bytes` as lower-case hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .fold(String::with_capacity(64), |mut s, b| {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// The `[agent]` section.
@@ -255,9 +293,16 @@ fn one_line(s: &str) -> String {
 impl Config {
     /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new(path, "(file)", format!("cannot read: {e}")))?;
-        Self::parse(path, &text)
+        let cannot_read = |e: &dyn std::fmt::Display| {
+            ConfigError::new(path, "(file)", format!("cannot read: {e}"))
+        };
+        // One read: the hash is of exactly the bytes that were parsed.
+        let bytes = std::fs::read(path).map_err(|e| cannot_read(&e))?;
+        let source = ConfigSource::new(path, &bytes);
+        let text = String::from_utf8(bytes).map_err(|e| cannot_read(&e))?;
+        let mut config = Self::parse(path, &text)?;
+        config.source = Some(source);
+        Ok(config)
     }
 
     /// Parses and validates `text`; `path` is only used in error messages.
@@ -275,6 +320,7 @@ impl Config {
             agent,
             vips,
             vrrp,
+            source: None,
         })
     }
 
@@ -1279,6 +1325,13 @@ port = 8132
         std::fs::write(&path, minimal("", "")).expect("write config");
         let cfg = Config::load(&path).expect("valid config");
         assert_eq!(cfg.path, path);
+        let source = cfg.source.expect("load records the source");
+        assert_eq!(source.path, path);
+        assert_eq!(
+            source.sha256,
+            sha256_hex(minimal("", "").as_bytes()),
+            "the hash is of the file's bytes"
+        );
 
         let missing = dir.join("missing.toml");
         let err = Config::load(&missing).expect_err("missing file");
@@ -1286,6 +1339,55 @@ port = 8132
         assert!(err
             .to_string()
             .starts_with(&format!("{}: (file): ", missing.display())));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn sha256_of_known_bytes() {
+        // FIPS 180-2's test vectors.
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            sha256_hex(b""),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn config_source_of_a_file_with_known_bytes() {
+        let dir = std::env::temp_dir().join(format!("lbcfg-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("abc.toml");
+        std::fs::write(&path, b"abc").expect("write");
+        let before = SystemTime::now();
+        let source = ConfigSource::new(&path, &std::fs::read(&path).expect("read"));
+        assert_eq!(source.path, path);
+        assert!(source.path.is_absolute());
+        assert_eq!(
+            source.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(source.loaded >= before && source.loaded <= SystemTime::now());
+        // A relative path is kept as named, made absolute against the working directory.
+        let rel = ConfigSource::new(Path::new("lb.toml"), b"");
+        assert_eq!(
+            rel.path,
+            std::env::current_dir().expect("cwd").join("lb.toml")
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_is_refused_by_name() {
+        let dir = std::env::temp_dir().join(format!("lbcfg-utf8-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("lb.toml");
+        std::fs::write(&path, b"\xff\xfe").expect("write");
+        let err = Config::load(&path).expect_err("not UTF-8");
+        assert_eq!(err.field, "(file)");
+        assert!(err.message.starts_with("cannot read: "), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
