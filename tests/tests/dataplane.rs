@@ -402,6 +402,15 @@ fn client_timestamps_reach_the_backend_on_this_hosts_clock_and_come_back_unchang
     assert_eq!(p.timestamps, None);
 }
 
+/// The backend's SYN-ACK and its first ACK past it for the flow `fwd` (as the backend saw
+/// the SYN): both sent on, and the second moves the flow to FLOWS.
+fn complete_handshake(f: &Fixture, fwd: &Parsed) {
+    let (v, _) = f.run(&from_backend(fwd, TcpFlags::SYN | TcpFlags::ACK).bytes());
+    assert_eq!(v, XDP_TX, "the backend's SYN-ACK");
+    let (v, _) = f.run(&from_backend(fwd, TcpFlags::ACK).bytes());
+    assert_eq!(v, XDP_TX, "the backend's ACK");
+}
+
 /// The TCP options of `frame` as the program left them: those sent, with the MSS value at
 /// `at` bytes into the options replaced by `mss`.
 fn options_with_mss(sent: &Frame, at: usize, mss: u16) -> Vec<u8> {
@@ -626,12 +635,7 @@ fn a_syn_flood_recycles_half_open_ports_and_never_touches_established_flows() {
             // Another connection to a backend that has one: leave it half-open.
             continue;
         }
-        assert_eq!(
-            f.run(&from_backend(&p, TcpFlags::SYN | TcpFlags::ACK).bytes())
-                .0,
-            XDP_TX
-        );
-        assert_eq!(f.run(&from_backend(&p, TcpFlags::ACK).bytes()).0, XDP_TX);
+        complete_handshake(&f, &p);
         established.push((port, p));
     }
     assert_eq!(established.len(), 3);
@@ -737,8 +741,7 @@ fn close_flags_from_both_sides_reach_both_entries() {
     };
     let (v, out) = f.run(&syn(45000).bytes());
     let fwd = assert_forwarded(&f, v, &out, 45000);
-    f.run(&from_backend(&fwd, TcpFlags::SYN | TcpFlags::ACK).bytes());
-    f.run(&from_backend(&fwd, TcpFlags::ACK).bytes());
+    complete_handshake(&f, &fwd);
     let fin = Frame::tcp(
         CLIENT_MAC,
         LB_MAC,
@@ -1210,12 +1213,7 @@ fn a_block_of_established_ports_longer_than_the_tries_does_not_stop_new_flows() 
     while per_backend.iter().any(|&c| c < 20) {
         let (v, out) = f.run(&syn(port).bytes());
         let p = assert_forwarded(&f, v, &out, port);
-        assert_eq!(
-            f.run(&from_backend(&p, TcpFlags::SYN | TcpFlags::ACK).bytes())
-                .0,
-            XDP_TX
-        );
-        assert_eq!(f.run(&from_backend(&p, TcpFlags::ACK).bytes()).0, XDP_TX);
+        complete_handshake(&f, &p);
         per_backend[f.backend_by_addr(p.dst)] += 1;
         port += 1;
     }
