@@ -2,22 +2,27 @@
 //! combine into the one state the data plane should see. `dataplane::writer` owns the map
 //! writes; a write that fails leaves the plan ahead of the maps until `reconcile` succeeds.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    time::{SystemTime, UNIX_EPOCH},
+};
 
-use lb_common::state;
+use lb_common::{state, MAX_BACKENDS, MAX_VIPS};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::{
-    config::{Config, HealthKind},
+    config::{Config, HealthConfig, HealthKind, RemovedBackends},
     control::Peer,
     dataplane::{
-        writer::{Reconciled, VipPlan, Writer},
+        writer::{self, Reconciled, VipPlan, Writer},
         DataplaneError,
     },
     health::{
         policy::{self, BackendView, PanicDecision},
         probe::{Failure, FailureClass},
+        probers::ProbeSpec,
         tracker::{Health, Tracker},
         ProbeEvent,
     },
@@ -39,11 +44,14 @@ pub fn effective(health: &Health, probes: bool, drained: bool, weight: u32) -> u
     }
 }
 
+#[derive(Clone)]
 struct Runtime {
     tracker: Tracker,
     drained: bool,
     weight: u32,
     address: String,
+    /// Taken out of the config by a reload, kept (drained) until its connections end.
+    removed: bool,
 }
 
 /// Per-backend health as `lb-agent status` shows it (from the control socket).
@@ -68,6 +76,9 @@ pub struct BackendHealth {
     /// Served although its probes fail, because the VIP is in panic mode.
     #[serde(default)]
     pub served_in_panic: bool,
+    /// Taken out of the config by a reload; kept, drained, until its connections end.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 /// Per-VIP health for status.
@@ -86,15 +97,40 @@ pub struct VipHealth {
 /// place a backend's state is decided.
 pub struct Backends {
     writer: Writer,
+    /// The config's VIPs in its order, then VIPs a reload removed whose connections are
+    /// still kept (`VipPlan::removed`).
     vips: Vec<VipPlan>,
     runtime: Vec<Vec<Runtime>>,
-    probes: Vec<HealthKind>,
+    health: Vec<HealthConfig>,
     /// Per VIP: whether it is in panic mode and which backends that serves.
     panic: Vec<PanicDecision>,
     /// A write failed since the last look (the keeper schedules a retry).
     write_failed: bool,
     /// The maps are behind the plan (a write failed and no reconcile has succeeded since).
     behind: bool,
+    /// Indices below these have been given out since start: new backends and VIPs take
+    /// fresh ones first, so a stale flow or counter never meets a newcomer on its index.
+    fresh_backend: u32,
+    fresh_vip: u32,
+    policy: RemovedBackends,
+    default_snat: Ipv4Addr,
+}
+
+/// What a reload changed in the maps, beyond what the config diff says.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// In words, one line each.
+    pub notes: Vec<String>,
+}
+
+/// The lowest index below `max` that `used` lacks, fresh ones (from `*fresh`) first.
+fn take_index(used: &BTreeSet<u32>, fresh: &mut u32, max: u32) -> Option<u32> {
+    if *fresh < max {
+        let i = *fresh;
+        *fresh += 1;
+        return Some(i);
+    }
+    (0..max).find(|i| !used.contains(i))
 }
 
 fn unix_of(t: Instant) -> u64 {
@@ -107,47 +143,293 @@ fn unix_of(t: Instant) -> u64 {
 }
 
 impl Backends {
-    /// Installs `vips` with every probed backend down until its first probe answers.
+    /// Serves `config` from empty maps: a reload from nothing. Every probed backend is down
+    /// until its first probe answers.
     pub fn install(
         config: &Config,
-        mut writer: Writer,
-        mut vips: Vec<VipPlan>,
+        writer: Writer,
+        default_snat: Ipv4Addr,
     ) -> Result<Self, DataplaneError> {
-        let mut runtime = Vec::new();
-        let mut probes = Vec::new();
-        for (v, plan) in config.vips.iter().zip(vips.iter_mut()) {
-            let h = &v.health;
-            probes.push(h.kind);
-            let rts: Vec<Runtime> = v
-                .backends
-                .iter()
-                .map(|b| Runtime {
-                    tracker: Tracker::new(h.rise, h.fall),
-                    drained: false,
-                    weight: b.weight,
-                    address: format!("{}:{}", b.address, b.port),
-                })
-                .collect();
-            for (b, rt) in plan.backends.iter_mut().zip(&rts) {
-                b.state = effective(
-                    &rt.tracker.health,
-                    h.kind != HealthKind::None,
-                    false,
-                    rt.weight,
-                );
-            }
-            runtime.push(rts);
-        }
-        writer.install(&mut vips)?;
-        Ok(Self {
+        let mut b = Self {
             writer,
-            vips,
-            panic: vec![PanicDecision::Normal; runtime.len()],
-            runtime,
-            probes,
+            vips: Vec::new(),
+            runtime: Vec::new(),
+            health: Vec::new(),
+            panic: Vec::new(),
             write_failed: false,
             behind: false,
-        })
+            fresh_backend: 0,
+            fresh_vip: 0,
+            policy: config.agent.removed_backends,
+            default_snat,
+        };
+        b.reload(config)?;
+        Ok(b)
+    }
+
+    /// Makes the plans those of `config` and writes what changed. A VIP keeps its index by
+    /// name and a backend by (VIP, name, address, port), so its flows, counters and state
+    /// carry over; backends and VIPs the config dropped are kept drained until their
+    /// connections end, or reset, as `agent.removed_backends` says.
+    pub fn reload(&mut self, config: &Config) -> Result<Reloaded, DataplaneError> {
+        self.policy = config.agent.removed_backends;
+        let mut fresh = writer::plan(config, self.default_snat);
+        let mut used_vips: BTreeSet<u32> = BTreeSet::new();
+        let mut used: BTreeSet<u32> = BTreeSet::new();
+        for v in &self.vips {
+            used_vips.insert(v.info.index);
+            used.extend(v.backends.iter().map(|b| b.index));
+        }
+        let mut notes = Vec::new();
+        let mut taken = vec![false; self.vips.len()];
+        let mut runtime = Vec::new();
+        let mut panic = Vec::new();
+        let mut new_backends = Vec::new();
+        let mut new_vips = Vec::new();
+        for (vc, plan) in config.vips.iter().zip(fresh.iter_mut()) {
+            let old = self
+                .vips
+                .iter()
+                .position(|o| o.name == plan.name && !o.removed)
+                .or_else(|| self.vips.iter().position(|o| o.name == plan.name));
+            if let Some(o) = old {
+                taken[o] = true;
+                plan.info.index = self.vips[o].info.index;
+                plan.info.active_half = self.vips[o].info.active_half;
+            } else {
+                let i = take_index(&used_vips, &mut self.fresh_vip, MAX_VIPS)
+                    .ok_or(DataplaneError::NoIndex("VIP", MAX_VIPS))?;
+                used_vips.insert(i);
+                plan.info.index = i;
+                new_vips.push(i);
+            }
+            let mut rts = Vec::new();
+            let mut kept = vec![false; old.map_or(0, |o| self.vips[o].backends.len())];
+            for (bc, bp) in vc.backends.iter().zip(plan.backends.iter_mut()) {
+                let same = old.and_then(|o| {
+                    self.vips[o]
+                        .backends
+                        .iter()
+                        .position(|p| p.name == bp.name && p.addr == bp.addr && p.port == bp.port)
+                });
+                let rt = match (old, same) {
+                    (Some(o), Some(b)) => {
+                        kept[b] = true;
+                        bp.index = self.vips[o].backends[b].index;
+                        let mut rt = self.runtime[o][b].clone();
+                        if rt.removed {
+                            notes.push(format!(
+                                "VIP {}: backend {} is back before its connections ended",
+                                plan.name, bp.name
+                            ));
+                        }
+                        rt.removed = false;
+                        rt.weight = bc.weight;
+                        rt.tracker.set_thresholds(vc.health.rise, vc.health.fall);
+                        rt
+                    }
+                    _ => {
+                        let i = take_index(&used, &mut self.fresh_backend, MAX_BACKENDS)
+                            .ok_or(DataplaneError::NoIndex("backend", MAX_BACKENDS))?;
+                        used.insert(i);
+                        bp.index = i;
+                        new_backends.push(i);
+                        Runtime {
+                            tracker: Tracker::new(vc.health.rise, vc.health.fall),
+                            drained: false,
+                            weight: bc.weight,
+                            address: format!("{}:{}", bc.address, bc.port),
+                            removed: false,
+                        }
+                    }
+                };
+                rts.push(rt);
+            }
+            // Backends this VIP no longer has.
+            if let Some(o) = old {
+                for (b, k) in kept.iter().enumerate() {
+                    if !k {
+                        self.keep_or_retire(o, b, plan, &mut rts, &mut notes);
+                    }
+                }
+            }
+            runtime.push(rts);
+            panic.push(old.map_or(PanicDecision::Normal, |o| self.panic[o].clone()));
+            plan.table.clear();
+        }
+        let mut health: Vec<HealthConfig> = config.vips.iter().map(|v| v.health.clone()).collect();
+        // VIPs the config no longer has.
+        let mut gone_vips = Vec::new();
+        for (o, t) in taken.iter().enumerate() {
+            if *t {
+                continue;
+            }
+            let mut plan = self.vips[o].clone();
+            plan.removed = true;
+            plan.backends.clear();
+            let mut rts = Vec::new();
+            for b in 0..self.vips[o].backends.len() {
+                self.keep_or_retire(o, b, &mut plan, &mut rts, &mut notes);
+            }
+            if plan.backends.is_empty() {
+                gone_vips.push(plan.info.index);
+                continue;
+            }
+            fresh.push(plan);
+            runtime.push(rts);
+            panic.push(PanicDecision::Normal);
+            health.push(self.health[o].clone());
+        }
+        let retired: Vec<u32> = used
+            .iter()
+            .copied()
+            .filter(|i| {
+                !fresh
+                    .iter()
+                    .any(|v| v.backends.iter().any(|b| b.index == *i))
+            })
+            .collect();
+        for i in &new_vips {
+            self.writer.fresh_vip(*i)?;
+        }
+        for i in &new_backends {
+            self.writer.fresh_backend(*i)?;
+        }
+        let old_plans = std::mem::replace(&mut self.vips, fresh);
+        self.runtime = runtime;
+        self.health = health;
+        self.panic = panic;
+        for v in 0..self.vips.len() {
+            for (b, st) in self.decide(v).into_iter().enumerate() {
+                self.vips[v].backends[b].state = st;
+            }
+        }
+        // The same safe order as any change: backends that take new flows, tables, then the
+        // rest, then VIP entries no VIP has; only then are indices nobody uses retired.
+        let r = self.writer.sync(&mut self.vips);
+        if r.is_err() {
+            self.write_failed = true;
+            self.behind = true;
+        }
+        for i in retired {
+            self.writer.retire_backend(i)?;
+        }
+        for i in gone_vips {
+            self.writer.retire_vip(i)?;
+        }
+        self.writer.clear_filter(&old_plans, &self.vips)?;
+        r?;
+        Ok(Reloaded { notes })
+    }
+
+    /// Keeps backend `b` of old VIP `o` in `plan` as removed (drained until its connections
+    /// end) under the drain policy unless it is down; otherwise leaves it out, and the caller
+    /// retires its index.
+    fn keep_or_retire(
+        &self,
+        o: usize,
+        b: usize,
+        plan: &mut VipPlan,
+        rts: &mut Vec<Runtime>,
+        notes: &mut Vec<String>,
+    ) {
+        let bp = self.vips[o].backends[b].clone();
+        let mut rt = self.runtime[o][b].clone();
+        if self.policy == RemovedBackends::Reset || bp.state == state::DOWN {
+            notes.push(format!(
+                "VIP {}: backend {} ({}): its connections are reset at their next packet",
+                self.vips[o].name, bp.name, rt.address
+            ));
+            return;
+        }
+        if !rt.removed {
+            notes.push(format!(
+                "VIP {}: backend {} ({}): kept, drained, until its connections end",
+                self.vips[o].name, bp.name, rt.address
+            ));
+        }
+        rt.removed = true;
+        plan.backends.push(bp);
+        rts.push(rt);
+    }
+
+    /// True while a removed backend is kept for its connections.
+    pub fn keeps_removed(&self) -> bool {
+        self.runtime.iter().flatten().any(|r| r.removed)
+    }
+
+    /// Ends the removed backends (and removed VIPs) that no connection uses any more;
+    /// returns what ended, in words. Reads the flow tables, so only while some are kept.
+    pub fn release_removed(&mut self) -> Result<Vec<String>, DataplaneError> {
+        if !self.keeps_removed() {
+            return Ok(Vec::new());
+        }
+        let now = crate::dataplane::pinned::monotonic_coarse_ns();
+        let flows = self.writer.maps.flows_by_backend(Some(now)).0;
+        let mut ended = Vec::new();
+        let old_plans = self.vips.clone();
+        let mut retired = Vec::new();
+        for v in (0..self.vips.len()).rev() {
+            for b in (0..self.vips[v].backends.len()).rev() {
+                let index = self.vips[v].backends[b].index;
+                let rt = &self.runtime[v][b];
+                if !rt.removed || flows.get(&index).copied().unwrap_or(0) > 0 {
+                    continue;
+                }
+                ended.push(format!(
+                    "VIP {}: removed backend {} ({}) has no connections left: gone",
+                    self.vips[v].name, self.vips[v].backends[b].name, rt.address
+                ));
+                // Drained, so no table holds it: dropping it from the plan changes no table.
+                self.vips[v].backends.remove(b);
+                self.vips[v].table.clear();
+                self.runtime[v].remove(b);
+                retired.push(index);
+            }
+            if self.vips[v].removed && self.vips[v].backends.is_empty() {
+                ended.push(format!(
+                    "VIP {}: removed, no connections left: gone",
+                    self.vips[v].name
+                ));
+                let index = self.vips[v].info.index;
+                self.vips.remove(v);
+                self.runtime.remove(v);
+                self.health.remove(v);
+                self.panic.remove(v);
+                self.writer.retire_vip(index)?;
+            }
+        }
+        for i in retired {
+            self.writer.retire_backend(i)?;
+        }
+        self.writer.clear_filter(&old_plans, &self.vips)?;
+        Ok(ended)
+    }
+
+    /// What the probers should probe: every backend of the plan, removed ones included (a
+    /// removed backend that dies must still let its connections go).
+    pub fn probe_specs(&self) -> Vec<ProbeSpec> {
+        self.vips
+            .iter()
+            .zip(&self.health)
+            .flat_map(|(v, h)| {
+                v.backends.iter().map(move |b| ProbeSpec {
+                    vip: v.name.clone(),
+                    backend: b.index,
+                    name: b.name.clone(),
+                    addr: SocketAddr::from((b.addr, b.port)),
+                    health: h.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Where backend index `i` is in the plans.
+    fn position(&self, i: u32) -> Option<(usize, usize)> {
+        self.vips
+            .iter()
+            .enumerate()
+            .find_map(|(v, p)| p.backends.iter().position(|b| b.index == i).map(|b| (v, b)))
     }
 
     /// The writer, for agent-wide map entries.
@@ -180,12 +462,15 @@ impl Backends {
     /// Applies a probe result; logs and publishes a change of state.
     pub fn on_probe(&mut self, ev: ProbeEvent) {
         let now = Instant::now();
-        let rt = &mut self.runtime[ev.vip][ev.backend];
+        let Some((v, b)) = self.position(ev.backend) else {
+            return;
+        };
+        let rt = &mut self.runtime[v][b];
         let Some(tr) = rt.tracker.record(now, ev.outcome) else {
             return;
         };
-        let vip = &self.vips[ev.vip];
-        let b = &vip.backends[ev.backend];
+        let vip = &self.vips[v];
+        let be = &vip.backends[b];
         let effect = match &tr.to {
             Health::Up => "takes new connections".to_string(),
             Health::Down(f) if f.class().keeps_flows() => {
@@ -199,7 +484,7 @@ impl Backends {
         log::info!(
             "VIP {} backend {} ({}): {} -> {}{}; {effect}",
             vip.name,
-            b.name,
+            be.name,
             rt.address,
             health_word(&tr.from),
             health_word(&tr.to),
@@ -208,13 +493,31 @@ impl Backends {
                 _ => String::new(),
             }
         );
-        self.apply(ev.vip);
+        self.apply(v);
     }
 
     /// Decides the state of every backend of VIP `v` (one backend's change can start or end
     /// panic mode for all of them) and writes what changed; a failed write is logged and left
     /// to the keeper's retry (the plan already holds the new state).
     fn apply(&mut self, v: usize) {
+        let states = self.decide(v);
+        for (b, s) in states.into_iter().enumerate() {
+            if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
+                log::error!(
+                    "VIP {} backend {}: writing state {} to the data plane: {e} (retrying)",
+                    self.vips[v].name,
+                    self.vips[v].backends[b].name,
+                    state::name(s)
+                );
+                self.write_failed = true;
+                self.behind = true;
+            }
+        }
+    }
+
+    /// Decides (and logs) whether VIP `v` is in panic mode, and the state each of its
+    /// backends should have.
+    fn decide(&mut self, v: usize) -> Vec<u8> {
         let decision = policy::panic_mode(
             &self.vips[v]
                 .backends
@@ -223,7 +526,7 @@ impl Backends {
                 .map(|(b, rt)| BackendView {
                     name: &b.name,
                     health: &rt.tracker.health,
-                    drained: rt.drained || rt.weight == 0,
+                    drained: rt.drained || rt.removed || rt.weight == 0,
                 })
                 .collect::<Vec<_>>(),
         );
@@ -239,27 +542,21 @@ impl Backends {
                 ),
             }
         }
-        let probes = self.probes[v] != HealthKind::None;
-        for b in 0..self.runtime[v].len() {
-            let rt = &self.runtime[v][b];
-            let health = if decision.serves(b) {
-                &Health::Up
-            } else {
-                &rt.tracker.health
-            };
-            let s = effective(health, probes, rt.drained, rt.weight);
-            if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
-                log::error!(
-                    "VIP {} backend {}: writing state {} to the data plane: {e} (retrying)",
-                    self.vips[v].name,
-                    self.vips[v].backends[b].name,
-                    state::name(s)
-                );
-                self.write_failed = true;
-                self.behind = true;
-            }
-        }
+        let probes = self.health[v].kind != HealthKind::None;
+        let states = self.runtime[v]
+            .iter()
+            .enumerate()
+            .map(|(b, rt)| {
+                let health = if decision.serves(b) {
+                    &Health::Up
+                } else {
+                    &rt.tracker.health
+                };
+                effective(health, probes, rt.drained || rt.removed, rt.weight)
+            })
+            .collect();
         self.panic[v] = decision;
+        states
     }
 
     /// Drains (or undrains) backend `backend` of VIP `vip`, by name, for `peer`.
@@ -273,12 +570,10 @@ impl Backends {
         let v = self
             .vips
             .iter()
-            .position(|p| p.name == vip)
+            .position(|p| p.name == vip && !p.removed)
             .ok_or_else(|| format!("no VIP named {vip:?}"))?;
-        let b = self.vips[v]
-            .backends
-            .iter()
-            .position(|p| p.name == backend)
+        let b = (0..self.vips[v].backends.len())
+            .find(|&b| self.vips[v].backends[b].name == backend && !self.runtime[v][b].removed)
             .ok_or_else(|| format!("VIP {vip:?} has no backend named {backend:?}"))?;
         self.runtime[v][b].drained = drain;
         let failures = self.writer.write_failures;
@@ -301,10 +596,12 @@ impl Backends {
     /// an LB whose probes work, if there is one.
     pub fn some_vip_without_healthy_backend(&self) -> bool {
         self.vips.iter().zip(&self.panic).any(|(v, p)| {
-            !v.backends
-                .iter()
-                .enumerate()
-                .any(|(i, b)| b.state == state::UP && !p.serves(i))
+            !v.removed
+                && !v
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .any(|(i, b)| b.state == state::UP && !p.serves(i))
         })
     }
 
@@ -313,11 +610,11 @@ impl Backends {
         self.vips
             .iter()
             .zip(&self.runtime)
-            .zip(&self.probes)
+            .zip(&self.health)
             .zip(&self.panic)
-            .map(|(((vip, rts), kind), panic)| VipHealth {
+            .map(|(((vip, rts), health), panic)| VipHealth {
                 name: vip.name.clone(),
-                probe: format!("{kind:?}").to_lowercase(),
+                probe: format!("{:?}", health.kind).to_lowercase(),
                 panic: panic.reason().map(Into::into),
                 backends: vip
                     .backends
@@ -346,6 +643,7 @@ impl Backends {
                                 _ => None,
                             },
                             served_in_panic: panic.serves(i),
+                            removed: rt.removed,
                         }
                     })
                     .collect(),

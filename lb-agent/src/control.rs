@@ -34,6 +34,12 @@ pub enum Request {
     Undrain { vip: String, backend: String },
     /// Configure a fault-injection point (agents built with the `failpoints` feature only).
     Failpoint { name: String, actions: String },
+    /// Re-read the config file (`config`, or the one the agent runs with) and apply what
+    /// changed; the answer's message has one line per change.
+    Reload {
+        #[serde(default)]
+        config: Option<String>,
+    },
 }
 
 impl Request {
@@ -52,6 +58,29 @@ pub struct Peer {
     pub pid: Option<i32>,
     /// Supplementary groups.
     pub groups: Vec<u32>,
+}
+
+impl Peer {
+    /// True when the peer could read `path` itself (by the file's mode bits): the agent
+    /// reads a config file a peer names only then, so a reload cannot be used to read
+    /// (and echo in an error) a file the peer may not see.
+    pub fn may_read(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.uid == 0 {
+            return true;
+        }
+        let Ok(m) = std::fs::metadata(path) else {
+            return false;
+        };
+        let mode = m.mode();
+        if m.uid() == self.uid {
+            return mode & 0o400 != 0;
+        }
+        if m.gid() == self.gid || self.groups.contains(&m.gid()) {
+            return mode & 0o040 != 0;
+        }
+        mode & 0o004 != 0
+    }
 }
 
 impl std::fmt::Display for Peer {
@@ -354,8 +383,12 @@ pub fn request(path: &Path, req: &Request) -> Result<Response, ControlError> {
         }
         Err(e) => return Err(io(e)),
     };
-    s.set_read_timeout(Some(Duration::from_secs(2)))
-        .map_err(io)?;
+    // A reload checks the file against the host and rewrites maps: give it longer.
+    let wait = match req {
+        Request::Reload { .. } => Duration::from_secs(15),
+        _ => Duration::from_secs(2),
+    };
+    s.set_read_timeout(Some(wait)).map_err(io)?;
     let mut line = serde_json::to_vec(req).expect("requests serialize");
     line.push(b'\n');
     s.write_all(&line).map_err(io)?;
@@ -406,6 +439,33 @@ pub fn group_id(name: &str) -> Result<u32, ControlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_names_only_files_it_could_read_itself() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("lb-may-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("lb.toml");
+        std::fs::write(&f, "x").unwrap();
+        let owner = nix::unistd::geteuid().as_raw();
+        let stranger = Peer {
+            uid: owner.wrapping_add(4242),
+            gid: 4242,
+            pid: None,
+            groups: vec![],
+        };
+        let root = Peer {
+            uid: 0,
+            ..stranger.clone()
+        };
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(!stranger.may_read(&f));
+        assert!(root.may_read(&f));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(stranger.may_read(&f));
+        assert!(!stranger.may_read(&dir.join("missing.toml")));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn who_may_change_state() {

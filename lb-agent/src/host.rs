@@ -258,6 +258,102 @@ impl Drop for Sysctls {
     }
 }
 
+/// Checks `cfg` against this host as `check-config` does, beyond what parsing checks: the
+/// interfaces, the SNAT ranges against the kernel's ephemeral range, the probes' TLS files,
+/// the control group, generic mode's hazards and the address owner's addresses. The error
+/// is the same one line `check-config` prints.
+pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::config::ConfigError> {
+    use crate::{config, control, dataplane::generic, netlink::Netlink, vrrp};
+    match config::read_ephemeral_range() {
+        Ok(range) => cfg.check_port_ranges(range)?,
+        Err(e) => log::warn!("cannot read net.ipv4.ip_local_port_range: {e}"),
+    }
+    let error = |field: String, message: String| config::ConfigError {
+        file: cfg.path.clone(),
+        field,
+        message,
+    };
+    for (i, v) in cfg.vips.iter().enumerate() {
+        if let Err(e) = crate::health::tls_config(&v.health) {
+            return Err(error(
+                format!("vip[{i}].health.{}", e.field),
+                format!(
+                    "{}{}",
+                    e.message,
+                    if e.field == "ca_file" {
+                        " (the CA that signed the apiservers' certificates; or set insecure_skip_verify = true)"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+    }
+    let Ok(index) = ifindex(&cfg.agent.interface) else {
+        return Err(error(
+            "agent.interface".into(),
+            format!("no interface {:?} on this host", cfg.agent.interface),
+        ));
+    };
+    if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
+        // Refused by `run` too; check-config sees the same interface, so it says so first.
+        let hazard = async {
+            let nl = Netlink::connect()?;
+            let links = nl.links().await.map_err(|e| e.source)?;
+            Ok::<_, std::io::Error>(generic::generic_hazard(&links, index))
+        };
+        match hazard.await {
+            Ok(None) => {}
+            Ok(Some(h)) => {
+                return Err(error(
+                    "agent.xdp_mode".into(),
+                    generic::refusal(&cfg.agent.interface, &h),
+                ))
+            }
+            Err(e) => log::warn!("cannot list the links of this host: {e}"),
+        }
+    }
+    if let Some(g) = &cfg.agent.control_socket_group {
+        if control::group_id(g).is_err() {
+            return Err(error(
+                "agent.control_socket_group".into(),
+                format!("no group {g:?} on this host"),
+            ));
+        }
+    }
+    if let Some(v) = &cfg.vrrp {
+        let Ok(index) = ifindex(&v.interface) else {
+            return Err(error(
+                "vrrp.interface".into(),
+                format!("no interface {:?} on this host", v.interface),
+            ));
+        };
+        if v.priority == vrrp::state::PRIORITY_OWNER {
+            // 255 means "these addresses are mine": a second master would follow otherwise.
+            let unowned = async {
+                let nl = Netlink::connect()?;
+                vrrp::unowned_address(v, index, &nl)
+                    .await
+                    .map_err(|e| e.source)
+            };
+            match unowned.await {
+                Ok(None) => {}
+                Ok(Some((a, p))) => {
+                    return Err(error(
+                        "vrrp.priority".into(),
+                        format!(
+                            "255 is for the owner of the virtual addresses, but {a}/{p} is not an address of {} (use 1-254, or configure the address on the interface)",
+                            v.interface
+                        ),
+                    ))
+                }
+                Err(e) => log::warn!("cannot list the addresses of {}: {e}", v.interface),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

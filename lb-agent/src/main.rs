@@ -1,4 +1,4 @@
-//! `lb-agent`: run | check-config | status.
+//! `lb-agent`: run | check-config | reload | status | drain | undrain.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -7,7 +7,6 @@ use lb_agent::{
     app,
     config::{self, Config},
     control::{self, Request},
-    dataplane::generic,
     status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
@@ -34,6 +33,14 @@ enum Cmd {
     CheckConfig {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+    },
+    /// Make the running agent re-read its config file (or FILE) and apply what changed in
+    /// place; prints one line per change. Exits 2, and nothing changes, when the config is
+    /// refused.
+    Reload {
+        /// The config file to load; its control socket is where the agent is asked.
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Stop sending new connections to a backend; its connections are kept.
     Drain {
@@ -92,95 +99,8 @@ fn load_config(path: &std::path::Path, rt: &tokio::runtime::Runtime) -> Result<C
         ExitCode::from(EXIT_CONFIG)
     };
     let cfg = Config::load(path).map_err(fail)?;
-    match config::read_ephemeral_range() {
-        Ok(range) => cfg.check_port_ranges(range).map_err(fail)?,
-        Err(e) => log::warn!("cannot read net.ipv4.ip_local_port_range: {e}"),
-    }
-    let error = |field: String, message: String| {
-        fail(config::ConfigError {
-            file: cfg.path.clone(),
-            field,
-            message,
-        })
-    };
-    for (i, v) in cfg.vips.iter().enumerate() {
-        if let Err(e) = lb_agent::health::tls_config(&v.health) {
-            return Err(error(
-                format!("vip[{i}].health.{}", e.field),
-                format!(
-                    "{}{}",
-                    e.message,
-                    if e.field == "ca_file" {
-                        " (the CA that signed the apiservers' certificates; or set insecure_skip_verify = true)"
-                    } else {
-                        ""
-                    }
-                ),
-            ));
-        }
-    }
-    let Ok(ifindex) = lb_agent::host::ifindex(&cfg.agent.interface) else {
-        return Err(error(
-            "agent.interface".into(),
-            format!("no interface {:?} on this host", cfg.agent.interface),
-        ));
-    };
-    if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
-        // Refused by `run` too; check-config sees the same interface, so it says so first.
-        let hazard = rt.block_on(async {
-            let nl = lb_agent::netlink::Netlink::connect()?;
-            let links = nl.links().await.map_err(|e| e.source)?;
-            Ok::<_, std::io::Error>(generic::generic_hazard(&links, ifindex))
-        });
-        match hazard {
-            Ok(None) => {}
-            Ok(Some(h)) => {
-                return Err(error(
-                    "agent.xdp_mode".into(),
-                    generic::refusal(&cfg.agent.interface, &h),
-                ))
-            }
-            Err(e) => log::warn!("cannot list the links of this host: {e}"),
-        }
-    }
-    if let Some(g) = &cfg.agent.control_socket_group {
-        if control::group_id(g).is_err() {
-            return Err(error(
-                "agent.control_socket_group".into(),
-                format!("no group {g:?} on this host"),
-            ));
-        }
-    }
-    if let Some(v) = &cfg.vrrp {
-        let Ok(index) = lb_agent::host::ifindex(&v.interface) else {
-            return Err(error(
-                "vrrp.interface".into(),
-                format!("no interface {:?} on this host", v.interface),
-            ));
-        };
-        if v.priority == lb_agent::vrrp::state::PRIORITY_OWNER {
-            // 255 means "these addresses are mine": a second master would follow otherwise.
-            let unowned = rt.block_on(async {
-                let nl = lb_agent::netlink::Netlink::connect()?;
-                lb_agent::vrrp::unowned_address(v, index, &nl)
-                    .await
-                    .map_err(|e| e.source)
-            });
-            match unowned {
-                Ok(None) => {}
-                Ok(Some((a, p))) => {
-                    return Err(error(
-                        "vrrp.priority".into(),
-                        format!(
-                            "255 is for the owner of the virtual addresses, but {a}/{p} is not an address of {} (use 1-254, or configure the address on the interface)",
-                            v.interface
-                        ),
-                    ))
-                }
-                Err(e) => log::warn!("cannot list the addresses of {}: {e}", v.interface),
-            }
-        }
-    }
+    rt.block_on(lb_agent::host::check_config(&cfg))
+        .map_err(fail)?;
     Ok(cfg)
 }
 
@@ -212,6 +132,38 @@ fn drain(config: Option<PathBuf>, req: Request) -> ExitCode {
         Ok(r) => {
             eprintln!("lb-agent: {}", r.error.unwrap_or_default());
             ExitCode::FAILURE
+        }
+        Err(e @ control::ControlError::Denied { .. }) => {
+            eprintln!("lb-agent: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("lb-agent: is the agent running? {e}");
+            ExitCode::from(EXIT_NOT_RUNNING)
+        }
+    }
+}
+
+/// `reload` through the control socket: one line per change, or the refusal.
+fn reload(config: Option<PathBuf>) -> ExitCode {
+    let file = config.as_ref().map(|c| {
+        std::path::absolute(c)
+            .unwrap_or_else(|_| c.clone())
+            .display()
+            .to_string()
+    });
+    let (_, sock) = match paths(config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match control::request(&sock, &Request::Reload { config: file }) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message.unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
+            ExitCode::from(EXIT_CONFIG)
         }
         Err(e @ control::ControlError::Denied { .. }) => {
             eprintln!("lb-agent: {e}");
@@ -289,6 +241,7 @@ fn main() -> ExitCode {
                     config,
                 },
         } => drain(config, Request::Failpoint { name, actions }),
+        Cmd::Reload { config } => reload(config),
         Cmd::Drain {
             vip,
             backend,

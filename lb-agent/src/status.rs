@@ -8,8 +8,8 @@ use std::{
 };
 
 use lb_common::{
-    flow_flags, maglev_index, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION,
-    MAX_BACKENDS, NO_BACKEND,
+    maglev_index, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION, MAX_BACKENDS,
+    NO_BACKEND,
 };
 use serde::Serialize;
 
@@ -263,25 +263,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         maps_behind: info.maps_behind,
     };
 
-    // Connections per backend from one pass over each flow table, counting the client's
-    // direction only (each connection has an entry per direction).
-    let mut flows_by_backend: BTreeMap<u32, u64> = BTreeMap::new();
-    let mut flows = 0u64;
-    for entry in maps.flows.iter() {
-        let Ok((_, v)) = entry else { continue };
-        if v.flags & flow_flags::REPLY == 0 {
-            flows += 1;
-            *flows_by_backend.entry(v.backend).or_default() += 1;
-        }
-    }
-    let mut half_open = 0u64;
-    for entry in maps.half_open.iter() {
-        let Ok((_, v)) = entry else { continue };
-        if v.flags & flow_flags::REPLY == 0 {
-            half_open += 1;
-            *flows_by_backend.entry(v.backend).or_default() += 1;
-        }
-    }
+    let (flows_by_backend, flows, half_open) = maps.flows_by_backend(None);
     let flow_table = maps.flow_table();
 
     let mut vip_entries: Vec<_> = maps.vips.iter().filter_map(Result::ok).collect();

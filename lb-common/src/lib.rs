@@ -447,6 +447,23 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// True once both sides sent FIN, or either sent RST.
+    #[inline(always)]
+    pub const fn closed(flags: u32) -> bool {
+        flags & flow_flags::RST != 0
+            || flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+                == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
+    }
+
+    /// True when the connection is over at `now` (the coarse monotonic clock, ns): closed
+    /// and quiet for SNAT_CLOSED_REUSE_NS, or idle for SNAT_IDLE_REUSE_NS. The data plane
+    /// then gives its SNAT port to a new connection; the agent stops counting it.
+    #[inline(always)]
+    pub const fn over(&self, now: u64) -> bool {
+        let idle = now.wrapping_sub(self.last_seen_ns);
+        (Self::closed(self.flags) && idle > SNAT_CLOSED_REUSE_NS) || idle > SNAT_IDLE_REUSE_NS
+    }
+
     /// The key of the other direction's entry.
     #[inline(always)]
     pub const fn peer_key(&self) -> FlowKey {

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     flow_flags, maglev_index, reason, state, BackendInfo, Flow, FlowKey, VipInfo, NO_BACKEND,
-    SNAT_CLOSED_REUSE_NS, SNAT_IDLE_REUSE_NS, SNAT_TRIES,
+    SNAT_TRIES,
 };
 
 use crate::{stats, BACKENDS, CLOCK, FLOWS, HALF_OPEN, MAGLEV, SNAT_CURSOR};
@@ -107,13 +107,6 @@ pub fn remove(table: Table, key: &FlowKey, f: &Flow) {
     let _ = table.map().remove(key);
 }
 
-#[inline(always)]
-pub fn closed(flags: u32) -> bool {
-    flags & flow_flags::RST != 0
-        || flags & (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
-            == (flow_flags::FIN_CLIENT | flow_flags::FIN_BACKEND)
-}
-
 /// True when the flow's backend no longer takes its packets (down, or removed).
 #[inline(always)]
 pub fn backend_gone(f: &Flow) -> bool {
@@ -196,14 +189,6 @@ fn pick(key: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), u32> {
     Ok((index, backend))
 }
 
-/// True when an established connection may give its SNAT port to a new one: closed and
-/// quiet for SNAT_CLOSED_REUSE_NS, or idle for SNAT_IDLE_REUSE_NS.
-#[inline(always)]
-fn reusable(f: &Flow, now: u64) -> bool {
-    let idle = now.wrapping_sub(f.last_seen_ns);
-    (closed(f.flags) && idle > SNAT_CLOSED_REUSE_NS) || idle > SNAT_IDLE_REUSE_NS
-}
-
 /// Finds a SNAT port towards `backend` and claims it with the reply entry `rev` in
 /// HALF_OPEN.
 ///
@@ -263,7 +248,7 @@ fn alloc_port(
         }
         if let Some(est) = unsafe { FLOWS.get(rkey) } {
             let est = *est;
-            if !reusable(&est, now) {
+            if !est.over(now) {
                 let _ = HALF_OPEN.remove(rkey);
                 continue;
             }

@@ -150,7 +150,7 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow, table: T
     if !reply {
         let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
         let gone = flow::backend_gone(entry);
-        if gone || (syn && flow::closed(entry.flags)) {
+        if gone || (syn && Flow::closed(entry.flags)) {
             // Its backend is dead, or the client reuses the tuple of a connection that
             // ended: forget it, and treat the packet as one without a flow.
             let copy = *entry;

@@ -33,10 +33,33 @@ impl Pair {
         extra1: &str,
         extra2: &str,
     ) -> Option<(Pair, Proc, Proc)> {
-        let lab = Lab::new(test, 2, 3)?;
+        Self::with_backends(test, advert_ms, extra1, extra2, 3, 3)
+    }
+
+    /// Like `new`, with `hosts` backend hosts (all with stubs) of which the first
+    /// `configured` are in the agents' configs.
+    pub fn with_backends(
+        test: &str,
+        advert_ms: u64,
+        extra1: &str,
+        extra2: &str,
+        hosts: usize,
+        configured: usize,
+    ) -> Option<(Pair, Proc, Proc)> {
+        let lab = Lab::new(test, 2, hosts)?;
         let stubs = lab.start_stubs();
-        let c1 = lab.agent_config_vrrp(0, VRRP_HEALTH, &Self::vrrp(110, advert_ms, extra1));
-        let c2 = lab.agent_config_vrrp(1, VRRP_HEALTH, &Self::vrrp(100, advert_ms, extra2));
+        let c1 = lab.agent_config_vrrp_n(
+            0,
+            VRRP_HEALTH,
+            &Self::vrrp(110, advert_ms, extra1),
+            configured,
+        );
+        let c2 = lab.agent_config_vrrp_n(
+            1,
+            VRRP_HEALTH,
+            &Self::vrrp(100, advert_ms, extra2),
+            configured,
+        );
         let a1 = lab.start_agent(0, &c1);
         let a2 = lab.start_agent(1, &c2);
         let pair = Pair {
@@ -94,7 +117,17 @@ impl Pair {
 impl Lab {
     /// An agent config for LB `i` with a `[vrrp]` section (`vrrp` holds its keys) appended.
     pub fn agent_config_vrrp(&self, i: usize, health: &str, vrrp: &str) -> PathBuf {
-        let p = self.agent_config(i, "", health);
+        self.agent_config_vrrp_n(i, health, vrrp, self.backends.len())
+    }
+
+    /// Like `agent_config_vrrp`, with only the first `n` backend hosts in the VIP.
+    pub fn agent_config_vrrp_n(&self, i: usize, health: &str, vrrp: &str, n: usize) -> PathBuf {
+        let backends: Vec<_> = self.backends[..n]
+            .iter()
+            .enumerate()
+            .map(|(b, h)| (crate::lab::backend_name(b), h.addr, crate::lab::VIP_PORT))
+            .collect();
+        let p = self.agent_config_backends(i, "", health, &backends);
         let mut t = std::fs::read_to_string(&p).expect("config");
         t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
         std::fs::write(&p, t).expect("write config");

@@ -1,5 +1,5 @@
 //! The agent fails safe: no fault of the agent or the host leaves the VIP blackholed,
-//! doubled, or silently unmanaged. SIGHUP; a master SIGKILLed with its link up; the VRRP task
+//! doubled, or silently unmanaged. SIGHUP (a reload, never a stop); a master SIGKILLed with its link up; the VRRP task
 //! failing; link down/up and a VIP removed by hand; a failed map write and a tampered map.
 
 use std::{
@@ -58,7 +58,7 @@ fn exit_code(p: &mut Proc, timeout: Duration) -> Option<i32> {
 }
 
 #[test]
-fn sighup_is_logged_and_ignored() {
+fn sighup_reloads_and_never_kills_even_with_a_broken_config() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(lab) = Lab::new("fs_hup", 1, 3) else {
         return;
@@ -68,9 +68,16 @@ fn sighup_is_logged_and_ignored() {
     let config = lab.agent_config(0, "", "interval = \"200ms\"\ntimeout = \"150ms\"");
     let mut agent = lab.start_agent(0, &config);
     let pid_before = lab.status(&config)["agent"]["pid"].clone();
-    for _ in 0..3 {
+    let good = std::fs::read_to_string(&config).unwrap();
+    for round in 0..3 {
+        if round == 1 {
+            // A config being edited: refused, and the agent keeps running its old one.
+            std::fs::write(&config, "[agent]\ninterface = ").unwrap();
+        } else {
+            std::fs::write(&config, &good).unwrap();
+        }
         agent.signal(Signal::SIGHUP);
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(300));
     }
     assert!(
         agent.running(),
@@ -83,10 +90,12 @@ fn sighup_is_logged_and_ignored() {
     assert_eq!(s["agent"]["xdp_mode"], "native", "still attached: {s}");
     let report = lab.loadgen("/version", &["--count", "30", "--concurrency", "2"]);
     assert_eq!(report["ok"], 30, "still serving: {report}");
+    let log = agent.output();
+    assert_eq!(log.matches("SIGHUP: reloading").count(), 3, "{log}");
+    assert!(log.contains("reload: no changes"), "{log}");
     assert!(
-        agent.output().contains("SIGHUP: ignored"),
-        "{}",
-        agent.output()
+        log.contains("reload refused, the agent keeps its config:"),
+        "{log}"
     );
     // SIGTERM stays the orderly stop.
     let st = agent.terminate(Duration::from_secs(10)).expect("stops");

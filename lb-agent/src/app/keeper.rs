@@ -9,15 +9,15 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lb_common::VlanDev;
 use tokio::{
-    sync::{mpsc, watch},
-    time::{sleep_until, Instant, MissedTickBehavior},
+    sync::{mpsc, oneshot, watch},
+    time::{sleep_until, Instant, Interval, MissedTickBehavior},
 };
 
 use crate::{
     backends::Backends,
-    config::TrackConfig,
+    config::{Config, TrackConfig},
     control::{AgentInfo, Call, Request, Response},
-    health::ProbeEvent,
+    health::{probers::Probers, ProbeEvent},
     heartbeat::Heartbeat,
     netlink::{Events, Netlink},
     vrrp,
@@ -53,9 +53,29 @@ pub fn vlan_devs(parent: u32, vlans: &[(u32, u16)]) -> Vec<(u32, VlanDev)> {
         .collect()
 }
 
+/// What the rest of the agent asks of the keeper.
+pub enum Order {
+    /// A control socket request (status, drain...).
+    Call(Call),
+    /// Serve this config from now on (checked and found changeable in place); the answer
+    /// lists what that did beyond the config's own differences.
+    Reload {
+        config: Box<Config>,
+        reply: oneshot::Sender<Result<Vec<String>, String>>,
+    },
+}
+
+fn every(period: Duration) -> Interval {
+    let mut i = tokio::time::interval_at(Instant::now() + period, period);
+    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    i
+}
+
 /// Everything the keeper owns.
 pub struct Keeper {
     pub backends: Backends,
+    /// One prober per backend of the plan, kept in step with it.
+    pub probers: Probers,
     pub track: TrackConfig,
     pub penalty: watch::Sender<u8>,
     pub info: AgentInfo,
@@ -75,12 +95,13 @@ impl Keeper {
     pub async fn run(
         mut self,
         mut probes: mpsc::Receiver<ProbeEvent>,
-        mut calls: mpsc::Receiver<Call>,
+        mut orders: mpsc::Receiver<Order>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
-        let mut reconcile =
-            tokio::time::interval_at(Instant::now() + self.reconcile_every, self.reconcile_every);
-        reconcile.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.probers
+            .sync(&self.backends.probe_specs())
+            .map_err(|e| e.to_string())?;
+        let mut reconcile = every(self.reconcile_every);
         let mut watchdog = tokio::time::interval(WATCHDOG_EVERY);
         watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut retry_at: Option<Instant> = None;
@@ -96,26 +117,25 @@ impl Keeper {
             ));
             tokio::select! {
                 _ = stop.changed() => return Ok(()),
+                failure = self.probers.failure() => return Err(failure),
                 Some(ev) = probes.recv() => {
-                    self.backends.on_probe(ev);
-                    self.update_penalty(attached);
+                    if self.probers.is_current(&ev) {
+                        self.backends.on_probe(ev);
+                        self.update_penalty(attached);
+                    }
                 }
-                Some((req, peer, reply)) = calls.recv() => {
-                    let resp = match req {
-                        Request::Status => Response {
-                            ok: true,
-                            agent: Some(self.agent_info()),
-                            health: Some(self.backends.report()),
-                            vrrp: self.vrrp.as_ref().map(|v| vrrp::lock(v).clone()),
-                            ..Default::default()
-                        },
-                        Request::Drain { vip, backend } => answer(self.backends.set_drain(&vip, &backend, true, &peer)),
-                        Request::Undrain { vip, backend } => answer(self.backends.set_drain(&vip, &backend, false, &peer)),
-                        Request::Failpoint { .. } => Response::error("handled by the control socket"),
-                    };
-                    self.update_penalty(attached);
-                    let _ = reply.send(resp);
-                }
+                Some(order) = orders.recv() => match order {
+                    Order::Reload { config, reply } => {
+                        let r = self.reload(&config, &mut reconcile);
+                        self.update_penalty(attached);
+                        let _ = reply.send(r);
+                    }
+                    Order::Call((req, peer, reply)) => {
+                        let resp = self.answer(req, &peer);
+                        self.update_penalty(attached);
+                        let _ = reply.send(resp);
+                    }
+                },
                 ev = async { link_events.as_mut()?.next().await }, if link_events.is_some() => {
                     match ev {
                         Some(_) => {
@@ -136,6 +156,17 @@ impl Keeper {
                 }
                 _ = reconcile.tick() => {
                     self.reconcile(false, &mut retry_at, &mut backoff);
+                    match self.backends.release_removed() {
+                        Ok(ended) => {
+                            for e in ended {
+                                log::info!("{e}");
+                            }
+                            if let Err(e) = self.probers.sync(&self.backends.probe_specs()) {
+                                log::error!("{e}");
+                            }
+                        }
+                        Err(e) => log::error!("releasing removed backends: {e}"),
+                    }
                     // Link events can be lost (a full socket buffer): the VLANs are read
                     // here too.
                     self.refresh_vlans().await;
@@ -168,6 +199,58 @@ impl Keeper {
                 retry_at = Some(Instant::now() + backoff);
             }
         }
+    }
+
+    /// Answers a control socket request.
+    fn answer(&mut self, req: Request, peer: &crate::control::Peer) -> Response {
+        match req {
+            Request::Status => Response {
+                ok: true,
+                agent: Some(self.agent_info()),
+                health: Some(self.backends.report()),
+                vrrp: self.vrrp.as_ref().map(|v| vrrp::lock(v).clone()),
+                ..Default::default()
+            },
+            Request::Drain { vip, backend } => {
+                answer(self.backends.set_drain(&vip, &backend, true, peer))
+            }
+            Request::Undrain { vip, backend } => {
+                answer(self.backends.set_drain(&vip, &backend, false, peer))
+            }
+            Request::Failpoint { .. } | Request::Reload { .. } => {
+                Response::error("not the keeper's to answer")
+            }
+        }
+    }
+
+    /// Serves `config` from now on: plans, maps, probers, tracking; the caller checked it.
+    fn reload(&mut self, config: &Config, reconcile: &mut Interval) -> Result<Vec<String>, String> {
+        let mut notes = match self.backends.reload(config) {
+            Ok(r) => r.notes,
+            Err(e) => {
+                // The plan is the new one; the keeper's retry brings the maps level.
+                log::error!("writing the reloaded config to the maps: {e} (retrying)");
+                vec![format!("a map write failed ({e}); the agent retries it")]
+            }
+        };
+        self.track = config.vrrp.as_ref().map(|v| v.track).unwrap_or_default();
+        if self.reconcile_every != config.agent.reconcile_interval {
+            self.reconcile_every = config.agent.reconcile_interval;
+            *reconcile = every(self.reconcile_every);
+        }
+        if let Some(src) = &config.source {
+            self.info.config = src.path.display().to_string();
+            self.info.config_sha256 = src.sha256.clone();
+            self.info.config_loaded_unix = super::unix_seconds(src.loaded);
+        }
+        match self.probers.sync(&self.backends.probe_specs()) {
+            Ok((started, stopped)) if started + stopped > 0 => {
+                notes.push(format!("probers: {started} started, {stopped} stopped"))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(notes)
     }
 
     /// Compares the maps with the plan and repairs them; on failure, tries again later.

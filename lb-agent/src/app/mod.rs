@@ -8,12 +8,13 @@
 //! that owns backend state and the maps.
 
 mod keeper;
+mod reload;
 mod signals;
 mod supervisor;
 
 use std::{
     fs::{File, OpenOptions},
-    net::{Ipv4Addr, SocketAddr},
+    net::Ipv4Addr,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -25,20 +26,10 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     backends::Backends,
-    config::{Config, HealthKind, XdpModeSetting},
-    control::{self, Access, AgentInfo},
-    dataplane::{
-        generic,
-        loader::Dataplane,
-        pinned::PinnedMaps,
-        writer::{self, Writer},
-        DataplaneError,
-    },
-    health::{
-        self,
-        probe::Target,
-        tls_watch::{self, TlsSource},
-    },
+    config::{Config, XdpModeSetting},
+    control::{self, Access, AgentInfo, Request},
+    dataplane::{generic, loader::Dataplane, pinned::PinnedMaps, writer::Writer, DataplaneError},
+    health::probers::Probers,
     heartbeat::Heartbeat,
     host::{self, Sysctls},
     netlink::{self, Netlink},
@@ -121,6 +112,18 @@ async fn watch_vrrp(
     }
 }
 
+/// Logs what a reload did, or why it was refused.
+fn log_reload(r: &Result<Vec<String>, String>) {
+    match r {
+        Ok(lines) => {
+            for l in lines {
+                log::info!("reload: {l}");
+            }
+        }
+        Err(e) => log::error!("reload refused, the agent keeps its config: {e}"),
+    }
+}
+
 /// `t` in whole seconds since the Unix epoch (0 before it).
 fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -165,19 +168,22 @@ pub async fn run(config: Config) -> Result<()> {
         ),
         _ => {}
     }
-    let default_snat = match config.vips.iter().position(|v| v.snat_address.is_none()) {
-        None => Ipv4Addr::UNSPECIFIED,
-        Some(i) => nl.primary_ipv4(ifindex).await?.ok_or_else(|| {
-            anyhow!(
+    // Also when every VIP names its SNAT address: a reload may add one that does not.
+    let default_snat = nl
+        .primary_ipv4(ifindex)
+        .await?
+        .unwrap_or(Ipv4Addr::UNSPECIFIED);
+    if let Some(i) = config.vips.iter().position(|v| v.snat_address.is_none()) {
+        if default_snat.is_unspecified() {
+            return Err(anyhow!(
                 "{file}: vip[{i}].snat_address: not set, and interface {iface} has no IPv4 address to use instead"
-            )
-        })?,
-    };
-    let mut tls = Vec::new();
+            ));
+        }
+    }
+    // The probes' TLS files, before anything changes on the host (check-config did too,
+    // but they may have changed since).
     for (i, v) in config.vips.iter().enumerate() {
-        tls.push(Some(
-            TlsSource::new(&v.health).map_err(|e| anyhow!("{file}: vip[{i}].health.{e}"))?,
-        ));
+        crate::health::tls_config(&v.health).map_err(|e| anyhow!("{file}: vip[{i}].health.{e}"))?;
     }
     let group = config
         .agent
@@ -197,8 +203,8 @@ pub async fn run(config: Config) -> Result<()> {
             .context("agent.control_socket_group: giving the group read access to the pins")?;
     }
     let writer = Writer::new(PinnedMaps::open(&pin_path).context("opening the pinned maps")?);
-    let plans = writer::plan(&config, default_snat);
-    let mut backends = Backends::install(&config, writer, plans).context("writing the maps")?;
+    let mut backends =
+        Backends::install(&config, writer, default_snat).context("writing the maps")?;
 
     let mut sysctls = Sysctls::default();
     sysctls.for_dataplane(&iface)?;
@@ -250,7 +256,7 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sup = Supervisor::default();
-    let (call_tx, calls) = mpsc::channel::<control::Call>(64);
+    let (call_tx, mut calls) = mpsc::channel::<control::Call>(64);
     let stop = stop_rx.clone();
     sup.spawn("control socket", async move {
         control::serve(listener, call_tx, access, stop).await;
@@ -258,7 +264,7 @@ pub async fn run(config: Config) -> Result<()> {
     });
 
     let (probe_tx, probes) = mpsc::channel(1024);
-    for (v, vip) in config.vips.iter().enumerate() {
+    for vip in &config.vips {
         log::info!(
             "serving VIP {} {}:{} with {} backends; probes: {:?} every {}",
             vip.name,
@@ -268,41 +274,16 @@ pub async fn run(config: Config) -> Result<()> {
             vip.health.kind,
             humantime::format_duration(vip.health.interval)
         );
-        if vip.health.kind == HealthKind::None {
-            continue;
-        }
-        let source = tls[v].take().expect("one TLS source per VIP");
-        let (tls_tx, tls_rx) = watch::channel(source.config());
-        for (b, be) in vip.backends.iter().enumerate() {
-            let target = Target::new(
-                SocketAddr::from((be.address, be.port)),
-                &vip.health,
-                source.config(),
-            )
-            .with_tls_updates(tls_rx.clone());
-            let (tx, stop, interval) = (probe_tx.clone(), stop_rx.clone(), vip.health.interval);
-            sup.spawn(format!("prober {}/{}", vip.name, be.name), async move {
-                health::run_prober(v, b, target, interval, tx, stop).await;
-                Ok(())
-            });
-        }
-        // kubeadm rotates certificates: probes follow the files.
-        if !source.paths().is_empty() {
-            let (name, stop) = (vip.name.clone(), stop_rx.clone());
-            sup.spawn(format!("certificate watch {}", vip.name), async move {
-                tls_watch::watch_tls(name, source, tls_watch::POLL_PERIOD, tls_tx, stop).await;
-                Ok(())
-            });
-        }
     }
-    drop(probe_tx);
 
     let (penalty_tx, penalty_rx) = watch::channel(0u8);
     let vrrp_status: vrrp::Shared = Default::default();
     let keeper_alive = Heartbeat::default();
     let vrrp_alive = Heartbeat::default();
+    let (order_tx, orders) = mpsc::channel::<keeper::Order>(64);
     let keeper = keeper::Keeper {
         backends,
+        probers: Probers::new(probe_tx),
         track: config.vrrp.as_ref().map(|v| v.track).unwrap_or_default(),
         penalty: penalty_tx,
         info: AgentInfo {
@@ -324,10 +305,11 @@ pub async fn run(config: Config) -> Result<()> {
         alive: keeper_alive.clone(),
     };
     let stop = stop_rx.clone();
-    sup.spawn("keeper", keeper.run(probes, calls, stop));
+    sup.spawn("keeper", keeper.run(probes, orders, stop));
 
     // VRRP starts once the data plane is ready to serve the addresses it may take.
     let mut vrrp_run = None;
+    let mut vrrp_settings = None;
     if let Some(v) = &config.vrrp {
         let vlink = nl
             .link_by_name(&v.interface)
@@ -370,6 +352,11 @@ pub async fn run(config: Config) -> Result<()> {
                 penalty: penalty_rx,
                 vrrp_alive: vrrp_alive.clone(),
                 keeper_alive: keeper_alive.clone(),
+                settings: {
+                    let (tx, rx) = watch::channel(v.clone());
+                    vrrp_settings = Some(tx);
+                    rx
+                },
             },
         )
         .await?;
@@ -394,19 +381,58 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
-    let failure = tokio::select! {
-        sig = signals.stop_requested() => {
-            log::info!("{sig}: shutting down");
-            None
-        }
-        exit = sup.next_exit() => {
-            let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
-            log::error!(
-                "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
-            );
-            Some(exit)
+    let mut serving = reload::Serving {
+        config,
+        sysctls,
+        keeper: order_tx,
+        vrrp: vrrp_settings,
+        default_snat,
+    };
+    let failure = loop {
+        tokio::select! {
+            asked = signals.next() => match asked {
+                signals::Asked::Stop(sig) => {
+                    log::info!("{sig}: shutting down");
+                    break None;
+                }
+                signals::Asked::Reload => {
+                    log::info!("SIGHUP: reloading {}", serving.path().display());
+                    log_reload(&serving.reload(None).await);
+                }
+            },
+            exit = sup.next_exit() => {
+                let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
+                log::error!(
+                    "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
+                );
+                break Some(exit);
+            }
+            Some((req, peer, reply)) = calls.recv() => match req {
+                Request::Reload { config } => {
+                    log::info!("reload asked by {peer}");
+                    let path = config.map(PathBuf::from);
+                    let r = match &path {
+                        Some(p) if !peer.may_read(p) => Err(format!(
+                            "{}: {peer} may not read this file, so the agent will not either",
+                            p.display()
+                        )),
+                        _ => serving.reload(path).await,
+                    };
+                    log_reload(&r);
+                    let _ = reply.send(match r {
+                        Ok(lines) => control::Response::done(lines.join("\n")),
+                        Err(e) => control::Response::error(e),
+                    });
+                }
+                req => {
+                    // The keeper answers everything else; if it is gone, the supervisor
+                    // says so next.
+                    let _ = serving.keeper.send(keeper::Order::Call((req, peer, reply))).await;
+                }
+            },
         }
     };
+    let reload::Serving { mut sysctls, .. } = serving;
 
     // VRRP first: resign (priority 0) so the backup takes over within its skew time, while
     // this data plane still forwards what reaches it.

@@ -5,8 +5,17 @@ use std::io;
 
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+/// What a signal asks of the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Asked {
+    /// SIGTERM or SIGINT (named): stop in order.
+    Stop(&'static str),
+    /// SIGHUP (`systemctl reload`): re-read the config file and apply what changed.
+    Reload,
+}
+
 /// SIGTERM and SIGINT stop the agent in order; SIGHUP (`systemctl reload`, a closed terminal)
-/// never kills it.
+/// reloads the config and never kills it.
 pub struct Signals {
     term: Signal,
     int: Signal,
@@ -14,7 +23,7 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Installs the handlers; from now on these signals are queued for `stop_requested`.
+    /// Installs the handlers; from now on these signals are queued for `next`.
     pub fn install() -> io::Result<Self> {
         Ok(Self {
             term: signal(SignalKind::terminate())?,
@@ -23,17 +32,12 @@ impl Signals {
         })
     }
 
-    /// Waits for SIGTERM or SIGINT and names it. SIGHUP is logged and otherwise ignored
-    /// until reloading the config exists.
-    pub async fn stop_requested(&mut self) -> &'static str {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return "SIGTERM",
-                _ = self.int.recv() => return "SIGINT",
-                _ = self.hup.recv() => {
-                    log::warn!("SIGHUP: ignored (reloading the config is not supported yet; the agent keeps running with the config it has)");
-                }
-            }
+    /// Waits for the next signal.
+    pub async fn next(&mut self) -> Asked {
+        tokio::select! {
+            _ = self.term.recv() => Asked::Stop("SIGTERM"),
+            _ = self.int.recv() => Asked::Stop("SIGINT"),
+            _ = self.hup.recv() => Asked::Reload,
         }
     }
 }

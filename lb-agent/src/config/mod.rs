@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
 
+pub mod diff;
 mod vrrp;
 use vrrp::{validate_vrrp, RawVrrp};
 pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
@@ -108,6 +109,20 @@ pub struct AgentConfig {
     pub reconcile_interval: Duration,
     /// Connections the flow table holds (FLOWS has an entry per direction).
     pub max_flows: u32,
+    /// What a reload does with the connections of a backend it removes.
+    pub removed_backends: RemovedBackends,
+}
+
+/// `agent.removed_backends`: what happens to the connections of a backend that a reload
+/// takes out of the config (or whose VIP it takes out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RemovedBackends {
+    /// Kept until they end, like a drained backend's (unless its probes then find it
+    /// unreachable): an apiserver's watches are never cut for less than the backend dying.
+    #[default]
+    Drain,
+    /// Reset at their next packet, like an unreachable backend's: clients reconnect at once.
+    Reset,
 }
 
 /// XDP attach mode requested in the config.
@@ -409,6 +424,7 @@ struct RawAgent {
     control_socket_group: Option<String>,
     reconcile_interval: Option<String>,
     max_flows: Option<i64>,
+    removed_backends: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -639,6 +655,16 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
             ))
         }
     };
+    let removed_backends = match raw.removed_backends.as_deref() {
+        None | Some("drain") => RemovedBackends::Drain,
+        Some("reset") => RemovedBackends::Reset,
+        Some(other) => {
+            return Err(issue(
+                "agent.removed_backends",
+                format!("{other:?}: valid values: \"drain\", \"reset\""),
+            ))
+        }
+    };
     Ok(AgentConfig {
         interface,
         xdp_mode,
@@ -647,6 +673,7 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
         control_socket_group,
         reconcile_interval,
         max_flows,
+        removed_backends,
     })
 }
 
@@ -1252,6 +1279,7 @@ port = 8132
                 control_socket_group: Some("lbadmin".into()),
                 reconcile_interval: Duration::from_secs(2),
                 max_flows: 100_000,
+                removed_backends: RemovedBackends::Drain,
             }
         );
         assert_eq!(cfg.vips.len(), 2);

@@ -70,6 +70,12 @@ pub enum DataplaneError {
         /// Why native mode failed, with its causes.
         native: String,
     },
+    /// Every index of a kind is taken (by the config, or by removed backends and VIPs whose
+    /// connections are still kept).
+    #[error(
+        "no free {0} index: at most {1} {0}s, counting removed ones whose connections are kept"
+    )]
+    NoIndex(&'static str, u32),
     /// A failure injected by a test (failpoints build only).
     #[error("{0}: injected failure")]
     Injected(&'static str),

@@ -34,6 +34,13 @@ pub struct PinnedMaps {
     pub snat_cursor: Array<MapData, u64>,
 }
 
+/// CLOCK_MONOTONIC_COARSE in ns: the clock of `Flow::last_seen_ns`.
+pub fn monotonic_coarse_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC_COARSE)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
 /// The kernel memory charged to a map (its fdinfo's `memlock`), 0 if unreadable.
 fn memlock(m: &MapData) -> u64 {
     let path = format!("/proc/self/fdinfo/{}", m.fd().as_fd().as_raw_fd());
@@ -146,6 +153,30 @@ impl PinnedMaps {
             agent_meta: typed!(dir, map::AGENT_META, ro),
             snat_cursor: typed!(dir, map::SNAT_CURSOR, ro),
         })
+    }
+
+    /// Connections per backend index (FLOWS and HALF_OPEN, the client's direction only:
+    /// each connection has an entry per direction), and in FLOWS and HALF_OPEN in all.
+    /// With `now` (the coarse monotonic clock, as `monotonic_coarse_ns` reads it), only
+    /// those not over yet (`Flow::over`); otherwise every entry.
+    pub fn flows_by_backend(
+        &self,
+        now: Option<u64>,
+    ) -> (std::collections::BTreeMap<u32, u64>, u64, u64) {
+        let mut by_backend = std::collections::BTreeMap::new();
+        let mut count = |m: &HashMap<MapData, FlowKey, Flow>| {
+            let mut n = 0u64;
+            for (_, v) in m.iter().filter_map(Result::ok) {
+                if v.flags & lb_common::flow_flags::REPLY == 0 && !now.is_some_and(|t| v.over(t)) {
+                    n += 1;
+                    *by_backend.entry(v.backend).or_default() += 1;
+                }
+            }
+            n
+        };
+        let flows = count(&self.flows);
+        let half_open = count(&self.half_open);
+        (by_backend, flows, half_open)
     }
 
     /// Capacity and kernel memory of the flow tables, from each map's pin.

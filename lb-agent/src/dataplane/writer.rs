@@ -26,6 +26,9 @@ pub struct VipPlan {
     /// The table the plan gives, kept from the last publish so a reconcile compares without
     /// rebuilding it; empty when the plan changed since (then it is rebuilt).
     pub table: Vec<u32>,
+    /// Taken out of the config by a reload: no VIPS entry (no new connections), but its
+    /// backends and address filter stay while their connections are kept.
+    pub removed: bool,
 }
 
 /// A backend as placed in the maps.
@@ -103,6 +106,7 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                 },
                 backends,
                 table: Vec::new(),
+                removed: false,
             }
         })
         .collect()
@@ -313,14 +317,42 @@ impl Writer {
 
     /// Compares every map with `vips` and repairs what differs, in the same safe order as
     /// `set_state`: backends that take new flows first, then tables, then the others.
-    /// `full` reads back whole Maglev tables; otherwise a window of each.
+    /// `full` reads back whole Maglev tables; otherwise a window of each. Each repair is
+    /// counted: the maps were not what the agent had written.
     pub fn reconcile(
         &mut self,
         vips: &mut [VipPlan],
         full: bool,
     ) -> Result<Reconciled, DataplaneError> {
+        let done = self.compare(vips, full)?;
+        if let Some(last) = done.repaired.last() {
+            self.repairs += done.repaired.len() as u64;
+            self.last_repair = Some(last.clone());
+        }
+        Ok(done)
+    }
+
+    /// Writes what differs between the maps and `vips` after the plans changed (a start, a
+    /// reload), in reconcile's order, reading back whole tables; nothing counts as a repair.
+    pub fn sync(&mut self, vips: &mut [VipPlan]) -> Result<Reconciled, DataplaneError> {
+        self.compare(vips, true)
+    }
+
+    fn compare(&mut self, vips: &mut [VipPlan], full: bool) -> Result<Reconciled, DataplaneError> {
         let mut done = Reconciled::default();
         let mut note = |what: String| done.repaired.push(what);
+        // The filter first: a VIP entry behind a filter that hides its address serves nothing.
+        for i in filter_slots(vips) {
+            if self.maps.addr_filter.get(&i, 0).ok() != Some(1) {
+                let r = self
+                    .maps
+                    .addr_filter
+                    .set(i, 1, 0)
+                    .map_err(map_err(map::ADDR_FILTER));
+                self.failed(r)?;
+                note(format!("ADDR_FILTER[{i}]"));
+            }
+        }
         for pass_up in [true, false] {
             for v in vips.iter_mut() {
                 for b in 0..v.backends.len() {
@@ -357,7 +389,7 @@ impl Writer {
                         ));
                     }
                 }
-                if pass_up {
+                if pass_up && !v.removed {
                     if let Some(why) = self.table_differs(v, full)? {
                         self.publish(v)?;
                         note(format!("VIP {}: {why}", v.name));
@@ -375,24 +407,13 @@ impl Writer {
                 }
             }
         }
-        for i in filter_slots(vips) {
-            if self.maps.addr_filter.get(&i, 0).ok() != Some(1) {
-                let r = self
-                    .maps
-                    .addr_filter
-                    .set(i, 1, 0)
-                    .map_err(map_err(map::ADDR_FILTER));
-                self.failed(r)?;
-                note(format!("ADDR_FILTER[{i}]"));
-            }
-        }
         // VIP entries the agent did not write make the program serve what nobody configured.
         let stale: Vec<VipKey> = self
             .maps
             .vips
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| !vips.iter().any(|v| v.key == *k))
+            .filter(|k| !vips.iter().any(|v| v.key == *k && !v.removed))
             .collect();
         for k in stale {
             let r = self.maps.vips.remove(&k).map_err(map_err(map::VIPS));
@@ -409,11 +430,84 @@ impl Writer {
                 note("AGENT_META".into());
             }
         }
-        if let Some(last) = done.repaired.last() {
-            self.repairs += done.repaired.len() as u64;
-            self.last_repair = Some(last.clone());
-        }
         Ok(done)
+    }
+
+    /// Readies BACKENDS index `i` for a backend new to it: its SNAT walk starts at a random
+    /// port and its counters at zero (they may hold a predecessor's).
+    pub fn fresh_backend(&mut self, i: u32) -> Result<(), DataplaneError> {
+        // A restarted agent must not walk the ports it just used: the backend still holds
+        // them in TIME_WAIT, and a SYN that meets one stalls.
+        let r = self
+            .maps
+            .snat_cursor
+            .set(i, random_u64(), 0)
+            .map_err(map_err(map::SNAT_CURSOR));
+        self.failed(r)?;
+        let r = zero_per_cpu(&mut self.maps.stats_backend, i, map::STATS_BACKEND);
+        self.failed(r)
+    }
+
+    /// Readies VIP index `i` for a VIP new to it: counters at zero.
+    pub fn fresh_vip(&mut self, i: u32) -> Result<(), DataplaneError> {
+        let r = zero_per_cpu(&mut self.maps.stats_vip, i, map::STATS_VIP);
+        self.failed(r)
+    }
+
+    /// Frees BACKENDS index `i`: the program resets a flow that still names it (as for a
+    /// backend that is down) and status no longer lists it.
+    pub fn retire_backend(&mut self, i: u32) -> Result<(), DataplaneError> {
+        let r = self
+            .maps
+            .backends
+            .set(
+                i,
+                BackendInfo {
+                    state: state::UNUSED,
+                    vip: u32::MAX,
+                    ..Default::default()
+                },
+                0,
+            )
+            .map_err(map_err(map::BACKENDS));
+        self.failed(r)?;
+        let r = self
+            .maps
+            .backend_meta
+            .set(i, BackendMeta::default(), 0)
+            .map_err(map_err(map::BACKEND_META));
+        self.failed(r)
+    }
+
+    /// Frees VIP index `i` (its VIPS entry is already gone).
+    pub fn retire_vip(&mut self, i: u32) -> Result<(), DataplaneError> {
+        let r = self
+            .maps
+            .vip_meta
+            .set(i, VipMeta::default(), 0)
+            .map_err(map_err(map::VIP_META));
+        self.failed(r)
+    }
+
+    /// Clears the ADDR_FILTER slots `before` needed and `after` does not: traffic to an
+    /// address lb no longer serves passes after one array read again.
+    pub fn clear_filter(
+        &mut self,
+        before: &[VipPlan],
+        after: &[VipPlan],
+    ) -> Result<(), DataplaneError> {
+        let keep = filter_slots(after);
+        for i in filter_slots(before) {
+            if keep.binary_search(&i).is_err() {
+                let r = self
+                    .maps
+                    .addr_filter
+                    .set(i, 0, 0)
+                    .map_err(map_err(map::ADDR_FILTER));
+                self.failed(r)?;
+            }
+        }
+        Ok(())
     }
 
     /// Why the live table of `vip` is not the one its plan gives, if it is not (looking at
@@ -488,6 +582,25 @@ fn backend_meta(b: &BackendPlan) -> BackendMeta {
         weight: b.weight,
         in_use: 1,
     }
+}
+
+/// Sets every CPU's copy of per-CPU array entry `i` to zero.
+fn zero_per_cpu<T: aya::Pod + Default + Clone>(
+    m: &mut aya::maps::PerCpuArray<aya::maps::MapData, T>,
+    i: u32,
+    name: &'static str,
+) -> Result<(), DataplaneError> {
+    let cpus = aya::util::nr_cpus().map_err(|(_, source)| DataplaneError::Io {
+        path: "/sys/devices/system/cpu/possible".into(),
+        source,
+    })?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![T::default(); cpus]).map_err(|source| {
+        DataplaneError::Io {
+            path: name.into(),
+            source,
+        }
+    })?;
+    m.set(i, zeros, 0).map_err(map_err(name))
 }
 
 /// A random number from the standard library's per-process SipHash keys.

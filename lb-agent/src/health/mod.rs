@@ -4,6 +4,7 @@
 
 pub mod policy;
 pub mod probe;
+pub mod probers;
 pub mod tls_watch;
 pub mod tracker;
 
@@ -129,16 +130,18 @@ impl ServerCertVerifier for NoVerify {
 /// One probe's result, addressed to the backend it is about.
 #[derive(Debug, Clone)]
 pub struct ProbeEvent {
-    pub vip: usize,
-    pub backend: usize,
+    /// The backend's index in BACKENDS.
+    pub backend: u32,
+    /// Which prober sent it: a result from a prober a reload has since replaced is stale.
+    pub prober: u64,
     pub outcome: Outcome,
 }
 
 /// Probes `target` now and then every `interval` until `shutdown` turns true; each probe
 /// uses the target's latest TLS config (`Target::with_tls_updates`).
 pub async fn run_prober(
-    vip: usize,
-    backend: usize,
+    backend: u32,
+    prober: u64,
     target: Target,
     interval: Duration,
     tx: mpsc::Sender<ProbeEvent>,
@@ -158,8 +161,8 @@ pub async fn run_prober(
         };
         if tx
             .send(ProbeEvent {
-                vip,
                 backend,
+                prober,
                 outcome,
             })
             .await

@@ -63,6 +63,15 @@ impl Tracker {
         }
     }
 
+    /// New rise/fall thresholds (a reload); the health and the current run are kept.
+    pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
+        while self.recent.len() > self.fall as usize {
+            self.recent.pop_front();
+        }
+    }
+
     /// Records a probe outcome; returns the transition it caused, if any.
     pub fn record(&mut self, now: Instant, outcome: Outcome) -> Option<Transition> {
         let result = outcome.result.clone();

@@ -36,6 +36,8 @@ const MAX_REFRESH_FAILURES: u32 = 3;
 pub struct Want {
     pub hold: bool,
     pub seq: u64,
+    /// New gratuitous ARP settings (a reload): count per announcement, and the refresh.
+    pub garp: Option<(u32, Option<Duration>)>,
 }
 
 /// Side requests; losing one under pressure is harmless (the refresh re-adds a removed
@@ -75,7 +77,7 @@ impl Holder {
     /// Follows `want` and serves commands until the protocol loop drops its senders;
     /// `applied` says which `Want::seq` the addresses reflect.
     pub async fn run(
-        self,
+        mut self,
         mut want: watch::Receiver<Want>,
         applied: watch::Sender<u64>,
         mut commands: mpsc::Receiver<Command>,
@@ -95,6 +97,15 @@ impl Holder {
                         return;
                     }
                     let w = *want.borrow_and_update();
+                    if let Some((count, every)) = w.garp {
+                        if (count, every) != (self.garp_count, self.garp_refresh) {
+                            self.garp_count = count;
+                            self.garp_refresh = every;
+                            if holding {
+                                garp_refresh = every.map(|d| Instant::now() + d);
+                            }
+                        }
+                    }
                     if w.hold && !holding {
                         match self.add_all().await {
                             Ok(()) => {

@@ -104,6 +104,8 @@ pub struct Links {
     /// Beaten by the keeper; VRRP resigns (fault) when it goes stale, since tracking and the
     /// data plane are then unwatched.
     pub keeper_alive: Heartbeat,
+    /// The config, as reloads change it (only what `config::diff` lets change in place).
+    pub settings: watch::Receiver<VrrpConfig>,
 }
 
 /// The keeper's heartbeat older than this puts the instance in fault.
@@ -391,7 +393,9 @@ struct Instance {
     applied: watch::Receiver<u64>,
     holder: mpsc::Sender<Command>,
     last_lower_prio_garp: Option<Instant>,
-    notify: Option<mpsc::UnboundedSender<(NotifyState, u8)>>,
+    notify: Option<mpsc::UnboundedSender<(NotifyState, u8, crate::config::NotifyConfig)>>,
+    /// How much tracking lowers the priority now.
+    penalty: u8,
     link_usable: bool,
     /// When the last link event was handled: older poll readings must not override it.
     last_link_event: Instant,
@@ -471,8 +475,7 @@ impl Instance {
         };
         let holder_task = tokio::spawn(holder.run(want_rx, applied_tx, holder_rx));
         let (notify_tx, notify_rx) = mpsc::unbounded_channel();
-        let notify_task =
-            tokio::spawn(notify::run(cfg.notify.clone(), cfg.name.clone(), notify_rx));
+        let notify_task = tokio::spawn(notify::run(cfg.name.clone(), notify_rx));
         let (link_tx, links) = mpsc::channel(4);
         let poll_task = tokio::spawn(poll_link(nl, ifindex, link.usable(), link_tx));
 
@@ -524,6 +527,7 @@ impl Instance {
                 holder: holder_tx,
                 last_lower_prio_garp: None,
                 notify: Some(notify_tx),
+                penalty: 0,
                 link_usable: link.usable(),
                 last_link_event: Instant::now(),
                 fault: None,
@@ -631,7 +635,7 @@ impl Instance {
             State::Init => return,
         };
         if let Some(n) = &self.notify {
-            let _ = n.send((ns, self.effective_priority()));
+            let _ = n.send((ns, self.effective_priority(), self.cfg.notify.clone()));
         }
     }
 
@@ -760,7 +764,28 @@ impl Instance {
         }
     }
 
+    /// Takes what a reload changed: base priority, tracking's effect, notify scripts,
+    /// gratuitous ARP settings. The rest cannot differ (`config::diff` refuses it).
+    fn reconfigure(&mut self, new: VrrpConfig) {
+        let garp = (new.garp_count, new.garp_refresh);
+        if garp != (self.cfg.garp_count, self.cfg.garp_refresh) {
+            self.want.send_modify(|w| w.garp = Some(garp));
+        }
+        if new.priority != self.base {
+            log::info!(
+                "VRRP: base priority {} -> {} (reload)",
+                self.base,
+                new.priority
+            );
+            self.base = new.priority;
+            lock(&self.status).base_priority = new.priority;
+        }
+        self.cfg = new;
+        self.apply_penalty(self.penalty);
+    }
+
     fn apply_penalty(&mut self, p: u8) {
+        self.penalty = p;
         let prio = if self.base == state::PRIORITY_OWNER {
             self.base
         } else {
@@ -843,8 +868,11 @@ impl Parts {
             mut penalty,
             vrrp_alive,
             keeper_alive,
+            mut settings,
             ..
         } = links;
+        settings.borrow_and_update();
+        let mut settings_open = true;
         let Parts {
             mut inst,
             receiver,
@@ -911,6 +939,14 @@ impl Parts {
                     }
                     let p = *penalty.borrow_and_update();
                     inst.apply_penalty(p);
+                }
+                r = settings.changed(), if settings_open => {
+                    if r.is_err() {
+                        settings_open = false;
+                        continue;
+                    }
+                    let new = settings.borrow_and_update().clone();
+                    inst.reconfigure(new);
                 }
                 _ = beat.tick() => inst.check_keeper(&keeper_alive),
                 ev = events.next() => match ev {
@@ -980,7 +1016,7 @@ impl Parts {
             );
         }
         if let Some(n) = inst.notify.take() {
-            let _ = n.send((NotifyState::Stop, prio));
+            let _ = n.send((NotifyState::Stop, prio, inst.cfg.notify.clone()));
         }
         if tokio::time::timeout(Duration::from_secs(2), &mut notify_task)
             .await

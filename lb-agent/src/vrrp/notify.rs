@@ -68,11 +68,12 @@ pub fn commands(
 /// Runs the scripts of each queued transition, one script at a time, until the sender is
 /// dropped and the queue is empty.
 pub async fn run(
-    cfg: NotifyConfig,
     instance: String,
-    mut queue: mpsc::UnboundedReceiver<(NotifyState, u8)>,
+    mut queue: mpsc::UnboundedReceiver<(NotifyState, u8, NotifyConfig)>,
 ) {
-    while let Some((state, priority)) = queue.recv().await {
+    // Each transition carries the scripts configured when it happened (a reload may change
+    // them between two transitions).
+    while let Some((state, priority, cfg)) = queue.recv().await {
         for argv in commands(&cfg, &instance, state, priority) {
             run_one(&argv).await;
         }
@@ -170,11 +171,11 @@ mod tests {
             ..Default::default()
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send((NotifyState::Master, 110)).unwrap();
-        tx.send((NotifyState::Backup, 110)).unwrap();
-        tx.send((NotifyState::Fault, 0)).unwrap();
+        tx.send((NotifyState::Master, 110, cfg.clone())).unwrap();
+        tx.send((NotifyState::Backup, 110, cfg.clone())).unwrap();
+        tx.send((NotifyState::Fault, 0, cfg)).unwrap();
         drop(tx);
-        run(cfg, "VI_1".into(), rx).await;
+        run("VI_1".into(), rx).await;
         assert_eq!(
             std::fs::read_to_string(&log).unwrap(),
             "INSTANCE VI_1 MASTER 110\nINSTANCE VI_1 BACKUP 110\nINSTANCE VI_1 FAULT 0\n"
