@@ -5,9 +5,10 @@
 //! makes it exit non-zero so the service manager restarts it.
 //!
 //! `signals`: the handlers. `supervisor`: the named tasks and how they end. `keeper`: the task
-//! that owns backend state and the maps.
+//! that owns backend state and the maps. `service`: telling the service manager (systemd).
 
 mod keeper;
+pub mod service;
 mod signals;
 mod supervisor;
 
@@ -394,13 +395,20 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
+    service::ready(&format!(
+        "serving {} VIPs on {iface} (XDP {} mode)",
+        config.vips.len(),
+        lb_common::xdp_mode::name(mode)
+    ));
     let failure = tokio::select! {
         sig = signals.stop_requested() => {
+            service::stopping(&format!("{sig}: giving up the VIP, detaching"));
             log::info!("{sig}: shutting down");
             None
         }
         exit = sup.next_exit() => {
             let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
+            service::stopping(&format!("{exit}: giving up the VIP, detaching, exiting non-zero"));
             log::error!(
                 "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
             );
