@@ -7,6 +7,9 @@
 //! `net.unix.max_dgram_qlen`): the agent's send then blocks until the test reads, so what the
 //! test sees meanwhile is the state at the moment of sending. An agent that sent READY=1
 //! before attaching would sit in that send unattached and never answer status.
+//!
+//! The agent runs with what `packaging/systemd/lb-agent.service` gives it: the capabilities
+//! of its `CapabilityBoundingSet=` and no new privileges.
 
 use std::{
     io::ErrorKind,
@@ -15,7 +18,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_tests::lab::Lab;
+use lb_tests::{lab::Lab, systemd::setpriv_as_unit};
 
 const FILLER: &[u8] = b"FILLER=1";
 
@@ -74,14 +77,30 @@ fn ready_only_once_serving_and_stopping_before_anything_is_undone() {
         let fillers = fill(&path);
         assert!(fillers > 0, "the queue takes some datagrams");
 
-        let env = format!("NOTIFY_SOCKET={}", path.display());
+        // As the unit runs it: only its capabilities, no new privileges, NOTIFY_SOCKET set.
+        let mut wrapper = setpriv_as_unit();
+        wrapper.extend(["env".into(), format!("NOTIFY_SOCKET={}", path.display())]);
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
         let started = Instant::now();
         // Waits until `lb-agent status` finds the control socket answering; READY=1 cannot
         // have been delivered meanwhile.
-        let mut agent = lab.start_agent_with(0, &config, &["env", &env]);
+        let mut agent = lab.start_agent_with(0, &config, &wrapper);
         println!(
             "agent serving {} ms after the start",
             started.elapsed().as_millis()
+        );
+        let caps =
+            std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap())).unwrap();
+        println!(
+            "agent's capabilities: {}",
+            caps.lines()
+                .filter(|l| l.starts_with("Cap"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        assert!(
+            caps.contains("NoNewPrivs:\t1"),
+            "NoNewPrivileges= applies: {caps}"
         );
         let status = lab.status(&config);
         assert_eq!(status["agent"]["running"], true, "{status}");
@@ -97,7 +116,7 @@ fn ready_only_once_serving_and_stopping_before_anything_is_undone() {
         let ready = next_after(&sock, fillers, "READY=1");
         assert_eq!(
             ready,
-            "READY=1\nSTATUS=serving 1 VIPs on eth0 (XDP native mode)\n",
+            "READY=1\nSTATUS=serving kube-apiserver on eth0 (XDP native mode)\n",
             "{}",
             agent.output()
         );

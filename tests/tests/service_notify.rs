@@ -92,10 +92,10 @@ fn each_function_sends_its_assignments_and_a_dead_socket_is_only_a_warning() {
     sock.set_nonblocking(false).unwrap();
 
     std::env::set_var("NOTIFY_SOCKET", &path);
-    service::ready("serving 1 VIPs on eth0\n(XDP native mode)");
+    service::ready("serving kube-apiserver on eth0\n(XDP native mode)");
     assert_eq!(
         recv(&sock),
-        "READY=1\nSTATUS=serving 1 VIPs on eth0 (XDP native mode)\n",
+        "READY=1\nSTATUS=serving kube-apiserver on eth0 (XDP native mode)\n",
         "READY=1 with a one-line STATUS"
     );
 

@@ -395,9 +395,10 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
+    let vips: Vec<&str> = config.vips.iter().map(|v| v.name.as_str()).collect();
     service::ready(&format!(
-        "serving {} VIPs on {iface} (XDP {} mode)",
-        config.vips.len(),
+        "serving {} on {iface} (XDP {} mode)",
+        vips.join(", "),
         lb_common::xdp_mode::name(mode)
     ));
     let failure = tokio::select! {
