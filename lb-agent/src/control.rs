@@ -43,6 +43,12 @@ pub enum Request {
 }
 
 impl Request {
+    /// True for requests the agent's main loop answers (they replace its config or
+    /// itself); the keeper answers the others.
+    pub fn for_agent(&self) -> bool {
+        matches!(self, Request::Reload { .. })
+    }
+
     /// True for requests that change what the agent does.
     pub fn changes_state(&self) -> bool {
         !matches!(self, Request::Status)
@@ -268,11 +274,18 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener, ControlErro
     Ok(listener)
 }
 
+/// Where requests go: the agent's main loop, or the keeper (`Request::for_agent`).
+#[derive(Clone)]
+pub struct Routes {
+    pub agent: mpsc::Sender<Call>,
+    pub keeper: mpsc::Sender<Call>,
+}
+
 /// Serves requests until `shutdown` turns true: state-changing requests from peers that
-/// `access` refuses are answered with an error; everything else goes to `calls`.
+/// `access` refuses are answered with an error; everything else goes where `routes` says.
 pub async fn serve(
     listener: UnixListener,
-    calls: mpsc::Sender<Call>,
+    calls: Routes,
     access: Access,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -326,7 +339,7 @@ pub async fn serve(
     }
 }
 
-async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Call>) -> Response {
+async fn handle(line: &str, peer: Peer, access: Access, routes: &Routes) -> Response {
     let req = match serde_json::from_str::<Request>(line) {
         Ok(r) => r,
         Err(e) => return Response::error(format!("bad request: {e}")),
@@ -344,7 +357,12 @@ async fn handle(line: &str, peer: Peer, access: Access, calls: &mpsc::Sender<Cal
         return failpoint(name, actions, &peer);
     }
     let (tx, rx) = oneshot::channel();
-    if calls.send((req, peer, tx)).await.is_err() {
+    let to = if req.for_agent() {
+        &routes.agent
+    } else {
+        &routes.keeper
+    };
+    if to.send((req, peer, tx)).await.is_err() {
         return Response::error("the agent is shutting down");
     }
     rx.await

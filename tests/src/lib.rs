@@ -7,5 +7,6 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod systemd;
 pub mod tls;
 pub mod vrrp_lab;

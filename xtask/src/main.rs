@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     ("nft", "nftables"),
     ("keepalived", "keepalived"),
+    // `systemd-analyze verify` checks packaging/systemd/lb-agent.service (tests/tests/systemd_unit.rs).
+    ("systemd-analyze", "systemd"),
 ];
 
 fn root() -> PathBuf {

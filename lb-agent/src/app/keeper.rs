@@ -53,10 +53,8 @@ pub fn vlan_devs(parent: u32, vlans: &[(u32, u16)]) -> Vec<(u32, VlanDev)> {
         .collect()
 }
 
-/// What the rest of the agent asks of the keeper.
+/// What the agent's main loop asks of the keeper.
 pub enum Order {
-    /// A control socket request (status, drain...).
-    Call(Call),
     /// Serve this config from now on (checked and found changeable in place); the answer
     /// lists what that did beyond the config's own differences.
     Reload {
@@ -95,6 +93,7 @@ impl Keeper {
     pub async fn run(
         mut self,
         mut probes: mpsc::Receiver<ProbeEvent>,
+        mut calls: mpsc::Receiver<Call>,
         mut orders: mpsc::Receiver<Order>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), String> {
@@ -124,18 +123,16 @@ impl Keeper {
                         self.update_penalty(attached);
                     }
                 }
-                Some(order) = orders.recv() => match order {
-                    Order::Reload { config, reply } => {
-                        let r = self.reload(&config, &mut reconcile);
-                        self.update_penalty(attached);
-                        let _ = reply.send(r);
-                    }
-                    Order::Call((req, peer, reply)) => {
-                        let resp = self.answer(req, &peer);
-                        self.update_penalty(attached);
-                        let _ = reply.send(resp);
-                    }
-                },
+                Some(Order::Reload { config, reply }) = orders.recv() => {
+                    let r = self.reload(&config, &mut reconcile);
+                    self.update_penalty(attached);
+                    let _ = reply.send(r);
+                }
+                Some((req, peer, reply)) = calls.recv() => {
+                    let resp = self.answer(req, &peer);
+                    self.update_penalty(attached);
+                    let _ = reply.send(resp);
+                }
                 ev = async { link_events.as_mut()?.next().await }, if link_events.is_some() => {
                     match ev {
                         Some(_) => {

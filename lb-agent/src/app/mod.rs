@@ -5,10 +5,11 @@
 //! makes it exit non-zero so the service manager restarts it.
 //!
 //! `signals`: the handlers. `supervisor`: the named tasks and how they end. `keeper`: the task
-//! that owns backend state and the maps.
+//! that owns backend state and the maps. `service`: telling the service manager (systemd).
 
 mod keeper;
 mod reload;
+pub mod service;
 mod signals;
 mod supervisor;
 
@@ -256,10 +257,16 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sup = Supervisor::default();
-    let (call_tx, mut calls) = mpsc::channel::<control::Call>(64);
+    let (call_tx, calls) = mpsc::channel::<control::Call>(64);
+    // Reloads are the main loop's: it owns the config, the sysctls and VRRP's settings.
+    let (agent_call_tx, mut agent_calls) = mpsc::channel::<control::Call>(8);
+    let routes = control::Routes {
+        agent: agent_call_tx,
+        keeper: call_tx,
+    };
     let stop = stop_rx.clone();
     sup.spawn("control socket", async move {
-        control::serve(listener, call_tx, access, stop).await;
+        control::serve(listener, routes, access, stop).await;
         Ok(())
     });
 
@@ -305,7 +312,7 @@ pub async fn run(config: Config) -> Result<()> {
         alive: keeper_alive.clone(),
     };
     let stop = stop_rx.clone();
-    sup.spawn("keeper", keeper.run(probes, orders, stop));
+    sup.spawn("keeper", keeper.run(probes, calls, orders, stop));
 
     // VRRP starts once the data plane is ready to serve the addresses it may take.
     let mut vrrp_run = None;
@@ -388,26 +395,41 @@ pub async fn run(config: Config) -> Result<()> {
         vrrp: vrrp_settings,
         default_snat,
     };
+    let vips: Vec<&str> = serving
+        .config
+        .vips
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    service::ready(&format!(
+        "serving {} on {iface} (XDP {} mode)",
+        vips.join(", "),
+        lb_common::xdp_mode::name(mode)
+    ));
     let failure = loop {
         tokio::select! {
             asked = signals.next() => match asked {
                 signals::Asked::Stop(sig) => {
+                    service::stopping(&format!("{sig}: giving up the VIP, detaching"));
                     log::info!("{sig}: shutting down");
                     break None;
                 }
                 signals::Asked::Reload => {
                     log::info!("SIGHUP: reloading {}", serving.path().display());
+                    service::reloading();
                     log_reload(&serving.reload(None).await);
+                    service::ready(&format!("serving; reloaded {}", serving.path().display()));
                 }
             },
             exit = sup.next_exit() => {
                 let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
+                service::stopping(&format!("{exit}: giving up the VIP, detaching, exiting non-zero"));
                 log::error!(
                     "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
                 );
                 break Some(exit);
             }
-            Some((req, peer, reply)) = calls.recv() => match req {
+            Some((req, peer, reply)) = agent_calls.recv() => match req {
                 Request::Reload { config } => {
                     log::info!("reload asked by {peer}");
                     let path = config.map(PathBuf::from);
@@ -416,7 +438,15 @@ pub async fn run(config: Config) -> Result<()> {
                             "{}: {peer} may not read this file, so the agent will not either",
                             p.display()
                         )),
-                        _ => serving.reload(path).await,
+                        _ => {
+                            service::reloading();
+                            let r = serving.reload(path).await;
+                            service::ready(&format!(
+                                "serving; reloaded {}",
+                                serving.path().display()
+                            ));
+                            r
+                        }
                     };
                     log_reload(&r);
                     let _ = reply.send(match r {
@@ -424,10 +454,8 @@ pub async fn run(config: Config) -> Result<()> {
                         Err(e) => control::Response::error(e),
                     });
                 }
-                req => {
-                    // The keeper answers everything else; if it is gone, the supervisor
-                    // says so next.
-                    let _ = serving.keeper.send(keeper::Order::Call((req, peer, reply))).await;
+                _ => {
+                    let _ = reply.send(control::Response::error("not the agent's to answer"));
                 }
             },
         }

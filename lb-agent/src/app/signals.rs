@@ -10,12 +10,12 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 pub enum Asked {
     /// SIGTERM or SIGINT (named): stop in order.
     Stop(&'static str),
-    /// SIGHUP (`systemctl reload`): re-read the config file and apply what changed.
+    /// SIGHUP (`kill -HUP`, a closed terminal): re-read the config file and apply what
+    /// changed, as `lb-agent reload` does.
     Reload,
 }
 
-/// SIGTERM and SIGINT stop the agent in order; SIGHUP (`systemctl reload`, a closed terminal)
-/// reloads the config and never kills it.
+/// SIGTERM and SIGINT stop the agent in order; SIGHUP reloads the config and never kills it.
 pub struct Signals {
     term: Signal,
     int: Signal,
