@@ -8,6 +8,7 @@
 pub mod generic;
 pub mod loader;
 pub mod pinned;
+mod sys;
 pub mod writer;
 
 /// The XDP object built by build.rs from lb-ebpf, embedded so the agent is one file.
