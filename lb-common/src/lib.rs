@@ -74,6 +74,10 @@ pub const PROG_PASS: &str = "lb_xdp_pass";
 
 /// Default directory under bpffs where the maps are pinned.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+/// Name under the pin path of the XDP program's bpf_link: pinned, it keeps the program
+/// attached when the agent's process ends without an orderly stop. Not a map, so not in
+/// `map::ALL`.
+pub const LINK_PIN: &str = "LINK";
 /// Default path of the agent's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
 /// Default configuration file.
@@ -544,7 +548,9 @@ impl Default for BackendMeta {
 /// Version of the pinned maps' layout, written to `AgentMeta::layout_version` when the agent
 /// loads the data plane. Bump it with any change a running program and a newer agent would
 /// disagree on: a pinned map's key or value type (fields, order, size), its type or size, or
-/// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump.
+/// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump. A new
+/// agent adopts a running data plane only at the same version: it compares the maps' sizes
+/// too, but a field whose meaning changes at the same size only the version tells.
 pub const MAP_LAYOUT_VERSION: u32 = 1;
 
 /// The single element of AGENT_META.

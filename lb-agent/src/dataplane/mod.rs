@@ -1,13 +1,16 @@
 //! The XDP data plane as the agent sees it.
 //!
-//! `loader` loads the embedded object, pins its maps and attaches the program; `generic` says
-//! where XDP generic mode would corrupt checksums; `pinned` opens the pinned maps (the agent
-//! and `lb-agent status` both go through it); `writer` turns the config and backend states
-//! into map contents, publishing Maglev tables atomically.
+//! `loader` loads the embedded object, pins its maps and attaches the program through a
+//! pinned link, or adopts the data plane an earlier agent left pinned; `generic` says where
+//! XDP generic mode would corrupt checksums; `pinned` opens the pinned maps (the agent and
+//! `lb-agent status` both go through it); `writer` turns the config and backend states into
+//! map contents, publishing Maglev tables atomically; `sys` issues the bpf(2) commands aya
+//! does not.
 
 pub mod generic;
 pub mod loader;
 pub mod pinned;
+mod sys;
 pub mod writer;
 
 /// The XDP object built by build.rs from lb-ebpf, embedded so the agent is one file.
@@ -76,6 +79,28 @@ pub enum DataplaneError {
         "no free {0} index: at most {1} {0}s, counting removed ones whose connections are kept"
     )]
     NoIndex(&'static str, u32),
+    /// A bpf(2) command on the pinned XDP link failed.
+    #[error("XDP link {path}: {op}: {source}")]
+    Link {
+        path: std::path::PathBuf,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `attach` was asked for another interface than the one the adopted link serves.
+    #[error("the XDP link pinned at {path} serves interface index {adopted}, not {interface} (index {ifindex})")]
+    AdoptedElsewhere {
+        path: std::path::PathBuf,
+        adopted: u32,
+        interface: String,
+        ifindex: u32,
+    },
+    /// A pinned map was replaced or removed while the data plane was being adopted.
+    #[error("map {name} pinned at {path} changed while the data plane was being adopted")]
+    AdoptRace {
+        name: &'static str,
+        path: std::path::PathBuf,
+    },
     /// A failure injected by a test (failpoints build only).
     #[error("{0}: injected failure")]
     Injected(&'static str),

@@ -12,7 +12,7 @@ use lb_common::{
     VipMeta, VlanDev,
 };
 
-use super::{map_err, DataplaneError};
+use super::{map_err, sys, DataplaneError};
 
 /// Every map of the data plane, typed.
 pub struct PinnedMaps {
@@ -54,47 +54,9 @@ fn memlock(m: &MapData) -> u64 {
         .unwrap_or(0)
 }
 
-/// BPF_F_RDONLY: a map fd that can only be read, for which read access to the pin suffices.
-const BPF_F_RDONLY: u32 = 1 << 3;
-const BPF_OBJ_GET: libc::c_long = 7;
-
-/// `union bpf_attr`'s `BPF_OBJ_*` member.
-#[repr(C)]
-struct ObjAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-    path_fd: i32,
-    /// The kernel refuses non-zero bytes past the fields it knows: no uninitialised padding.
-    _pad: u32,
-}
-
 /// Opens a pinned map read-only (aya's `from_pin` asks for write access too).
 fn open_read_only(path: &Path) -> std::io::Result<MapData> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let mut attr = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: BPF_F_RDONLY,
-        path_fd: 0,
-        _pad: 0,
-    };
-    // SAFETY: attr is a valid bpf_attr prefix and the path outlives the call; on success the
-    // kernel returns a new fd that we own.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut attr as *mut ObjAttr,
-            std::mem::size_of::<ObjAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd from BPF_OBJ_GET.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let fd = sys::obj_get(path, sys::BPF_F_RDONLY)?;
     MapData::from_fd(fd).map_err(std::io::Error::other)
 }
 
@@ -214,7 +176,7 @@ impl PinnedMaps {
             elem_flags: 0,
             flags: 0,
         };
-        batch(BPF_MAP_UPDATE_BATCH, &mut attr, "update batch")?;
+        batch(sys::BPF_MAP_UPDATE_BATCH, &mut attr, "update batch")?;
         count = attr.count;
         if count as usize != values.len() {
             return Err(DataplaneError::Syscall {
@@ -250,7 +212,7 @@ impl PinnedMaps {
                 elem_flags: 0,
                 flags: 0,
             };
-            let r = batch(BPF_MAP_LOOKUP_BATCH, &mut attr, "lookup batch");
+            let r = batch(sys::BPF_MAP_LOOKUP_BATCH, &mut attr, "lookup batch");
             done += attr.count as usize;
             match r {
                 Ok(()) => {}
@@ -272,9 +234,6 @@ impl PinnedMaps {
     }
 }
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
-const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
 /// `union bpf_attr`'s `batch` member.
 #[repr(C)]
 struct BatchAttr {
@@ -289,21 +248,12 @@ struct BatchAttr {
 }
 
 fn batch(cmd: libc::c_long, attr: &mut BatchAttr, op: &'static str) -> Result<(), DataplaneError> {
-    // SAFETY: attr is a valid bpf_attr prefix; the buffers it points to outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(DataplaneError::Syscall {
+    // SAFETY: attr is the batch member; the buffers it points to outlive the call.
+    unsafe { sys::bpf(cmd, attr) }
+        .map(drop)
+        .map_err(|source| DataplaneError::Syscall {
             name: map::MAGLEV,
             op,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+            source,
+        })
 }
