@@ -8,7 +8,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use lb_common::{state, MAX_BACKENDS, MAX_VIPS};
+use lb_common::{backend_flags, name_str, state, VipInfo, VipKey, MAX_BACKENDS, MAX_VIPS};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -16,7 +16,7 @@ use crate::{
     config::{Config, HealthConfig, HealthKind, RemovedBackends},
     control::Peer,
     dataplane::{
-        writer::{self, Reconciled, VipPlan, Writer},
+        writer::{self, BackendPlan, Reconciled, VipPlan, Writer},
         DataplaneError,
     },
     health::{
@@ -167,6 +167,114 @@ impl Backends {
         Ok(b)
     }
 
+    /// Takes over the maps a previous agent left (adoption), then serves `config` as a
+    /// reload would: VIPs and backends keep the indices the maps give them, so every flow
+    /// keeps its backend, and each backend keeps the health, drain and removal the maps
+    /// record until its probes say otherwise.
+    pub fn adopt(
+        config: &Config,
+        writer: Writer,
+        default_snat: Ipv4Addr,
+    ) -> Result<(Self, Vec<String>), DataplaneError> {
+        let mut b = Self {
+            writer,
+            vips: Vec::new(),
+            runtime: Vec::new(),
+            health: Vec::new(),
+            panic: Vec::new(),
+            write_failed: false,
+            behind: false,
+            fresh_backend: 0,
+            fresh_vip: 0,
+            policy: config.agent.removed_backends,
+            default_snat,
+        };
+        let maps = &b.writer.maps;
+        let live: Vec<(VipKey, VipInfo)> = maps.vips.iter().filter_map(Result::ok).collect();
+        for i in 0..MAX_VIPS {
+            let Ok(meta) = maps.vip_meta.get(&i, 0) else {
+                continue;
+            };
+            if meta.in_use == 0 {
+                continue;
+            }
+            let name = name_str(&meta.name);
+            let (key, info, removed) = match live.iter().find(|(_, info)| info.index == i) {
+                Some((k, info)) => (*k, *info, false),
+                // A VIP a reload removed, kept for its connections: no entry any more.
+                None => (
+                    VipKey::default(),
+                    VipInfo {
+                        index: i,
+                        ..Default::default()
+                    },
+                    true,
+                ),
+            };
+            let health = config
+                .vips
+                .iter()
+                .find(|v| v.name == name)
+                .map(|v| v.health.clone())
+                .unwrap_or_else(|| HealthConfig::none());
+            let mut plan = VipPlan {
+                name,
+                key,
+                info,
+                backends: Vec::new(),
+                table: Vec::new(),
+                removed,
+            };
+            let mut rts = Vec::new();
+            for j in 0..MAX_BACKENDS {
+                let (Ok(bm), Ok(bi)) = (maps.backend_meta.get(&j, 0), maps.backends.get(&j, 0))
+                else {
+                    continue;
+                };
+                if bm.in_use & backend_flags::IN_USE == 0 || bi.vip != i {
+                    continue;
+                }
+                let addr = Ipv4Addr::from(u32::from_be(bi.addr));
+                let port = u16::from_be(bi.port);
+                let carried = match bi.state {
+                    state::UP | state::DRAIN => Health::Up,
+                    state::UNREADY => Health::Down(Failure::Inherited),
+                    _ => Health::Unknown,
+                };
+                rts.push(Runtime {
+                    tracker: Tracker::carried(health.rise, health.fall, carried),
+                    drained: bm.in_use & backend_flags::DRAINED != 0,
+                    weight: bm.weight,
+                    address: format!("{addr}:{port}"),
+                    removed: removed || bm.in_use & backend_flags::REMOVED != 0,
+                });
+                plan.backends.push(BackendPlan {
+                    index: j,
+                    name: name_str(&bm.name),
+                    addr,
+                    port,
+                    weight: bm.weight,
+                    state: bi.state,
+                    flags: bm.in_use & !backend_flags::IN_USE,
+                });
+                b.fresh_backend = b.fresh_backend.max(j + 1);
+            }
+            b.fresh_vip = b.fresh_vip.max(i + 1);
+            b.vips.push(plan);
+            b.runtime.push(rts);
+            b.health.push(health);
+            b.panic.push(PanicDecision::Normal);
+        }
+        let found = format!(
+            "adopted {} VIPs and {} backends from the maps",
+            b.vips.len(),
+            b.runtime.iter().map(Vec::len).sum::<usize>()
+        );
+        let mut notes = vec![found];
+        notes.extend(b.reload(config)?.notes);
+        Ok((b, notes))
+    }
+
     /// Makes the plans those of `config` and writes what changed. A VIP keeps its index by
     /// name and a backend by (VIP, name, address, port), so its flows, counters and state
     /// carry over; backends and VIPs the config dropped are kept drained until their
@@ -300,7 +408,7 @@ impl Backends {
         self.health = health;
         self.panic = panic;
         for v in 0..self.vips.len() {
-            for (b, st) in self.decide(v).into_iter().enumerate() {
+            for (b, st) in self.decide(v).0.into_iter().enumerate() {
                 self.vips[v].backends[b].state = st;
             }
         }
@@ -500,7 +608,18 @@ impl Backends {
     /// panic mode for all of them) and writes what changed; a failed write is logged and left
     /// to the keeper's retry (the plan already holds the new state).
     fn apply(&mut self, v: usize) {
-        let states = self.decide(v);
+        let (states, flagged) = self.decide(v);
+        for b in flagged {
+            if let Err(e) = self.writer.set_backend_meta(&self.vips[v], b) {
+                log::error!(
+                    "VIP {} backend {}: writing its flags to the data plane: {e} (retrying)",
+                    self.vips[v].name,
+                    self.vips[v].backends[b].name
+                );
+                self.write_failed = true;
+                self.behind = true;
+            }
+        }
         for (b, s) in states.into_iter().enumerate() {
             if let Err(e) = self.writer.set_state(&mut self.vips[v], b, s) {
                 log::error!(
@@ -516,8 +635,24 @@ impl Backends {
     }
 
     /// Decides (and logs) whether VIP `v` is in panic mode, and the state each of its
-    /// backends should have.
-    fn decide(&mut self, v: usize) -> Vec<u8> {
+    /// backends should have; sets the plan's flags (drained, removed) and returns which
+    /// backends' flags changed.
+    fn decide(&mut self, v: usize) -> (Vec<u8>, Vec<usize>) {
+        let mut flagged = Vec::new();
+        for (b, rt) in self.runtime[v].iter().enumerate() {
+            let mut flags = 0;
+            if rt.drained {
+                flags |= backend_flags::DRAINED;
+            }
+            if rt.removed {
+                flags |= backend_flags::REMOVED;
+            }
+            let plan = &mut self.vips[v].backends[b];
+            if plan.flags != flags {
+                plan.flags = flags;
+                flagged.push(b);
+            }
+        }
         let decision = policy::panic_mode(
             &self.vips[v]
                 .backends
@@ -556,7 +691,7 @@ impl Backends {
             })
             .collect();
         self.panic[v] = decision;
-        states
+        (states, flagged)
     }
 
     /// Drains (or undrains) backend `backend` of VIP `vip`, by name, for `peer`.

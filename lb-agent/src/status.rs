@@ -8,8 +8,8 @@ use std::{
 };
 
 use lb_common::{
-    maglev_index, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION, MAX_BACKENDS,
-    NO_BACKEND,
+    maglev_index, name_str, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION,
+    MAX_BACKENDS, NO_BACKEND,
 };
 use serde::Serialize;
 
@@ -158,11 +158,6 @@ pub struct BackendStatus {
     /// Probe details from the agent (absent when it does not answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<BackendHealth>,
-}
-
-fn name_str(b: &[u8]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
 fn ip(be: u32) -> Ipv4Addr {

@@ -165,6 +165,17 @@ pub mod state {
 
 /// Flow.flags bits. The data plane only sets them with an atomic or: both directions of a
 /// connection run on different CPUs at once.
+/// `BackendMeta::in_use` bits: what the agent knows of a backend beyond its state, kept in
+/// the maps so an agent that adopts them (a restart, a crash) knows it too.
+pub mod backend_flags {
+    /// The slot holds a backend.
+    pub const IN_USE: u32 = 1;
+    /// Drained by the operator (`lb-agent drain`).
+    pub const DRAINED: u32 = 2;
+    /// Taken out of the config by a reload, kept until its connections end.
+    pub const REMOVED: u32 = 4;
+}
+
 pub mod flow_flags {
     /// The client sent FIN.
     pub const FIN_CLIENT: u32 = 1;
@@ -531,7 +542,7 @@ pub struct BackendMeta {
     pub name: [u8; NAME_LEN],
     /// Configured weight (0 = drain).
     pub weight: u32,
-    /// 1 when the slot holds a backend.
+    /// `backend_flags::*`; 0 when the slot is free.
     pub in_use: u32,
 }
 
@@ -587,6 +598,16 @@ pub fn name_bytes(s: &str) -> [u8; NAME_LEN] {
     out[..n].copy_from_slice(&b[..n]);
     out
 }
+
+/// A NUL-padded name from a map, as text (the inverse of `name_bytes`).
+#[cfg(feature = "user")]
+pub fn name_str(b: &[u8]) -> alloc::string::String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    alloc::string::String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+#[cfg(feature = "user")]
+extern crate alloc;
 
 #[cfg(feature = "user")]
 mod pod {

@@ -29,7 +29,13 @@ use crate::{
     backends::Backends,
     config::{Config, XdpModeSetting},
     control::{self, Access, AgentInfo, Request},
-    dataplane::{generic, loader::Dataplane, pinned::PinnedMaps, writer::Writer, DataplaneError},
+    dataplane::{
+        generic,
+        loader::{Dataplane, Start},
+        pinned::PinnedMaps,
+        writer::Writer,
+        DataplaneError,
+    },
     health::probers::Probers,
     heartbeat::Heartbeat,
     host::{self, Sysctls},
@@ -197,55 +203,102 @@ pub async fn run(config: Config) -> Result<()> {
     let socket_path = config.agent.control_socket.clone();
     let _lock = InstanceLock::take(&socket_path)?;
 
-    let mut dp = Dataplane::load_with(&pin_path, config.agent.max_flows)
+    let (mut dp, start) = Dataplane::load_or_adopt(&pin_path, config.agent.max_flows, ifindex)
         .context("loading the data plane")?;
-    if let Some(g) = group {
-        dp.share_with_group(g)
-            .context("agent.control_socket_group: giving the group read access to the pins")?;
-    }
-    let writer = Writer::new(PinnedMaps::open(&pin_path).context("opening the pinned maps")?);
-    let mut backends =
-        Backends::install(&config, writer, default_snat).context("writing the maps")?;
-
-    let mut sysctls = Sysctls::default();
-    sysctls.for_dataplane(&iface)?;
-    let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
-    sysctls.reserve_ports(&ranges)?;
-
-    let started_unix = unix_seconds(SystemTime::now());
-    let mut meta = AgentMeta {
-        xdp_mode: lb_common::xdp_mode::NONE,
-        ifindex,
-        pid: std::process::id(),
-        layout_version: lb_common::MAP_LAYOUT_VERSION,
-        started_unix,
-        mac,
-        _pad2: [0; 2],
+    let adopted = match &start {
+        Start::Fresh => None,
+        Start::Adopted(a) => {
+            log::info!(
+                "adopting the data plane an earlier agent left (pid {}, started {}): its program keeps forwarding and every flow is kept",
+                a.meta.pid,
+                humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(a.meta.started_unix))
+            );
+            Some(a.mode)
+        }
+        Start::Replaced { why, pins_removed } => {
+            log::warn!(
+                "an earlier agent's data plane under {} cannot be adopted ({why}): removed its {pins_removed} pins and loaded afresh; connections through this host are reset",
+                pin_path.display()
+            );
+            None
+        }
     };
-    // The MAC before the program runs: it must never act on frames for other hosts.
-    backends.writer().set_agent_meta(meta)?;
-    // Tagged frames leave by XDP only towards VLANs the program knows of. Subscribed before
-    // the first read, so a VLAN device added in between is not missed; the keeper follows.
-    let link_events = netlink::link_events().context("subscribing to link events")?;
-    let vlans = nl.vlans(ifindex).await?;
-    for change in backends
-        .writer()
-        .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
-    {
-        log::info!("VLAN devices on {iface}: {change}");
-    }
-    let mode = dp
-        .attach(&iface, config.agent.xdp_mode, generic_hazard.as_deref())
-        .map_err(|e| match e {
-            DataplaneError::GenericRefused { .. } | DataplaneError::NoFallback { .. } => {
-                anyhow!("{file}: {e}")
+    let started_unix = unix_seconds(SystemTime::now());
+    // Until the program is attached (or the adopted one replaced), a failure must leave an
+    // adopted data plane forwarding, as it was, rather than tear it down.
+    let prepared = async {
+        if let Some(g) = group {
+            dp.share_with_group(g)
+                .context("agent.control_socket_group: giving the group read access to the pins")?;
+        }
+        let writer = Writer::new(PinnedMaps::open(&pin_path).context("opening the pinned maps")?);
+        let mut backends = if adopted.is_some() {
+            let (b, notes) =
+                Backends::adopt(&config, writer, default_snat).context("taking over the maps")?;
+            for n in notes {
+                log::info!("adoption: {n}");
             }
-            e => anyhow::Error::new(e).context("attaching the XDP program"),
-        })?;
+            b
+        } else {
+            Backends::install(&config, writer, default_snat).context("writing the maps")?
+        };
+        let mut sysctls = Sysctls::default();
+        sysctls.for_dataplane(&iface)?;
+        let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
+        sysctls.reserve_ports(&ranges)?;
+
+        let meta = AgentMeta {
+            // An adopted link keeps its mode: a crash before attach must leave it adoptable.
+            xdp_mode: adopted.unwrap_or(lb_common::xdp_mode::NONE),
+            ifindex,
+            pid: std::process::id(),
+            layout_version: lb_common::MAP_LAYOUT_VERSION,
+            started_unix,
+            mac,
+            _pad2: [0; 2],
+        };
+        // The MAC before the program runs: it must never act on frames for other hosts.
+        backends.writer().set_agent_meta(meta)?;
+        // Tagged frames leave by XDP only towards VLANs the program knows of. Subscribed before
+        // the first read, so a VLAN device added in between is not missed; the keeper follows.
+        let link_events = netlink::link_events().context("subscribing to link events")?;
+        let vlans = nl.vlans(ifindex).await?;
+        for change in backends
+            .writer()
+            .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
+        {
+            log::info!("VLAN devices on {iface}: {change}");
+        }
+        let mode = dp
+            .attach(&iface, config.agent.xdp_mode, generic_hazard.as_deref())
+            .map_err(|e| match e {
+                DataplaneError::GenericRefused { .. } | DataplaneError::NoFallback { .. } => {
+                    anyhow!("{file}: {e}")
+                }
+                e => anyhow::Error::new(e).context("attaching the XDP program"),
+            })?;
+        Ok::<_, anyhow::Error>((backends, sysctls, meta, link_events, mode))
+    }
+    .await;
+    let (mut backends, sysctls, mut meta, link_events, mode) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            if adopted.is_some() {
+                dp.leave();
+                log::error!("left the adopted data plane forwarding as it was");
+            }
+            return Err(e);
+        }
+    };
     meta.xdp_mode = mode;
     backends.writer().set_agent_meta(meta)?;
     log::info!(
-        "XDP attached to {iface} in {} mode; maps pinned under {}",
+        "XDP {} {iface} in {} mode; maps pinned under {}",
+        if adopted.is_some() {
+            "program replaced in place on"
+        } else {
+            "attached to"
+        },
         lb_common::xdp_mode::name(mode),
         pin_path.display()
     );

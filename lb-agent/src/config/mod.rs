@@ -208,6 +208,16 @@ pub enum HealthKind {
 /// The CA a kubeadm control-plane node has: the default `health.ca_file`.
 pub const DEFAULT_CA_FILE: &str = "/etc/kubernetes/pki/ca.crt";
 
+impl HealthConfig {
+    /// No probes: every backend counts as up.
+    pub fn none() -> Self {
+        Self {
+            kind: HealthKind::None,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {

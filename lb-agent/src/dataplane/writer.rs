@@ -42,6 +42,8 @@ pub struct BackendPlan {
     pub weight: u32,
     /// `state::*`.
     pub state: u8,
+    /// `backend_flags::*` beyond IN_USE (drained, removed).
+    pub flags: u32,
 }
 
 impl BackendPlan {
@@ -82,6 +84,7 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                         } else {
                             state::UP
                         },
+                        flags: 0,
                     }
                 })
                 .collect();
@@ -265,6 +268,17 @@ impl Writer {
             self.publish(vip)?;
             self.write_backend(vip, b)
         }
+    }
+
+    /// Writes backend `b`'s BACKEND_META entry (its name, weight and flags).
+    pub fn set_backend_meta(&mut self, vip: &VipPlan, b: usize) -> Result<(), DataplaneError> {
+        let be = &vip.backends[b];
+        let r = self
+            .maps
+            .backend_meta
+            .set(be.index, backend_meta(be), 0)
+            .map_err(map_err(map::BACKEND_META));
+        self.failed(r)
     }
 
     /// Records how the program is attached, for `lb-agent status`.
@@ -580,7 +594,7 @@ fn backend_meta(b: &BackendPlan) -> BackendMeta {
     BackendMeta {
         name: name_bytes(&b.name),
         weight: b.weight,
-        in_use: 1,
+        in_use: lb_common::backend_flags::IN_USE | b.flags,
     }
 }
 

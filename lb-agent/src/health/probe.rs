@@ -83,6 +83,9 @@ pub enum Failure {
     /// Made by the tracker, never by a probe: the failures that took the backend down
     /// were of different classes, so it is down as not ready; this is the latest one.
     Mixed(Box<Failure>),
+    /// Never made by a probe: the previous agent left the backend down but its flows kept
+    /// (adoption), and no probe of ours has said otherwise yet.
+    Inherited,
 }
 
 impl Failure {
@@ -100,7 +103,8 @@ impl Failure {
             | Failure::Io(_)
             | Failure::Protocol(_)
             | Failure::Status(_)
-            | Failure::Mixed(_) => FailureClass::NotReady,
+            | Failure::Mixed(_)
+            | Failure::Inherited => FailureClass::NotReady,
         }
     }
 
@@ -132,6 +136,7 @@ impl std::fmt::Display for Failure {
             Failure::Protocol(e) => write!(f, "bad HTTP answer: {e}"),
             Failure::Status(s) => write!(f, "status {s}"),
             Failure::Mixed(latest) => write!(f, "failures of several kinds, latest: {latest}"),
+            Failure::Inherited => write!(f, "not ready when the previous agent left"),
         }
     }
 }

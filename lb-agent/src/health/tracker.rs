@@ -63,6 +63,16 @@ impl Tracker {
         }
     }
 
+    /// A tracker that goes on from `health`, as a previous agent left it (adoption): past
+    /// its first transition, so one odd probe does not undo it.
+    pub fn carried(rise: u32, fall: u32, health: Health) -> Self {
+        Self {
+            health,
+            started: true,
+            ..Self::new(rise, fall)
+        }
+    }
+
     /// New rise/fall thresholds (a reload); the health and the current run are kept.
     pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
         self.rise = rise.max(1);
