@@ -216,7 +216,7 @@ impl Backends {
                 .iter()
                 .find(|v| v.name == name)
                 .map(|v| v.health.clone())
-                .unwrap_or_else(|| HealthConfig::none());
+                .unwrap_or_else(HealthConfig::none);
             let mut plan = VipPlan {
                 name,
                 key,

@@ -40,13 +40,19 @@ pub enum Request {
         #[serde(default)]
         config: Option<String>,
     },
+    /// Replace the agent with the `lb-agent` binary now on disk, keeping the data plane,
+    /// its flows and the VRRP mastership; the answer's `token` names the restart.
+    Restart {
+        #[serde(default)]
+        config: Option<String>,
+    },
 }
 
 impl Request {
     /// True for requests the agent's main loop answers (they replace its config or
     /// itself); the keeper answers the others.
     pub fn for_agent(&self) -> bool {
-        matches!(self, Request::Reload { .. })
+        matches!(self, Request::Reload { .. } | Request::Restart { .. })
     }
 
     /// True for requests that change what the agent does.
@@ -175,6 +181,9 @@ pub struct AgentInfo {
     /// Some map write has not succeeded yet: the data plane is behind the agent.
     #[serde(default)]
     pub maps_behind: bool,
+    /// The `lb-agent restart` this agent continues (its token), if it was started by one.
+    #[serde(default)]
+    pub restarted_by: Option<String>,
 }
 
 /// The answer to a request.
@@ -192,6 +201,9 @@ pub struct Response {
     /// What a command did, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Names a restart under way (`Request::Restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 impl Response {

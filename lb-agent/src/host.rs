@@ -193,6 +193,18 @@ pub struct Sysctls {
 }
 
 impl Sysctls {
+    /// Sysctls an earlier agent of this process changed (`hand_over`): restored, oldest
+    /// value last, when this one stops.
+    pub fn inherit(saved: Vec<(PathBuf, String)>) -> Self {
+        Self { saved }
+    }
+
+    /// The values to restore, for the next agent (`lb-agent restart`); nothing is
+    /// restored here.
+    pub fn hand_over(mut self) -> Vec<(PathBuf, String)> {
+        std::mem::take(&mut self.saved)
+    }
+
     /// Sets `path` (under /proc/sys) to `value`, remembering the old value.
     pub fn set(&mut self, path: &str, value: &str) -> Result<(), HostError> {
         let p = Path::new("/proc/sys").join(path);

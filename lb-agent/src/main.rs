@@ -42,6 +42,24 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Replace the running agent with the lb-agent binary now on disk (an upgrade), in
+    /// place: the data plane keeps forwarding, flows, health and VRRP mastership carry over.
+    /// Waits until the new agent serves.
+    Restart {
+        /// The config file the new agent runs with (default: the running agent's); its
+        /// control socket is where the agent is asked.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to wait for the new agent to serve.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// This binary's version and the map layout it uses.
+    Version {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop sending new connections to a backend; its connections are kept.
     Drain {
         /// VIP name.
@@ -176,6 +194,60 @@ fn reload(config: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// `restart` through the control socket, then waits for the agent that continues it.
+fn restart(config: Option<PathBuf>, timeout: std::time::Duration) -> ExitCode {
+    let file = config.as_ref().map(|c| {
+        std::path::absolute(c)
+            .unwrap_or_else(|_| c.clone())
+            .display()
+            .to_string()
+    });
+    let (_, sock) = match paths(config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let started = std::time::Instant::now();
+    let token = match control::request(&sock, &Request::Restart { config: file }) {
+        Ok(r) if r.ok => {
+            println!("{}", r.message.unwrap_or_default());
+            r.token.unwrap_or_default()
+        }
+        Ok(r) => {
+            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(e @ control::ControlError::Denied { .. }) => {
+            eprintln!("lb-agent: {e}");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("lb-agent: is the agent running? {e}");
+            return ExitCode::from(EXIT_NOT_RUNNING);
+        }
+    };
+    while started.elapsed() < timeout {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let Ok(r) = control::request(&sock, &Request::Status) else {
+            continue;
+        };
+        let Some(agent) = r.agent else { continue };
+        if agent.restarted_by.as_deref() == Some(token.as_str()) {
+            println!(
+                "restarted: lb-agent {} (pid {}) serving again {} ms after the request",
+                agent.version,
+                agent.pid,
+                started.elapsed().as_millis()
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    eprintln!(
+        "lb-agent: the restarted agent did not answer within {}; see its log (journalctl -u lb-agent)",
+        humantime::format_duration(timeout)
+    );
+    ExitCode::FAILURE
+}
+
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     let b = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -242,6 +314,19 @@ fn main() -> ExitCode {
                 },
         } => drain(config, Request::Failpoint { name, actions }),
         Cmd::Reload { config } => reload(config),
+        Cmd::Restart { config, timeout } => restart(config, timeout),
+        Cmd::Version { json } => {
+            let v = app::Version::ours();
+            if json {
+                println!("{}", serde_json::to_string(&v).expect("serializable"));
+            } else {
+                println!(
+                    "lb-agent {} (map layout {})",
+                    v.version, v.map_layout_version
+                );
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Drain {
             vip,
             backend,

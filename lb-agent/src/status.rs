@@ -110,6 +110,8 @@ pub struct AgentStatus {
     pub map_write_failures: u64,
     /// A map write has not landed yet: the data plane is behind the agent.
     pub maps_behind: bool,
+    /// The `lb-agent restart` this agent continues, if one started it.
+    pub restarted_by: Option<String>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -256,6 +258,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         last_map_repair: info.last_map_repair,
         map_write_failures: info.map_write_failures,
         maps_behind: info.maps_behind,
+        restarted_by: info.restarted_by,
     };
 
     let (flows_by_backend, flows, half_open) = maps.flows_by_backend(None);
@@ -391,7 +394,15 @@ fn layout_words(pinned: u32, expected: u32) -> String {
 fn identity_line(r: &Report) -> String {
     let a = &r.agent;
     let agent = if a.running {
-        format!("lb-agent {}", a.version)
+        format!(
+            "lb-agent {}{}",
+            a.version,
+            if a.restarted_by.is_some() {
+                " (restarted in place)"
+            } else {
+                ""
+            }
+        )
     } else {
         "lb-agent unknown (not answering)".to_string()
     };

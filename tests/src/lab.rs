@@ -544,7 +544,27 @@ impl Lab {
 
     /// Like `start_agent`, with `wrapper` (e.g. a setpriv command line) in front of it.
     pub fn start_agent_with(&self, i: usize, config: &Path, wrapper: &[&str]) -> Proc {
-        let mut p = self.spawn_agent(i, config, wrapper);
+        let p = self.spawn_agent(i, config, wrapper);
+        self.wait_agent(p, config)
+    }
+
+    /// Like `start_agent`, running the lb-agent binary at `exe` (a copy a test upgrades).
+    pub fn start_agent_exe(&self, i: usize, config: &Path, exe: &Path) -> Proc {
+        let p = self.spawn_net_only(
+            &self.lbs[i],
+            &format!("agent-lb{}", i + 1),
+            &[
+                exe.to_str().unwrap(),
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        );
+        self.wait_agent(p, config)
+    }
+
+    /// Waits until the agent `p` (using `config`) answers status.
+    fn wait_agent(&self, mut p: Proc, config: &Path) -> Proc {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(s) = self.try_status(config) {

@@ -68,11 +68,155 @@ fn sigkill_then_run_within_a_second_adopts_the_flows() {
             .terminate(Duration::from_secs(10))
             .expect("exits on SIGTERM");
         assert!(st.success(), "{st}\n{}", agent.output());
-        assert!(!lab.pin_path(0).exists(), "an orderly stop removes the pins");
+        assert!(
+            !lab.pin_path(0).exists(),
+            "an orderly stop removes the pins"
+        );
         let link = lab.lbs[0].ns.sh("ip link show eth0");
         assert!(!link.contains("xdp"), "and detaches: {link}");
     }
     drop(lab);
     let left = footprint.leftovers();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `lb-agent restart` on the master of two LBs (VRRP at 100 ms) after its binary was
+/// replaced on disk (an upgrade): no long-lived request fails, new connections pause
+/// briefly at most, and the backup never holds the VIP.
+#[test]
+fn restart_on_the_master_loses_nothing_and_the_backup_never_takes_the_vip() {
+    use lb_tests::vrrp_lab::{Pair, VRRP_HEALTH};
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU32, Ordering},
+        Arc,
+    };
+
+    let Some(lab) = Lab::new("restart", 2, 3) else {
+        return;
+    };
+    let stubs = lab.start_stubs();
+    let c1 = lab.agent_config_vrrp(0, VRRP_HEALTH, &Pair::vrrp(110, 100, ""));
+    let c2 = lab.agent_config_vrrp(1, VRRP_HEALTH, &Pair::vrrp(100, 100, ""));
+    // lb1 runs a copy of the binary, which the test then replaces as a package upgrade does
+    // (a new file renamed over the old one).
+    let exe = lab.dir.join("lb-agent");
+    std::fs::copy(lb_tests::lab::bin("lb-agent"), &exe).unwrap();
+    let a1 = lab.start_agent_exe(0, &c1, &exe);
+    let _a2 = lab.start_agent(1, &c2);
+    let pair = Pair {
+        lab,
+        configs: [c1.clone(), c2],
+        stubs,
+    };
+    pair.wait_master(0, Duration::from_secs(5));
+    let lab = &pair.lab;
+    let before = lab.status(&c1);
+
+    let long = lab.spawn_long_lived("restart-long", 10);
+    let fresh = lab.spawn_loadgen(
+        "restart-new",
+        "/version",
+        &[
+            "--gap",
+            "--new-connection",
+            "--interval",
+            "10ms",
+            "--duration",
+            "10s",
+            "--timeout",
+            "500ms",
+        ],
+    );
+    // The backup's interface, every 50 ms, for the whole run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicU32::new(0));
+    let polls = Arc::new(AtomicU32::new(0));
+    let ns = lab.lbs[1].ns.name.clone();
+    let watcher = {
+        let (stop, seen, polls) = (stop.clone(), seen.clone(), polls.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let out = std::process::Command::new("ip")
+                    .args([
+                        "netns", "exec", &ns, "ip", "-4", "-o", "addr", "show", "dev", "eth0",
+                    ])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&out.stdout)
+                    .contains(&format!("inet {}/", lb_tests::lab::VIP))
+                {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                polls.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let tmp = lab.dir.join("lb-agent.new");
+    std::fs::copy(lb_tests::lab::bin("lb-agent"), &tmp).unwrap();
+    std::fs::rename(&tmp, &exe).unwrap();
+    let t0 = Instant::now();
+    let out = std::process::Command::new(lb_tests::lab::bin("lb-agent"))
+        .args(["restart", "--config"])
+        .arg(&c1)
+        .output()
+        .unwrap();
+    let took = t0.elapsed();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "lb-agent restart: {said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("carry over"), "{said}");
+    assert!(said.contains("restarted: lb-agent"), "{said}");
+
+    let long = long.finish(Duration::from_secs(30));
+    let fresh = fresh.finish(Duration::from_secs(30));
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    let after = lab.status(&c1);
+    println!(
+        "lb-agent restart took {} ms:\n{said}long-lived: {} ok, {} failed, {} of 30 connections untouched; new connections: {} ok, {} failed, longest gap {} ms; backup held the VIP in {} of {} polls",
+        took.as_millis(),
+        long["ok"],
+        long["failed"],
+        survivors(&long),
+        fresh["ok"],
+        fresh["failed"],
+        fresh["max_gap_ms"],
+        seen.load(Ordering::SeqCst),
+        polls.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        0,
+        "the backup never holds the VIP"
+    );
+    assert_eq!(long["failed"], 0, "{long}");
+    assert_eq!(survivors(&long), 30, "{long}");
+    let gap = fresh["max_gap_ms"].as_f64().unwrap();
+    assert!(
+        gap < 300.0,
+        "longest gap for new connections {gap} ms: {fresh}"
+    );
+    assert_eq!(
+        after["agent"]["pid"], before["agent"]["pid"],
+        "restarted in place"
+    );
+    assert!(before["agent"]["restarted_by"].is_null(), "{before}");
+    assert!(
+        after["agent"]["restarted_by"].is_string(),
+        "a new agent, continuing the restart: {after}"
+    );
+    assert_eq!(lab.vrrp_state(&c1), "master");
+    assert!(
+        lab.vrrp_state(&pair.configs[1]) == "backup",
+        "the peer stayed backup"
+    );
+    let log = a1.output();
+    assert!(log.contains("resuming as VRRP master"), "{log}");
+    assert!(log.contains("adopting the data plane"), "{log}");
 }

@@ -214,7 +214,7 @@ impl Keeper {
             Request::Undrain { vip, backend } => {
                 answer(self.backends.set_drain(&vip, &backend, false, peer))
             }
-            Request::Failpoint { .. } | Request::Reload { .. } => {
+            Request::Failpoint { .. } | Request::Reload { .. } | Request::Restart { .. } => {
                 Response::error("not the keeper's to answer")
             }
         }

@@ -7,6 +7,8 @@
 //! `signals`: the handlers. `supervisor`: the named tasks and how they end. `keeper`: the task
 //! that owns backend state and the maps. `service`: telling the service manager (systemd).
 
+mod election;
+mod handoff;
 mod keeper;
 mod reload;
 pub mod service;
@@ -40,8 +42,9 @@ use crate::{
     heartbeat::Heartbeat,
     host::{self, Sysctls},
     netlink::{self, Netlink},
-    vrrp::{self, VrrpThread},
+    vrrp,
 };
+pub use handoff::Version;
 pub use supervisor::{Exit, Supervisor};
 
 /// Holds the agent's single-instance lock for its lifetime.
@@ -82,40 +85,6 @@ impl InstanceLock {
 impl Drop for InstanceLock {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// What VRRP runs with, kept for the shutdown.
-struct VrrpRun {
-    thread: VrrpThread,
-    cfg: crate::config::VrrpConfig,
-    ifindex: u32,
-    primary: Ipv4Addr,
-    status: vrrp::Shared,
-}
-
-/// The VRRP thread's heartbeat may be this old before it counts as wedged (at least).
-const VRRP_STALE_MIN: Duration = Duration::from_secs(2);
-
-/// Fails when the VRRP thread's heartbeat is older than `stale`.
-async fn watch_vrrp(
-    alive: Heartbeat,
-    stale: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), String> {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return Ok(()),
-            _ = tick.tick() => {
-                if alive.age() > stale {
-                    return Err(format!(
-                        "the VRRP thread has made no progress for {:.1}s",
-                        alive.age().as_secs_f64()
-                    ));
-                }
-            }
-        }
     }
 }
 
@@ -202,9 +171,49 @@ pub async fn run(config: Config) -> Result<()> {
     let pin_path = config.agent.pin_path.clone();
     let socket_path = config.agent.control_socket.clone();
     let _lock = InstanceLock::take(&socket_path)?;
+    // After `lb-agent restart`, this process ran the previous agent: what it handed over.
+    let handed = handoff::Handoff::take(&socket_path);
+    if let Some(h) = &handed {
+        log::info!(
+            "continuing after lb-agent restart (version {}){}",
+            crate::VERSION,
+            if h.vrrp_master {
+                ": resuming as VRRP master"
+            } else {
+                ""
+            }
+        );
+    }
+    let (penalty_tx, penalty_rx) = watch::channel(0u8);
+    let vrrp_status: vrrp::Shared = Default::default();
+    let keeper_alive = Heartbeat::default();
+    let vrrp_alive = Heartbeat::default();
+    let mut ties = Some(election::Ties {
+        status: vrrp_status.clone(),
+        penalty: penalty_rx,
+        vrrp_alive: vrrp_alive.clone(),
+        keeper_alive: keeper_alive.clone(),
+    });
+    let mut election = None;
+    // A master that re-executed itself goes on sending adverts at once: the old data plane
+    // forwards meanwhile, and the peer must not take over while this one loads.
+    if let (Some(v), Some(h)) = (&config.vrrp, &handed) {
+        if h.vrrp_master {
+            let t = ties.take().expect("unused");
+            election = Some(election::Election::start(v, &nl, &file, t, true).await?);
+        }
+    }
 
-    let (mut dp, start) = Dataplane::load_or_adopt(&pin_path, config.agent.max_flows, ifindex)
-        .context("loading the data plane")?;
+    let (mut dp, start) = match Dataplane::load_or_adopt(&pin_path, config.agent.max_flows, ifindex)
+    {
+        Ok(x) => x,
+        Err(e) => {
+            if let Some(e) = election.take() {
+                e.resign(false, &nl).await;
+            }
+            return Err(anyhow::Error::new(e).context("loading the data plane"));
+        }
+    };
     let adopted = match &start {
         Start::Fresh => None,
         Start::Adopted(a) => {
@@ -242,7 +251,12 @@ pub async fn run(config: Config) -> Result<()> {
         } else {
             Backends::install(&config, writer, default_snat).context("writing the maps")?
         };
-        let mut sysctls = Sysctls::default();
+        let mut sysctls = Sysctls::inherit(
+            handed
+                .as_ref()
+                .map(|h| h.sysctls.clone())
+                .unwrap_or_default(),
+        );
         sysctls.for_dataplane(&iface)?;
         let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
         sysctls.reserve_ports(&ranges)?;
@@ -283,6 +297,9 @@ pub async fn run(config: Config) -> Result<()> {
     let (mut backends, sysctls, mut meta, link_events, mode) = match prepared {
         Ok(p) => p,
         Err(e) => {
+            if let Some(e) = election.take() {
+                e.resign(false, &nl).await;
+            }
             if adopted.is_some() {
                 dp.leave();
                 log::error!("left the adopted data plane forwarding as it was");
@@ -336,10 +353,6 @@ pub async fn run(config: Config) -> Result<()> {
         );
     }
 
-    let (penalty_tx, penalty_rx) = watch::channel(0u8);
-    let vrrp_status: vrrp::Shared = Default::default();
-    let keeper_alive = Heartbeat::default();
-    let vrrp_alive = Heartbeat::default();
     let (order_tx, orders) = mpsc::channel::<keeper::Order>(64);
     let keeper = keeper::Keeper {
         backends,
@@ -354,6 +367,7 @@ pub async fn run(config: Config) -> Result<()> {
             config_loaded_unix: source.map_or(0, |s| unix_seconds(s.loaded)),
             interface: iface.clone(),
             started_unix,
+            restarted_by: handed.as_ref().map(|h| h.token.clone()),
             ..Default::default()
         },
         vrrp: config.vrrp.as_ref().map(|_| vrrp_status.clone()),
@@ -368,84 +382,21 @@ pub async fn run(config: Config) -> Result<()> {
     sup.spawn("keeper", keeper.run(probes, calls, orders, stop));
 
     // VRRP starts once the data plane is ready to serve the addresses it may take.
-    let mut vrrp_run = None;
-    let mut vrrp_settings = None;
-    if let Some(v) = &config.vrrp {
-        let vlink = nl
-            .link_by_name(&v.interface)
-            .await
-            .with_context(|| format!("{file}: vrrp.interface"))?;
-        let primary = match v.unicast_src {
-            Some(a) => a,
-            None => nl.primary_ipv4(vlink.index).await?.ok_or_else(|| {
-                anyhow!(
-                    "{file}: vrrp.unicast_src: not set, and {} has no IPv4 address to send adverts from",
-                    v.interface
-                )
-            })?,
-        };
-        log::info!(
-            "VRRP v{} VRID {} ({}) on {} from {primary}: priority {}, adverts every {}, {}{}",
-            v.version,
-            v.virtual_router_id,
-            v.name,
-            v.interface,
-            v.priority,
-            humantime::format_duration(v.advert_interval),
-            if v.unicast_peers.is_empty() {
-                "multicast".to_string()
-            } else {
-                format!("unicast to {:?}", v.unicast_peers)
-            },
-            if v.rt_priority > 0 {
-                format!(", SCHED_RR priority {}", v.rt_priority)
-            } else {
-                String::new()
-            }
-        );
-        let mut thread = VrrpThread::spawn(
-            v.clone(),
-            vlink.index,
-            primary,
-            vrrp::Links {
-                status: vrrp_status.clone(),
-                penalty: penalty_rx,
-                vrrp_alive: vrrp_alive.clone(),
-                keeper_alive: keeper_alive.clone(),
-                settings: {
-                    let (tx, rx) = watch::channel(v.clone());
-                    vrrp_settings = Some(tx);
-                    rx
-                },
-            },
-        )
-        .await?;
-        let done = thread.take_done().expect("fresh thread");
-        sup.spawn("vrrp", async move {
-            match done.await {
-                Ok(r) => r,
-                Err(_) => Err("the VRRP thread vanished".into()),
-            }
-        });
-        // A VRRP thread that stops making progress without ending (a deadlock, a call that
-        // never returns) is a failure too: its addresses expire, and nobody would notice.
-        let stale = (v.advert_interval * 5).max(VRRP_STALE_MIN);
-        let stop = stop_rx.clone();
-        sup.spawn("vrrp watchdog", watch_vrrp(vrrp_alive, stale, stop));
-        vrrp_run = Some(VrrpRun {
-            thread,
-            cfg: v.clone(),
-            ifindex: vlink.index,
-            primary,
-            status: vrrp_status.clone(),
-        });
+    if election.is_none() {
+        if let Some(v) = &config.vrrp {
+            let t = ties.take().expect("unused");
+            election = Some(election::Election::start(v, &nl, &file, t, false).await?);
+        }
+    }
+    if let Some(e) = election.as_mut() {
+        e.supervise(&mut sup, vrrp_alive.clone(), stop_rx.clone());
     }
 
     let mut serving = reload::Serving {
         config,
         sysctls,
         keeper: order_tx,
-        vrrp: vrrp_settings,
+        vrrp: election.as_ref().map(|e| e.settings.clone()),
         default_snat,
     };
     let vips: Vec<&str> = serving
@@ -459,13 +410,13 @@ pub async fn run(config: Config) -> Result<()> {
         vips.join(", "),
         lb_common::xdp_mode::name(mode)
     ));
-    let failure = loop {
+    let ending = loop {
         tokio::select! {
             asked = signals.next() => match asked {
                 signals::Asked::Stop(sig) => {
                     service::stopping(&format!("{sig}: giving up the VIP, detaching"));
                     log::info!("{sig}: shutting down");
-                    break None;
+                    break Ending::Stop;
                 }
                 signals::Asked::Reload => {
                     log::info!("SIGHUP: reloading {}", serving.path().display());
@@ -480,7 +431,7 @@ pub async fn run(config: Config) -> Result<()> {
                 log::error!(
                     "{exit}: giving up the VIP, detaching and exiting non-zero so the service manager restarts lb-agent"
                 );
-                break Some(exit);
+                break Ending::Failed(exit);
             }
             Some((req, peer, reply)) = agent_calls.recv() => match req {
                 Request::Reload { config } => {
@@ -507,6 +458,33 @@ pub async fn run(config: Config) -> Result<()> {
                         Err(e) => control::Response::error(e),
                     });
                 }
+                Request::Restart { config } => {
+                    log::info!("restart asked by {peer}");
+                    let path = config.map(PathBuf::from);
+                    match path {
+                        Some(p) if !peer.may_read(&p) => {
+                            let _ = reply.send(control::Response::error(format!(
+                                "{}: {peer} may not read this file, so the agent will not either",
+                                p.display()
+                            )));
+                        }
+                        path => match restart_plan(&serving, path).await {
+                            Err(e) => {
+                                log::error!("restart refused, the agent keeps running: {e}");
+                                let _ = reply.send(control::Response::error(e));
+                            }
+                            Ok(plan) => {
+                                let _ = reply.send(control::Response {
+                                    ok: true,
+                                    message: Some(plan.lines.join("\n")),
+                                    token: Some(plan.token.clone()),
+                                    ..Default::default()
+                                });
+                                break Ending::Restart(plan);
+                            }
+                        },
+                    }
+                }
                 _ => {
                     let _ = reply.send(control::Response::error("not the agent's to answer"));
                 }
@@ -514,24 +492,50 @@ pub async fn run(config: Config) -> Result<()> {
         }
     };
     let reload::Serving { mut sysctls, .. } = serving;
+    if let Ending::Restart(plan) = &ending {
+        if plan.way == handoff::Way::Keep {
+            // Everything stays as it is for the successor: the program forwards, VRRP is
+            // abandoned as master (its addresses live on for a second), nothing is undone.
+            service::reloading();
+            // The answer is on its way to the client: let it out before this process goes.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let master = election.as_ref().is_some_and(|e| e.is_master());
+            if let Some(e) = election {
+                e.abandon().await;
+            }
+            let _ = stop_tx.send(true);
+            let stuck = sup.finish(Duration::from_secs(2)).await;
+            if !stuck.is_empty() {
+                log::warn!("tasks that did not stop in time: {}", stuck.join(", "));
+            }
+            let h = handoff::Handoff::new(plan.token.clone(), master, sysctls.hand_over());
+            h.write(&socket_path)
+                .with_context(|| format!("writing {}", handoff::file(&socket_path).display()))?;
+            dp.leave();
+            log::info!(
+                "restart: executing {} run --config {}",
+                plan.exe.display(),
+                plan.config.display()
+            );
+            let e = handoff::exec(&plan.exe, &plan.config);
+            // The data plane is left pinned and forwarding: the service manager's restart
+            // adopts it.
+            return Err(anyhow!(
+                "restart: executing {}: {e}; exiting so the service manager starts the agent again",
+                plan.exe.display()
+            ));
+        }
+    }
+    let failure = match &ending {
+        Ending::Failed(exit) => Some(exit.clone()),
+        _ => None,
+    };
 
     // VRRP first: resign (priority 0) so the backup takes over within its skew time, while
     // this data plane still forwards what reaches it.
-    if let Some(mut v) = vrrp_run {
-        let vrrp_failed = failure.as_ref().is_some_and(|f| f.name == "vrrp");
-        if vrrp_failed {
-            v.thread.join(Duration::from_secs(1)).await;
-        } else {
-            v.thread.stop();
-            v.thread.join(Duration::from_secs(4)).await;
-        }
-        // Only an orderly end resigned; any other end leaves it to us.
-        if !v.thread.resigned() {
-            vrrp::resign_after_failure(&v.cfg, v.ifindex, v.primary, &v.status, &nl).await;
-        }
-        let grace =
-            (v.cfg.advert_interval * 2).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        tokio::time::sleep(grace).await;
+    if let Some(e) = election {
+        e.resign(failure.as_ref().is_some_and(|f| f.name == "vrrp"), &nl)
+            .await;
     }
     // Then stop probes and answering, detach, drop maps and pins, restore sysctls.
     let _ = stop_tx.send(true);
@@ -547,8 +551,86 @@ pub async fn run(config: Config) -> Result<()> {
         "detached from {iface}, pins under {} removed",
         pin_path.display()
     );
+    if let Ending::Restart(plan) = ending {
+        // The safe path: the VIP went to the peer, the data plane is gone; the new binary
+        // starts afresh in this process.
+        let h = handoff::Handoff::new(plan.token.clone(), false, Vec::new());
+        h.write(&socket_path)
+            .with_context(|| format!("writing {}", handoff::file(&socket_path).display()))?;
+        log::info!(
+            "restart: executing {} run --config {} (a fresh start)",
+            plan.exe.display(),
+            plan.config.display()
+        );
+        let e = handoff::exec(&plan.exe, &plan.config);
+        return Err(anyhow!("restart: executing {}: {e}", plan.exe.display()));
+    }
     match failure {
         None => Ok(()),
         Some(e) => Err(anyhow!("{e}")),
     }
+}
+
+/// How the agent's main loop ended.
+enum Ending {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// A supervised task ended.
+    Failed(Exit),
+    /// `lb-agent restart`.
+    Restart(RestartPlan),
+}
+
+/// A restart the agent agreed to.
+struct RestartPlan {
+    token: String,
+    exe: PathBuf,
+    config: PathBuf,
+    way: handoff::Way,
+    /// What the client is told, one line each.
+    lines: Vec<String>,
+}
+
+/// Checks a restart into the binary on disk with config `path` (or the agent's own file):
+/// the binary answers and the config passes `check-config`; says whether the successor can
+/// keep everything or must start afresh.
+async fn restart_plan(
+    serving: &reload::Serving,
+    path: Option<PathBuf>,
+) -> Result<RestartPlan, String> {
+    let config = path.unwrap_or_else(|| serving.path().to_path_buf());
+    let exe = handoff::binary_on_disk().map_err(|e| format!("/proc/self/exe: {e}"))?;
+    let next = handoff::Version::of(&exe)?;
+    let new = handoff::check(&config).await?;
+    let way = handoff::way(&next, &serving.config, &new);
+    let now = handoff::Version::ours();
+    let mut lines = vec![format!(
+        "restarting lb-agent {} -> {} ({}), config {}",
+        now.version,
+        next.version,
+        exe.display(),
+        config.display()
+    )];
+    match &way {
+        handoff::Way::Keep => lines.push(
+            "the data plane, its flows and counters, backend health and drains, and VRRP mastership carry over".into(),
+        ),
+        handoff::Way::Afresh(why) => lines.push(format!(
+            "{why}: the data plane cannot carry over; this agent gives up the VIP (the peer LB takes over) and removes it, and the new one starts afresh: connections through this LB are reset"
+        )),
+    }
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    Ok(RestartPlan {
+        token,
+        exe,
+        config,
+        way,
+        lines,
+    })
 }

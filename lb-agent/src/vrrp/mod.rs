@@ -143,6 +143,8 @@ fn state_word(s: State) -> &'static str {
 /// The VRRP thread: `stop` asks it to resign and end; `done` says how it ended.
 pub struct VrrpThread {
     stop: watch::Sender<bool>,
+    /// Set by `abandon`: end without resigning or releasing the addresses.
+    abandon: Arc<AtomicBool>,
     done: Option<oneshot::Receiver<Result<(), String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
     resigned: Arc<AtomicBool>,
@@ -150,13 +152,18 @@ pub struct VrrpThread {
 
 impl VrrpThread {
     /// Starts the instance on its own thread and returns once it runs (or failed to start).
+    /// `resume`: start as master at once, without the election (the agent re-executed
+    /// itself while master).
     pub async fn spawn(
         cfg: VrrpConfig,
         ifindex: u32,
         primary: Ipv4Addr,
         links: Links,
+        resume: bool,
     ) -> Result<Self, VrrpError> {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let abandon = Arc::new(AtomicBool::new(false));
+        let abandon_flag = abandon.clone();
         let (ready_tx, ready_rx) = oneshot::channel::<Result<(), VrrpError>>();
         let (done_tx, done_rx) = oneshot::channel();
         let resigned = Arc::new(AtomicBool::new(false));
@@ -166,7 +173,19 @@ impl VrrpThread {
             .name("lb-vrrp".into())
             .spawn(move || {
                 let result = std::panic::catch_unwind(AssertUnwindSafe(move || {
-                    thread_main(cfg, ifindex, primary, links, stop_rx, ready_tx, flag)
+                    thread_main(
+                        cfg,
+                        ifindex,
+                        primary,
+                        links,
+                        Control {
+                            stop: stop_rx,
+                            abandon: abandon_flag,
+                            resume,
+                        },
+                        ready_tx,
+                        flag,
+                    )
                 }));
                 let result = match result {
                     Ok(r) => r,
@@ -182,6 +201,7 @@ impl VrrpThread {
         match ready_rx.await {
             Ok(Ok(())) => Ok(Self {
                 stop: stop_tx,
+                abandon,
                 done: Some(done_rx),
                 thread: Some(thread),
                 resigned,
@@ -208,6 +228,14 @@ impl VrrpThread {
 
     /// Asks the instance to resign (priority 0 if master), remove its addresses and end.
     pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Ends the instance as it is, master or not, without a priority 0 advert and without
+    /// removing the addresses: the agent is about to re-execute itself and its successor
+    /// resumes within the addresses' lifetime and the peer's Master_Down_Interval.
+    pub fn abandon(&self) {
+        self.abandon.store(true, Ordering::SeqCst);
         let _ = self.stop.send(true);
     }
 
@@ -261,12 +289,19 @@ fn set_rt_priority(priority: u8) -> io::Result<()> {
     }
 }
 
+/// How the agent steers the thread: stop, and how to start and end.
+struct Control {
+    stop: watch::Receiver<bool>,
+    abandon: Arc<AtomicBool>,
+    resume: bool,
+}
+
 fn thread_main(
     cfg: VrrpConfig,
     ifindex: u32,
     primary: Ipv4Addr,
     links: Links,
-    stop: watch::Receiver<bool>,
+    control: Control,
     ready: oneshot::Sender<Result<(), VrrpError>>,
     resigned: Arc<AtomicBool>,
 ) -> Result<(), String> {
@@ -308,8 +343,9 @@ fn thread_main(
             }
         };
         let _ = ready.send(Ok(()));
-        parts.run(links, stop).await?;
-        resigned.store(true, Ordering::SeqCst);
+        if parts.run(links, control).await? {
+            resigned.store(true, Ordering::SeqCst);
+        }
         Ok(())
     })
 }
@@ -862,8 +898,14 @@ impl Instance {
 
 impl Parts {
     /// Runs until `stop` turns true, then resigns (priority 0 if master), removes the
-    /// addresses and runs the STOP notifications. An error means a part of the instance died.
-    async fn run(self, links: Links, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+    /// addresses and runs the STOP notifications, and says true; abandoned, it ends as it
+    /// is and says false. An error means a part of the instance died.
+    async fn run(self, links: Links, control: Control) -> Result<bool, String> {
+        let Control {
+            mut stop,
+            abandon,
+            resume,
+        } = control;
         let Links {
             mut penalty,
             vrrp_alive,
@@ -884,11 +926,19 @@ impl Parts {
             mut poll_task,
         } = self;
         // A crashed agent may have left the addresses: nobody holds them before the election.
-        inst.release(Duration::from_secs(2)).await;
+        // Resuming, they are ours, and their lifetime is running out.
+        if !resume {
+            inst.release(Duration::from_secs(2)).await;
+        }
 
         if inst.link_usable {
             let from = inst.machine.state();
-            let acts = inst.machine.start(Instance::now());
+            let acts = if resume {
+                log::info!("VRRP: resuming as master (the agent re-executed itself)");
+                inst.machine.resume_master(Instance::now())
+            } else {
+                inst.machine.start(Instance::now())
+            };
             inst.perform(acts, from);
         } else {
             log::warn!(
@@ -1003,6 +1053,13 @@ impl Parts {
         };
         // A part died: the supervisor gives up the VIP with sockets of its own.
         result?;
+        if abandon.load(Ordering::SeqCst) {
+            log::info!(
+                "VRRP: handing over to the next agent as {} (no resignation; the addresses stay)",
+                state_word(inst.machine.state())
+            );
+            return Ok(false);
+        }
         let from = inst.machine.state();
         let prio = inst.effective_priority();
         let acts = inst.machine.shutdown(Instance::now());
@@ -1025,7 +1082,7 @@ impl Parts {
             log::warn!("VRRP: notify scripts still running at exit");
         }
         st_init(&inst.status);
-        Ok(())
+        Ok(true)
     }
 }
 

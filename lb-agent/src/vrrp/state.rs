@@ -166,6 +166,16 @@ impl Machine {
         }
     }
 
+    /// Init -> Master at once, without the election: the agent re-executed itself while
+    /// master (`lb-agent restart`), so the peer still sees it as master and must go on
+    /// hearing adverts before its Master_Down timer runs out.
+    pub fn resume_master(&mut self, now: Instant) -> Vec<Action> {
+        if self.state != State::Init {
+            return Vec::new();
+        }
+        self.become_master(now)
+    }
+
     /// The next instant at which `tick` must be called, or None.
     pub fn deadline(&self) -> Option<Instant> {
         match self.state {
