@@ -195,15 +195,38 @@ pub async fn run(config: Config) -> Result<()> {
         keeper_alive: keeper_alive.clone(),
     });
     let mut election = None;
-    // A master that re-executed itself goes on sending adverts at once: the old data plane
-    // forwards meanwhile, and the peer must not take over while this one loads.
-    if let (Some(v), Some(h)) = (&config.vrrp, &handed) {
-        if h.vrrp_master {
-            let t = ties.take().expect("unused");
-            election = Some(election::Election::start(v, &nl, &file, t, true).await?);
+    // A master that re-executed itself (or crashed a moment ago: its addresses' lifetime
+    // is still running) goes on sending adverts at once, while the data plane it left
+    // forwards: the peer must not take over while this agent loads. Only when that data
+    // plane can be adopted: otherwise replacing it would blackhole the VIP meanwhile.
+    if let Some(v) = &config.vrrp {
+        let resume = match &handed {
+            Some(h) => h.vrrp_master,
+            None => match nl.link_by_name(&v.interface).await {
+                Ok(l) => vrrp::left_by_a_master(v, l.index, &nl)
+                    .await
+                    .unwrap_or(false),
+                Err(_) => false,
+            },
+        };
+        let adoptable = Dataplane::can_adopt(&pin_path, config.agent.max_flows, ifindex);
+        match (resume, adoptable) {
+            (true, Ok(())) => {
+                if handed.is_none() {
+                    log::warn!(
+                        "the virtual addresses are still on {} with their lifetime running: an agent of this host was master until a moment ago and did not resign; resuming as master at once",
+                        v.interface
+                    );
+                }
+                let t = ties.take().expect("unused");
+                election = Some(election::Election::start(v, &nl, &file, t, true).await?);
+            }
+            (true, Err(why)) => log::warn!(
+                "not resuming as VRRP master: the data plane left here cannot be adopted ({why})"
+            ),
+            (false, _) => {}
         }
     }
-
     let (mut dp, start) = match Dataplane::load_or_adopt(&pin_path, config.agent.max_flows, ifindex)
     {
         Ok(x) => x,

@@ -358,6 +358,13 @@ impl Dataplane {
         }
     }
 
+    /// Whether `load_or_adopt` would adopt what is pinned under `pin_path` (and why not),
+    /// without loading anything: the agent decides from it whether to resume as VRRP master
+    /// before the slow part of its start.
+    pub fn can_adopt(pin_path: &Path, max_flows: u32, ifindex: u32) -> Result<(), String> {
+        adoptable(pin_path, max_flows, ifindex).map(|_| ())
+    }
+
     /// Removes lb's pins, loads the object with new maps and pins them; returns how many
     /// pins were removed.
     fn load_fresh(pin_path: &Path, max_flows: u32) -> Result<(Self, usize), DataplaneError> {

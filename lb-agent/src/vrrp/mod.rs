@@ -1211,6 +1211,22 @@ pub async fn resign_after_failure(
 
 /// For priority 255: every virtual address must already be the interface's own (permanent)
 /// address; returns the first that is not.
+/// True when every virtual address of `cfg` is on interface `ifindex` with a lifetime: an
+/// agent of this host held them as master until less than a lifetime ago and died without
+/// resigning (an orderly end removes them; an operator's or an owner's are permanent).
+pub async fn left_by_a_master(
+    cfg: &VrrpConfig,
+    ifindex: u32,
+    nl: &Netlink,
+) -> Result<bool, netlink::NetlinkError> {
+    let present = nl.addresses(ifindex).await?;
+    Ok(!cfg.virtual_addresses.is_empty()
+        && cfg
+            .virtual_addresses
+            .iter()
+            .all(|(v, _)| present.iter().any(|a| a.addr == *v && !a.permanent)))
+}
+
 pub async fn unowned_address(
     cfg: &VrrpConfig,
     ifindex: u32,
