@@ -316,7 +316,16 @@ fn main() -> ExitCode {
         Cmd::Reload { config } => reload(config),
         Cmd::Restart { config, timeout } => restart(config, timeout),
         Cmd::Version { json } => {
-            let v = app::Version::ours();
+            #[allow(unused_mut)]
+            let mut v = app::Version::ours();
+            // Tests make a binary claim another layout to drive `restart`'s safe path.
+            #[cfg(feature = "failpoints")]
+            if let Some(l) = std::env::var("LB_FAILPOINT_MAP_LAYOUT")
+                .ok()
+                .and_then(|l| l.parse().ok())
+            {
+                v.map_layout_version = l;
+            }
             if json {
                 println!("{}", serde_json::to_string(&v).expect("serializable"));
             } else {

@@ -123,8 +123,9 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
             )
         })
         .collect();
+    // lb2's priority drops too: VRRP settings change in place.
     for (i, c) in [c1, c2].into_iter().enumerate() {
-        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 100 }, 100, "");
+        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 90 }, 100, "");
         let p = lab.agent_config_backends(i, "", VRRP_HEALTH, &four);
         assert_eq!(&p, c);
         let mut t = std::fs::read_to_string(&p).unwrap();
@@ -143,6 +144,10 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
     );
     let (code, out2, err) = reload(c2);
     assert_eq!(code, 0, "reload lb2: {out2} {err}");
+    assert!(out2.contains("vrrp.priority: 100 -> 90"), "{out2}");
+    let v2 = lab.vrrp_status(c2).unwrap();
+    assert_eq!(v2["base_priority"], 90, "{v2}");
+    assert_eq!(v2["effective_priority"], 90, "{v2}");
     let serving =
         poll_until(Duration::from_secs(5), || version_requests(lab, 3) > 0).map(|t| t - t0);
     println!("reload printed:\n{out}m4 got its first new connection after {serving:?}");
@@ -161,7 +166,7 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
     // 3. m1 removed, by SIGHUP on both: its connections are kept (drain), no new ones.
     let three: Vec<_> = four[1..].to_vec();
     for (i, c) in [c1, c2].into_iter().enumerate() {
-        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 100 }, 100, "");
+        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 90 }, 100, "");
         let p = lab.agent_config_backends(i, "", VRRP_HEALTH, &three);
         assert_eq!(&p, c);
         let mut t = std::fs::read_to_string(&p).unwrap();

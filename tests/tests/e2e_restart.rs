@@ -300,3 +300,80 @@ fn sigkill_of_the_master_then_run_adopts_and_takes_the_vip_back() {
         assert_eq!(fresh["failed"], 0, "{fresh}");
     }
 }
+
+/// `lb-agent restart` into a binary whose map layout differs (claimed through a failpoint):
+/// the data plane cannot carry over, so the agent takes the safe path. It resigns (the
+/// peer takes the VIP), stops in order, and the new binary starts afresh and takes the VIP
+/// back; nothing is dropped without the VIP having moved first.
+#[test]
+fn restart_across_a_layout_change_hands_the_vip_to_the_peer_first() {
+    use lb_tests::vrrp_lab::{poll_until, Pair, VRRP_HEALTH};
+
+    let Some(lab) = Lab::new("restart_layout", 2, 3) else {
+        return;
+    };
+    let stubs = lab.start_stubs();
+    let c1 = lab.agent_config_vrrp(0, VRRP_HEALTH, &Pair::vrrp(110, 100, ""));
+    let c2 = lab.agent_config_vrrp(1, VRRP_HEALTH, &Pair::vrrp(100, 100, ""));
+    let a1 = lab.start_agent_with(0, &c1, &["env", "LB_FAILPOINT_MAP_LAYOUT=999"]);
+    let _a2 = lab.start_agent(1, &c2);
+    let pair = Pair {
+        lab,
+        configs: [c1.clone(), c2.clone()],
+        stubs,
+    };
+    pair.wait_master(0, Duration::from_secs(5));
+    let lab = &pair.lab;
+    let fresh = lab.spawn_loadgen(
+        "layout-new",
+        "/version",
+        &[
+            "--gap",
+            "--new-connection",
+            "--interval",
+            "10ms",
+            "--duration",
+            "8s",
+            "--timeout",
+            "500ms",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let peer_before = lab.vrrp_status(&c2).unwrap()["transitions"].clone();
+    let out = std::process::Command::new(lb_tests::lab::bin("lb-agent"))
+        .args(["restart", "--config"])
+        .arg(&c1)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("map layout is 999") && said.contains("cannot carry over"),
+        "{said}"
+    );
+    assert_ne!(
+        lab.vrrp_status(&c2).unwrap()["transitions"],
+        peer_before,
+        "the peer took the VIP while this LB restarted afresh"
+    );
+    let back = poll_until(Duration::from_secs(10), || {
+        lab.vrrp_state(&c1) == "master" && lab.has_vip(0) && !lab.has_vip(1)
+    });
+    assert!(back.is_some(), "lb1 takes the VIP back by preemption");
+    let log = a1.output();
+    assert!(log.contains("a fresh start"), "{log}");
+    assert!(
+        log.contains("VRRP: resigning"),
+        "it resigned before its data plane went: {log}"
+    );
+    let fresh = fresh.finish(Duration::from_secs(30));
+    println!(
+        "restart across a layout change:\n{said}new connections: {} ok, {} failed, longest gap {} ms",
+        fresh["ok"], fresh["failed"], fresh["max_gap_ms"]
+    );
+    assert_eq!(fresh["last_ok"], true, "{fresh}");
+}
