@@ -143,14 +143,9 @@ fn unix_of(t: Instant) -> u64 {
 }
 
 impl Backends {
-    /// Serves `config` from empty maps: a reload from nothing. Every probed backend is down
-    /// until its first probe answers.
-    pub fn install(
-        config: &Config,
-        writer: Writer,
-        default_snat: Ipv4Addr,
-    ) -> Result<Self, DataplaneError> {
-        let mut b = Self {
+    /// No plans yet.
+    fn empty(config: &Config, writer: Writer, default_snat: Ipv4Addr) -> Self {
+        Self {
             writer,
             vips: Vec::new(),
             runtime: Vec::new(),
@@ -162,7 +157,17 @@ impl Backends {
             fresh_vip: 0,
             policy: config.agent.removed_backends,
             default_snat,
-        };
+        }
+    }
+
+    /// Serves `config` from empty maps: a reload from nothing. Every probed backend is down
+    /// until its first probe answers.
+    pub fn install(
+        config: &Config,
+        writer: Writer,
+        default_snat: Ipv4Addr,
+    ) -> Result<Self, DataplaneError> {
+        let mut b = Self::empty(config, writer, default_snat);
         b.reload(config)?;
         Ok(b)
     }
@@ -176,19 +181,7 @@ impl Backends {
         writer: Writer,
         default_snat: Ipv4Addr,
     ) -> Result<(Self, Vec<String>), DataplaneError> {
-        let mut b = Self {
-            writer,
-            vips: Vec::new(),
-            runtime: Vec::new(),
-            health: Vec::new(),
-            panic: Vec::new(),
-            write_failed: false,
-            behind: false,
-            fresh_backend: 0,
-            fresh_vip: 0,
-            policy: config.agent.removed_backends,
-            default_snat,
-        };
+        let mut b = Self::empty(config, writer, default_snat);
         let maps = &b.writer.maps;
         let live: Vec<(VipKey, VipInfo)> = maps.vips.iter().filter_map(Result::ok).collect();
         for i in 0..MAX_VIPS {

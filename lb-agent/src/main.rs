@@ -136,94 +136,74 @@ fn paths(config: Option<PathBuf>) -> Result<(PathBuf, PathBuf), ExitCode> {
     }
 }
 
-/// `drain` / `undrain` through the control socket.
-fn drain(config: Option<PathBuf>, req: Request) -> ExitCode {
-    let (_, sock) = match paths(config) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    match control::request(&sock, &req) {
-        Ok(r) if r.ok => {
-            println!("{}", r.message.unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
-            ExitCode::FAILURE
-        }
-        Err(e @ control::ControlError::Denied { .. }) => {
+/// Sends the request `make` builds (from `--config` as an absolute path) to the agent whose
+/// control socket `--config` names (the default one otherwise); the answer, or the exit
+/// status of a failure to ask, said on stderr.
+fn ask(
+    config: Option<PathBuf>,
+    make: impl FnOnce(Option<String>) -> Request,
+) -> Result<control::Response, ExitCode> {
+    let file = config.as_ref().map(|c| {
+        std::path::absolute(c)
+            .unwrap_or_else(|_| c.clone())
+            .display()
+            .to_string()
+    });
+    let (_, sock) = paths(config)?;
+    control::request(&sock, &make(file)).map_err(|e| match e {
+        e @ control::ControlError::Denied { .. } => {
             eprintln!("lb-agent: {e}");
             ExitCode::FAILURE
         }
-        Err(e) => {
+        e => {
             eprintln!("lb-agent: is the agent running? {e}");
             ExitCode::from(EXIT_NOT_RUNNING)
         }
+    })
+}
+
+/// Prints what the agent did, or says why it refused and exits with `refused`.
+fn answered(r: control::Response, refused: ExitCode) -> ExitCode {
+    if r.ok {
+        println!("{}", r.message.unwrap_or_default());
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("lb-agent: {}", r.error.unwrap_or_default());
+        refused
+    }
+}
+
+/// `drain`, `undrain`, `debug failpoint` through the control socket.
+fn drain(config: Option<PathBuf>, req: Request) -> ExitCode {
+    match ask(config, |_| req) {
+        Ok(r) => answered(r, ExitCode::FAILURE),
+        Err(code) => code,
     }
 }
 
 /// `reload` through the control socket: one line per change, or the refusal.
 fn reload(config: Option<PathBuf>) -> ExitCode {
-    let file = config.as_ref().map(|c| {
-        std::path::absolute(c)
-            .unwrap_or_else(|_| c.clone())
-            .display()
-            .to_string()
-    });
-    let (_, sock) = match paths(config) {
-        Ok(p) => p,
-        Err(code) => return code,
-    };
-    match control::request(&sock, &Request::Reload { config: file }) {
-        Ok(r) if r.ok => {
-            println!("{}", r.message.unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Ok(r) => {
-            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
-            ExitCode::from(EXIT_CONFIG)
-        }
-        Err(e @ control::ControlError::Denied { .. }) => {
-            eprintln!("lb-agent: {e}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("lb-agent: is the agent running? {e}");
-            ExitCode::from(EXIT_NOT_RUNNING)
-        }
+    match ask(config, |config| Request::Reload { config }) {
+        Ok(r) => answered(r, ExitCode::from(EXIT_CONFIG)),
+        Err(code) => code,
     }
 }
 
 /// `restart` through the control socket, then waits for the agent that continues it.
 fn restart(config: Option<PathBuf>, timeout: std::time::Duration) -> ExitCode {
-    let file = config.as_ref().map(|c| {
-        std::path::absolute(c)
-            .unwrap_or_else(|_| c.clone())
-            .display()
-            .to_string()
-    });
-    let (_, sock) = match paths(config) {
-        Ok(p) => p,
+    let sock = match paths(config.clone()) {
+        Ok((_, s)) => s,
         Err(code) => return code,
     };
     let started = std::time::Instant::now();
-    let token = match control::request(&sock, &Request::Restart { config: file }) {
+    let token = match ask(config, |config| Request::Restart { config }) {
         Ok(r) if r.ok => {
-            println!("{}", r.message.unwrap_or_default());
-            r.token.unwrap_or_default()
+            let token = r.token.clone().unwrap_or_default();
+            answered(r, ExitCode::SUCCESS);
+            token
         }
-        Ok(r) => {
-            eprintln!("lb-agent: {}", r.error.unwrap_or_default());
-            return ExitCode::from(EXIT_CONFIG);
-        }
-        Err(e @ control::ControlError::Denied { .. }) => {
-            eprintln!("lb-agent: {e}");
-            return ExitCode::FAILURE;
-        }
-        Err(e) => {
-            eprintln!("lb-agent: is the agent running? {e}");
-            return ExitCode::from(EXIT_NOT_RUNNING);
-        }
+        Ok(r) => return answered(r, ExitCode::from(EXIT_CONFIG)),
+        Err(code) => return code,
     };
     while started.elapsed() < timeout {
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -537,6 +537,14 @@ impl Lab {
         self.lbs[i].ns.sh(&format!("ip addr add {VIP}/32 dev eth0"));
     }
 
+    /// The last `n` lines of the log of the agent started on LB `i`, for failure messages.
+    pub fn agent_log_tail(&self, i: usize, n: usize) -> String {
+        let log =
+            fs::read_to_string(self.dir.join(format!("agent-lb{}.log", i + 1))).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Starts lb-agent on LB `i` and waits until its status answers.
     pub fn start_agent(&self, i: usize, config: &Path) -> Proc {
         self.start_agent_with(i, config, &[])
@@ -653,6 +661,25 @@ impl Lab {
                 "100ms",
                 "--duration",
                 &format!("{secs}s"),
+            ],
+        )
+    }
+
+    /// A client opening a new connection every 10 ms for `secs`, reporting the longest gap
+    /// (a 500 ms timeout, so a stall shows as one).
+    pub fn spawn_new_connections(&self, name: &str, secs: u64) -> LoadgenRun {
+        self.spawn_loadgen(
+            name,
+            "/version",
+            &[
+                "--gap",
+                "--new-connection",
+                "--interval",
+                "10ms",
+                "--duration",
+                &format!("{secs}s"),
+                "--timeout",
+                "500ms",
             ],
         )
     }

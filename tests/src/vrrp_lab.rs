@@ -85,12 +85,14 @@ impl Pair {
         });
         assert!(
             ok.is_some(),
-            "lb{} should be the only master: lb1 {:?} vip {}, lb2 {:?} vip {}",
+            "lb{} should be the only master: lb1 {:?} vip {}, lb2 {:?} vip {}\n--- lb1's agent:\n{}\n--- lb2's agent:\n{}",
             i + 1,
             self.lab.vrrp_status(&self.configs[0]),
             self.lab.has_vip(0),
             self.lab.vrrp_status(&self.configs[1]),
-            self.lab.has_vip(1)
+            self.lab.has_vip(1),
+            self.lab.agent_log_tail(0, 30),
+            self.lab.agent_log_tail(1, 30)
         );
     }
 

@@ -64,20 +64,7 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
     let [c1, c2] = &pair.configs;
     let sha_before = lab.status(c1)["config"]["sha256"].clone();
     let long = lab.spawn_long_lived("reload-long", 14);
-    let fresh = lab.spawn_loadgen(
-        "reload-new",
-        "/version",
-        &[
-            "--gap",
-            "--new-connection",
-            "--interval",
-            "10ms",
-            "--duration",
-            "14s",
-            "--timeout",
-            "500ms",
-        ],
-    );
+    let fresh = lab.spawn_new_connections("reload-new", 14);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(version_requests(lab, 3), 0, "m4 is not in the configs yet");
 

@@ -113,20 +113,7 @@ fn restart_on_the_master_loses_nothing_and_the_backup_never_takes_the_vip() {
     let before = lab.status(&c1);
 
     let long = lab.spawn_long_lived("restart-long", 10);
-    let fresh = lab.spawn_loadgen(
-        "restart-new",
-        "/version",
-        &[
-            "--gap",
-            "--new-connection",
-            "--interval",
-            "10ms",
-            "--duration",
-            "10s",
-            "--timeout",
-            "500ms",
-        ],
-    );
+    let fresh = lab.spawn_new_connections("restart-new", 10);
     // The backup's interface, every 50 ms, for the whole run.
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Arc::new(AtomicU32::new(0));
@@ -235,20 +222,7 @@ fn sigkill_of_the_master_then_run_adopts_and_takes_the_vip_back() {
     let lab = &pair.lab;
     let c1 = pair.configs[0].clone();
     let long = lab.spawn_long_lived("kill2-long", 12);
-    let fresh = lab.spawn_loadgen(
-        "kill2-new",
-        "/version",
-        &[
-            "--gap",
-            "--new-connection",
-            "--interval",
-            "10ms",
-            "--duration",
-            "12s",
-            "--timeout",
-            "500ms",
-        ],
-    );
+    let fresh = lab.spawn_new_connections("kill2-new", 12);
     std::thread::sleep(Duration::from_millis(2500));
     let c2 = pair.configs[1].clone();
     let peer_before = lab.vrrp_status(&c2).unwrap()["transitions"].clone();
@@ -324,20 +298,7 @@ fn restart_across_a_layout_change_hands_the_vip_to_the_peer_first() {
     };
     pair.wait_master(0, Duration::from_secs(5));
     let lab = &pair.lab;
-    let fresh = lab.spawn_loadgen(
-        "layout-new",
-        "/version",
-        &[
-            "--gap",
-            "--new-connection",
-            "--interval",
-            "10ms",
-            "--duration",
-            "8s",
-            "--timeout",
-            "500ms",
-        ],
-    );
+    let fresh = lab.spawn_new_connections("layout-new", 8);
     std::thread::sleep(Duration::from_millis(1500));
     let peer_before = lab.vrrp_status(&c2).unwrap()["transitions"].clone();
     let out = std::process::Command::new(lb_tests::lab::bin("lb-agent"))

@@ -209,8 +209,8 @@ pub async fn run(config: Config) -> Result<()> {
                 Err(_) => false,
             },
         };
-        let adoptable = Dataplane::can_adopt(&pin_path, config.agent.max_flows, ifindex);
-        match (resume, adoptable) {
+        let adoptable = || Dataplane::can_adopt(&pin_path, config.agent.max_flows, ifindex);
+        match (resume, if resume { adoptable() } else { Ok(()) }) {
             (true, Ok(())) => {
                 if handed.is_none() {
                     log::warn!(
@@ -237,6 +237,9 @@ pub async fn run(config: Config) -> Result<()> {
             return Err(anyhow::Error::new(e).context("loading the data plane"));
         }
     };
+    // A resumed VRRP instance watches the keeper's heartbeat, and the keeper is not
+    // running yet: loading was the long part of the start.
+    keeper_alive.beat();
     let adopted = match &start {
         Start::Fresh => None,
         Start::Adopted(a) => {
