@@ -79,6 +79,9 @@ impl Election {
                 String::new()
             }
         );
+        // The heartbeat was made at the agent's start, which may be seconds ago (loading
+        // the data plane): the watchdog must count from now.
+        ties.vrrp_alive.beat();
         let (settings, settings_rx) = watch::channel(v.clone());
         let thread = VrrpThread::spawn(
             v.clone(),
