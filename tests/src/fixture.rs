@@ -210,19 +210,7 @@ impl Fixture {
     /// Runs the program on `frame`; returns the verdict and the frame as it left.
     pub fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let _in_ns = self.ns.enter();
-        let ctx = packet::xdp_md(frame.len() as u32, self.ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = self
-            .program()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        packet::test_run(self.program(), frame, self.ifindex)
     }
 
     /// Runs `prog` (the LB program or another one) `repeat` times on one buffer holding

@@ -383,6 +383,24 @@ pub fn xdp_md(len: u32, ingress_ifindex: u32) -> Vec<u8> {
         .collect()
 }
 
+/// Runs `prog` once on `frame` arriving on `ifindex` (BPF_PROG_TEST_RUN, in the calling
+/// thread's namespace); returns the verdict and the frame as it left.
+pub fn test_run(prog: &aya::programs::Xdp, frame: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let ctx = xdp_md(frame.len() as u32, ifindex);
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
 /// ICMPv4 error kinds (RFC 792, RFC 1191).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IcmpKind {

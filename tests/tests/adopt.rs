@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
+use aya::programs::Xdp;
 use lb_agent::{
     config::XdpModeSetting,
     dataplane::{
@@ -96,18 +96,8 @@ impl Setup {
     /// Runs `prog` on `frame` (BPF_PROG_TEST_RUN, inside the namespace for the FIB).
     fn run(&self, prog: &Xdp, frame: &[u8]) -> (u32, packet::Parsed) {
         let _in_ns = self.ns.enter();
-        let ctx = packet::xdp_md(frame.len() as u32, self.ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, packet::parse(&out).expect("a TCP frame"))
+        let (verdict, out) = packet::test_run(prog, frame, self.ifindex);
+        (verdict, packet::parse(&out).expect("a TCP frame"))
     }
 
     /// The XDP program on `d0` as the kernel reports it: `ip` JSON's mode (1 native,

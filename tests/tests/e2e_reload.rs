@@ -55,6 +55,23 @@ fn status_backend(lab: &Lab, config: &Path, name: &str) -> Option<serde_json::Va
         .cloned()
 }
 
+/// Rewrites both LBs' configs (`configs`) with `backends` and `[vrrp]` at priorities 110
+/// and 90.
+fn write_configs(
+    lab: &Lab,
+    configs: [&std::path::PathBuf; 2],
+    backends: &[(String, std::net::Ipv4Addr, u16)],
+) {
+    for (i, c) in configs.into_iter().enumerate() {
+        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 90 }, 100, "");
+        let p = lab.agent_config_backends(i, "", VRRP_HEALTH, backends);
+        assert_eq!(&p, c);
+        let mut t = std::fs::read_to_string(&p).unwrap();
+        t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
+        std::fs::write(&p, t).unwrap();
+    }
+}
+
 #[test]
 fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_request() {
     let Some((pair, _a1, _a2)) = Pair::with_backends("reload", 100, "", "", 4, 3) else {
@@ -111,14 +128,7 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
         })
         .collect();
     // lb2's priority drops too: VRRP settings change in place.
-    for (i, c) in [c1, c2].into_iter().enumerate() {
-        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 90 }, 100, "");
-        let p = lab.agent_config_backends(i, "", VRRP_HEALTH, &four);
-        assert_eq!(&p, c);
-        let mut t = std::fs::read_to_string(&p).unwrap();
-        t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
-        std::fs::write(&p, t).unwrap();
-    }
+    write_configs(lab, [c1, c2], &four);
     let t0 = Instant::now();
     let (code, out, err) = reload(c1);
     assert_eq!(code, 0, "reload lb1: {out} {err}");
@@ -152,14 +162,7 @@ fn reload_adds_and_removes_backends_and_refuses_bad_configs_without_losing_a_req
 
     // 3. m1 removed, by SIGHUP on both: its connections are kept (drain), no new ones.
     let three: Vec<_> = four[1..].to_vec();
-    for (i, c) in [c1, c2].into_iter().enumerate() {
-        let vrrp = Pair::vrrp(if i == 0 { 110 } else { 90 }, 100, "");
-        let p = lab.agent_config_backends(i, "", VRRP_HEALTH, &three);
-        assert_eq!(&p, c);
-        let mut t = std::fs::read_to_string(&p).unwrap();
-        t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
-        std::fs::write(&p, t).unwrap();
-    }
+    write_configs(lab, [c1, c2], &three);
     for agent in [&_a1, &_a2] {
         agent.signal(nix::sys::signal::Signal::SIGHUP);
     }

@@ -154,14 +154,16 @@ impl Keeper {
                 _ = reconcile.tick() => {
                     self.reconcile(false, &mut retry_at, &mut backoff);
                     match self.backends.release_removed() {
-                        Ok(ended) => {
+                        Ok(ended) if !ended.is_empty() => {
                             for e in ended {
                                 log::info!("{e}");
                             }
+                            // Their probers go too.
                             if let Err(e) = self.probers.sync(&self.backends.probe_specs()) {
                                 log::error!("{e}");
                             }
                         }
+                        Ok(_) => {}
                         Err(e) => log::error!("releasing removed backends: {e}"),
                     }
                     // Link events can be lost (a full socket buffer): the VLANs are read
