@@ -270,6 +270,16 @@ impl Drop for Sysctls {
     }
 }
 
+/// Loads config `path` and checks it against this host: everything `check-config` does,
+/// for `run`, `reload` and `restart` alike.
+pub async fn load_checked(
+    path: &Path,
+) -> Result<crate::config::Config, crate::config::ConfigError> {
+    let cfg = crate::config::Config::load(path)?;
+    check_config(&cfg).await?;
+    Ok(cfg)
+}
+
 /// Checks `cfg` against this host as `check-config` does, beyond what parsing checks: the
 /// interfaces, the SNAT ranges against the kernel's ephemeral range, the probes' TLS files,
 /// the control group, generic mode's hazards and the address owner's addresses. The error

@@ -116,10 +116,8 @@ fn load_config(path: &std::path::Path, rt: &tokio::runtime::Runtime) -> Result<C
         eprintln!("lb-agent: {e}");
         ExitCode::from(EXIT_CONFIG)
     };
-    let cfg = Config::load(path).map_err(fail)?;
-    rt.block_on(lb_agent::host::check_config(&cfg))
-        .map_err(fail)?;
-    Ok(cfg)
+    rt.block_on(lb_agent::host::load_checked(path))
+        .map_err(fail)
 }
 
 /// Pin path and control socket from `--config`, or the defaults.

@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 
 /// A hand-off older than this is a leftover, not ours.
 const MAX_AGE: Duration = Duration::from_secs(60);
@@ -196,15 +196,6 @@ pub fn way(next: &Version, old: &Config, new: &Config) -> Way {
         None
     };
     why.map_or(Way::Keep, Way::Afresh)
-}
-
-/// Checks config `path` as `check-config` would, for the successor.
-pub async fn check(path: &Path) -> Result<Config, String> {
-    let cfg = Config::load(path).map_err(|e: ConfigError| e.to_string())?;
-    crate::host::check_config(&cfg)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(cfg)
 }
 
 /// Replaces this process with `exe run --config config`; returns only if that failed.

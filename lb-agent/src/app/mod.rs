@@ -627,7 +627,9 @@ async fn restart_plan(
     let config = path.unwrap_or_else(|| serving.path().to_path_buf());
     let exe = handoff::binary_on_disk().map_err(|e| format!("/proc/self/exe: {e}"))?;
     let next = handoff::Version::of(&exe)?;
-    let new = handoff::check(&config).await?;
+    let new = crate::host::load_checked(&config)
+        .await
+        .map_err(|e| e.to_string())?;
     let way = handoff::way(&next, &serving.config, &new);
     let now = handoff::Version::ours();
     let mut lines = vec![format!(

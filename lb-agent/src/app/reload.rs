@@ -43,8 +43,7 @@ impl Serving {
     /// one line per change, or the one-line reason nothing changed.
     pub async fn reload(&mut self, path: Option<PathBuf>) -> Result<Vec<String>, String> {
         let path = path.unwrap_or_else(|| self.path().to_path_buf());
-        let new = Config::load(&path).map_err(|e| e.to_string())?;
-        host::check_config(&new).await.map_err(|e| e.to_string())?;
+        let new = host::load_checked(&path).await.map_err(|e| e.to_string())?;
         let mut changes = diff::diff(&self.config, &new).map_err(|e| e.to_string())?;
         if self.default_snat.is_unspecified() {
             if let Some(i) = new.vips.iter().position(|v| v.snat_address.is_none()) {
