@@ -466,7 +466,7 @@ impl Backends {
             return Ok(Vec::new());
         }
         let now = crate::dataplane::pinned::monotonic_coarse_ns();
-        let flows = self.writer.maps.flows_by_backend(Some(now)).0;
+        let flows = self.writer.maps.flows_by_backend(Some(now)).by_backend;
         let mut ended = Vec::new();
         let old_plans = self.vips.clone();
         let mut retired = Vec::new();

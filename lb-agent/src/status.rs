@@ -8,7 +8,7 @@ use std::{
 };
 
 use lb_common::{
-    maglev_index, name_str, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION,
+    maglev_index, mode, name_str, reason, state, xdp_mode, TrafficStats, MAP_LAYOUT_VERSION,
     MAX_BACKENDS, NO_BACKEND,
 };
 use serde::Serialize;
@@ -41,7 +41,9 @@ pub struct FlowTable {
     pub capacity: u64,
     /// Half-open connections HALF_OPEN holds.
     pub half_open_capacity: u64,
-    /// Kernel memory of FLOWS and HALF_OPEN (fdinfo's memlock), bytes.
+    /// Connections of DSR VIPs DSR_FLOWS holds.
+    pub dsr_capacity: u64,
+    /// Kernel memory of FLOWS, HALF_OPEN and DSR_FLOWS (fdinfo's memlock), bytes.
     pub bytes: u64,
     /// Kernel memory of all of lb's maps, bytes.
     pub all_maps_bytes: u64,
@@ -58,6 +60,8 @@ pub struct Report {
     pub flows: u64,
     /// Connections whose backend has not answered past the handshake yet.
     pub half_open: u64,
+    /// Connections of DSR VIPs (the LB sees only the client's side of them).
+    pub dsr_flows: u64,
     /// Sizes and memory of the flow tables.
     pub flow_table: FlowTable,
     pub vips: Vec<VipStatus>,
@@ -120,9 +124,15 @@ pub struct VipStatus {
     pub address: String,
     pub port: u16,
     pub protocol: String,
+    /// "nat", "dsr-l2" or "dsr-ipip".
     pub mode: String,
+    /// NAT only (empty in DSR modes).
     pub snat_address: String,
+    /// NAT only (empty in DSR modes).
     pub snat_ports: String,
+    /// dsr-ipip: the network each flow's outer source address comes from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipip_source: Option<String>,
     pub maglev_table_size: u32,
     /// Largest MSS the VIP's SYNs and SYN-ACKs may announce; null: no clamp.
     pub mss_clamp: Option<u16>,
@@ -261,7 +271,13 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         restarted_by: info.restarted_by,
     };
 
-    let (flows_by_backend, flows, half_open) = maps.flows_by_backend(None);
+    let counts = maps.flows_by_backend(None);
+    let (flows_by_backend, flows, half_open, dsr_flows) = (
+        counts.by_backend,
+        counts.flows,
+        counts.half_open,
+        counts.dsr,
+    );
     let flow_table = maps.flow_table();
 
     let mut vip_entries: Vec<_> = maps.vips.iter().filter_map(Result::ok).collect();
@@ -293,9 +309,24 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
             address: ip(key.addr).to_string(),
             port: u16::from_be(key.port),
             protocol: "tcp".into(),
-            mode: "nat".into(),
-            snat_address: ip(info.snat_addr).to_string(),
-            snat_ports: format!("{}-{}", info.snat_port_min, info.snat_port_max),
+            mode: mode::name(info.mode).into(),
+            snat_address: if info.mode == mode::NAT {
+                ip(info.snat_addr).to_string()
+            } else {
+                String::new()
+            },
+            snat_ports: if info.mode == mode::NAT {
+                format!("{}-{}", info.snat_port_min, info.snat_port_max)
+            } else {
+                String::new()
+            },
+            ipip_source: (info.mode == mode::DSR_IPIP).then(|| {
+                format!(
+                    "{}/{}",
+                    ip(info.encap_src),
+                    u32::from_be(info.encap_src_mask).leading_zeros()
+                )
+            }),
             maglev_table_size: info.table_size,
             mss_clamp: (info.mss_clamp != 0).then_some(info.mss_clamp),
             packets: stats.packets,
@@ -366,6 +397,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         config,
         flows,
         half_open,
+        dsr_flows,
         flow_table,
         vips,
         counters,
@@ -459,11 +491,13 @@ pub fn render(r: &Report) -> String {
     let t = &r.flow_table;
     let _ = writeln!(
         o,
-        "flow table: {} connections (of {}), {} half-open (of {}); {:.1} MiB, all maps {:.1} MiB",
+        "flow table: {} connections (of {}), {} half-open (of {}), {} DSR (of {}); {:.1} MiB, all maps {:.1} MiB",
         r.flows,
         t.capacity,
         r.half_open,
         t.half_open_capacity,
+        r.dsr_flows,
+        t.dsr_capacity,
         t.bytes as f64 / 1048576.0,
         t.all_maps_bytes as f64 / 1048576.0
     );
@@ -518,14 +552,17 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(o);
         let _ = writeln!(
             o,
-            "VIP {}  {}:{}/{}  mode {}  snat {}:{}  maglev {}{}  probes {}",
+            "VIP {}  {}:{}/{}  mode {}  {}  maglev {}{}  probes {}",
             v.name,
             v.address,
             v.port,
             v.protocol,
             v.mode,
-            v.snat_address,
-            v.snat_ports,
+            match (&v.ipip_source, v.snat_address.is_empty()) {
+                (Some(net), _) => format!("outer source {net}"),
+                (None, true) => "direct return".to_string(),
+                (None, false) => format!("snat {}:{}", v.snat_address, v.snat_ports),
+            },
             v.maglev_table_size,
             v.mss_clamp
                 .map(|m| format!("  mss clamp {m}"))

@@ -19,8 +19,13 @@ pub mod map {
     /// LRU FlowKey -> Flow like FLOWS, for connections whose backend has not yet answered
     /// past the handshake: a SYN flood fills this table and never evicts FLOWS.
     pub const HALF_OPEN: &str = "HALF_OPEN";
-    /// Array of u32 over `addr_filter_index`: non-zero where a VIP or SNAT address hashes,
-    /// so traffic not for lb passes after one array read.
+    /// LRU FlowKey (client -> VIP, as it arrives) -> Flow: connections of DSR VIPs, keeping
+    /// each on its backend when the backend set changes. Apart from FLOWS because a DSR LB
+    /// never sees the backend's answer: any client packet makes an entry, and a flood of
+    /// them must not evict NAT connections.
+    pub const DSR_FLOWS: &str = "DSR_FLOWS";
+    /// Array of u32 over `addr_filter_index`: `addr_filter::*` bits where a VIP or SNAT
+    /// address hashes, so traffic not for lb passes after one array read.
     pub const ADDR_FILTER: &str = "ADDR_FILTER";
     /// Hash ifindex -> VlanDev: the VLAN devices on the XDP interface, so a tagged frame
     /// leaves with the tag the FIB's egress device stands for.
@@ -49,12 +54,13 @@ pub mod map {
     pub const NEXT_HOP: &str = "NEXT_HOP";
 
     /// Every map the agent pins, in the order status reads them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         VIPS,
         BACKENDS,
         MAGLEV,
         FLOWS,
         HALF_OPEN,
+        DSR_FLOWS,
         ADDR_FILTER,
         VLAN_DEVS,
         STATS_VIP,
@@ -123,6 +129,14 @@ pub const fn addr_filter_index(addr: u32) -> u32 {
     addr.wrapping_mul(0x9e37_79b1) >> (32 - ADDR_FILTER_SIZE.trailing_zeros())
 }
 
+/// Bits of an ADDR_FILTER slot.
+pub mod addr_filter {
+    /// A VIP or SNAT address hashes here.
+    pub const LB: u32 = 1;
+    /// A DSR VIP's address hashes here: its packets are looked up in DSR_FLOWS first.
+    pub const DSR: u32 = 2;
+}
+
 /// Index of the MAGLEV slot for `vip`, table `half` (0/1) and position `pos`.
 #[inline(always)]
 pub const fn maglev_index(vip: u32, half: u32, pos: u32) -> u32 {
@@ -136,6 +150,20 @@ pub const IPPROTO_TCP: u8 = 6;
 pub mod mode {
     /// Full NAT: source and destination rewritten both ways.
     pub const NAT: u32 = 0;
+    /// Direct server return on the LB's L2 segment: only the destination MAC changes.
+    pub const DSR_L2: u32 = 1;
+    /// Direct server return through an IPv4-in-IPv4 tunnel to the backend's address.
+    pub const DSR_IPIP: u32 = 2;
+
+    /// The config's name of mode `m`.
+    pub const fn name(m: u32) -> &'static str {
+        match m {
+            NAT => "nat",
+            DSR_L2 => "dsr-l2",
+            DSR_IPIP => "dsr-ipip",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Backend states (BackendInfo.state).
@@ -189,6 +217,10 @@ pub mod flow_flags {
     pub const ESTABLISHED: u32 = 16;
     /// The next hop cached in the entry is valid.
     pub const NEXT_HOP: u32 = 32;
+    /// A DSR_FLOWS entry of a dsr-ipip VIP: `src_addr` is the outer source address.
+    pub const IPIP: u32 = 64;
+    /// A DSR_FLOWS entry of a dsr-l2 VIP: its backend must be on the LB's segment.
+    pub const DSR_L2: u32 = 128;
 }
 
 /// Element of NEXT_HOP: the FIB's answer for packets towards one backend.
@@ -296,8 +328,25 @@ pub mod reason {
     /// A SYN or SYN-ACK whose MSS option was lowered to the VIP's `mss_clamp` (a count, not
     /// a drop: a SYN dropped afterwards, e.g. for want of a backend, is counted too).
     pub const MSS_CLAMPED: u32 = 25;
+    /// A DSR packet whose backend the FIB reaches through a gateway (dsr-l2 needs the
+    /// backend on the LB's segment): dropped.
+    pub const DROP_DSR_NOT_ON_LINK: u32 = 26;
+    /// A DSR packet whose egress is not the interface it came in on (or a VLAN on it), or
+    /// whose encapsulation failed: dropped, as the kernel would deliver it to the VIP
+    /// address it holds.
+    pub const DROP_DSR_EGRESS: u32 = 27;
+    /// A dsr-ipip packet too large for the egress MTU with its outer header and without DF:
+    /// dropped (with DF the sender gets "fragmentation needed").
+    pub const DROP_DSR_TOO_BIG: u32 = 28;
+    /// A client packet of a DSR VIP without a flow that is not a SYN (a connection an LB
+    /// that failed over or restarted served): sent to the backend Maglev picks.
+    pub const DSR_ADOPTED: u32 = 29;
+    /// A DSR packet whose backend's (or gateway's) MAC the FIB does not know: dropped,
+    /// since the kernel would deliver it to the VIP address it holds. The health probes
+    /// keep the backends' neighbour entries fresh.
+    pub const DROP_DSR_NO_NEIGH: u32 = 30;
     /// Number of reasons.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 31;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -327,6 +376,11 @@ pub mod reason {
         "icmp_translated",
         "pass_icmp",
         "mss_clamped",
+        "drop_dsr_not_on_link",
+        "drop_dsr_egress",
+        "drop_dsr_too_big",
+        "dsr_adopted",
+        "drop_dsr_no_neigh",
     ];
 }
 
@@ -364,6 +418,11 @@ pub struct VipInfo {
     /// Largest MSS a SYN or SYN-ACK of this VIP may announce, host byte order; 0: no clamp.
     pub mss_clamp: u16,
     pub _pad: u16,
+    /// dsr-ipip: the outer source address of a flow is `encap_src | (hash & encap_src_mask)`
+    /// (network byte order), so the backend's NIC spreads flows over its queues.
+    pub encap_src: u32,
+    /// dsr-ipip: the host bits of `encap_src` a flow's hash fills (network byte order).
+    pub encap_src_mask: u32,
 }
 
 /// Element of BACKENDS.
@@ -562,7 +621,7 @@ impl Default for BackendMeta {
 /// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump. A new
 /// agent adopts a running data plane only at the same version: it compares the maps' sizes
 /// too, but a field whose meaning changes at the same size only the version tells.
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// The single element of AGENT_META.
 #[repr(C)]
@@ -627,7 +686,7 @@ mod pod {
 // Layouts are part of the kernel ABI between the two sides: pin them.
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 8);
-    assert!(core::mem::size_of::<VipInfo>() == 28);
+    assert!(core::mem::size_of::<VipInfo>() == 36);
     assert!(core::mem::size_of::<BackendInfo>() == 12);
     assert!(core::mem::size_of::<FlowKey>() == 16);
     assert!(core::mem::size_of::<Flow>() == 64);

@@ -96,6 +96,12 @@ pub fn resolve(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, now: u64) -> Result
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
+            // The FIB leaves a gateway's address here: dsr-l2 only reaches its own segment.
+            if e.flags & flow_flags::DSR_L2 != 0
+                && unsafe { p.__bindgen_anon_4.ipv4_dst } != e.dst_addr
+            {
+                return Err(NoHop::Drop(reason::DROP_DSR_NOT_ON_LINK));
+            }
             store(f, p.ifindex, mtu, &p.dmac, &p.smac, now);
             if let Some(h) = shared {
                 // Written only where changed, like a flow entry; the address first, so a
@@ -163,24 +169,33 @@ fn set_mac(to: &mut [u8; 6], from: &[u8; 6]) {
 /// FIB says.
 #[inline(always)]
 pub fn egress(ctx: &XdpContext, pkt: &Packet, ifindex: u32) -> u32 {
-    let ingress = ingress(ctx);
-    if pkt.tagged() {
-        if let Some(v) = unsafe { VLAN_DEVS.get(ifindex) } {
-            if v.parent == ingress {
-                let tci = unsafe { &mut (*pkt.vlan).tci };
-                if *tci & VID_MASK_BE == v.vid {
-                    stats::reason(reason::TX);
-                } else {
-                    *tci = (*tci & !VID_MASK_BE) | v.vid;
-                    stats::reason(reason::TX_VLAN);
-                }
-                return xdp_action::XDP_TX;
-            }
+    match tx(pkt, ingress(ctx), ifindex) {
+        Some(r) => {
+            stats::reason(r);
+            xdp_action::XDP_TX
         }
-    } else if ifindex == ingress {
-        stats::reason(reason::TX);
-        return xdp_action::XDP_TX;
+        None => {
+            stats::reason(reason::PASS_FIB_OTHER);
+            xdp_action::XDP_PASS
+        }
     }
-    stats::reason(reason::PASS_FIB_OTHER);
-    xdp_action::XDP_PASS
+}
+
+/// Whether a frame that came in on `ingress` can leave by XDP_TX towards `ifindex` (see
+/// `egress`), with its VLAN tag set for it; the reason to count when it is sent.
+#[inline(always)]
+pub fn tx(pkt: &Packet, ingress: u32, ifindex: u32) -> Option<u32> {
+    if pkt.tagged() {
+        let v = unsafe { VLAN_DEVS.get(ifindex) }?;
+        if v.parent != ingress {
+            return None;
+        }
+        let tci = unsafe { &mut (*pkt.vlan).tci };
+        if *tci & VID_MASK_BE == v.vid {
+            return Some(reason::TX);
+        }
+        *tci = (*tci & !VID_MASK_BE) | v.vid;
+        return Some(reason::TX_VLAN);
+    }
+    (ifindex == ingress).then_some(reason::TX)
 }

@@ -146,7 +146,7 @@ pub fn promote(rev_key: &FlowKey, rev: &Flow) -> Option<*mut Flow> {
 
 /// murmur3's mixing over the 5-tuple: the Maglev slot of a new flow.
 #[inline(always)]
-fn flow_hash(k: &FlowKey) -> u32 {
+pub fn flow_hash(k: &FlowKey) -> u32 {
     #[inline(always)]
     fn mix(h: u32, w: u32) -> u32 {
         let k = w
@@ -172,7 +172,7 @@ fn flow_hash(k: &FlowKey) -> u32 {
 
 /// Picks the backend for a new flow from the VIP's live Maglev table.
 #[inline(always)]
-fn pick(key: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), u32> {
+pub fn pick(key: &FlowKey, vip: &VipInfo) -> Result<(u32, BackendInfo), u32> {
     if vip.table_size == 0 {
         return Err(reason::DROP_NO_BACKEND);
     }

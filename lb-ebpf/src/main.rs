@@ -1,10 +1,12 @@
 //! lb's data plane: an XDP program that full-NATs TCP connections for VIPs to backends chosen
-//! by Maglev, and translates the backends' replies back. Everything else passes untouched.
+//! by Maglev, and translates the backends' replies back, or (DSR VIPs) hands the client's
+//! packets to the backend, which answers the client itself. Everything else passes untouched.
 //!
 //! One module per concern: `parse` (headers, bounds checks), `csum` (incremental checksums),
-//! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `icmp` (errors
-//! about flows, "fragmentation needed"), `rst` (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU counters). This
-//! file holds the maps and the entry points.
+//! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `dsr` (direct
+//! server return: MAC rewrite or IPIP), `icmp` (errors about flows, "fragmentation
+//! needed"), `rst` (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU
+//! counters). This file holds the maps and the entry points.
 #![no_std]
 #![no_main]
 // atomic_xadd: the BPF target has no core::sync::atomic types.
@@ -14,6 +16,7 @@
 #![deny(unused)]
 
 mod csum;
+mod dsr;
 mod fib;
 mod flow;
 mod icmp;
@@ -45,6 +48,8 @@ static MAGLEV: Array<u32> = Array::with_max_entries(MAX_VIPS * 2 * MAX_MAGLEV_SI
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(2 * MAX_FLOWS, 0);
 #[map]
 static HALF_OPEN: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_HALF_OPEN, 0);
+#[map]
+static DSR_FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static ADDR_FILTER: Array<u32> = Array::with_max_entries(ADDR_FILTER_SIZE, 0);
 #[map]

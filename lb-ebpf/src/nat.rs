@@ -4,11 +4,11 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_filter_index, flow_flags, reason, Flow, FlowKey, VipInfo, VipKey, IPPROTO_TCP,
+    addr_filter, addr_filter_index, flow_flags, reason, Flow, FlowKey, VipInfo, VipKey, IPPROTO_TCP,
 };
 
 use crate::{
-    csum, fib,
+    csum, dsr, fib,
     flow::{self, Table},
     icmp,
     parse::{self, NotOurs, Packet, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -30,10 +30,13 @@ pub fn process(ctx: &XdpContext) -> u32 {
     };
     // Most traffic on an LB host is not for lb: one array read lets it pass.
     let dst = unsafe { (*pkt.ip).dst };
-    if !matches!(ADDR_FILTER.get(addr_filter_index(dst)), Some(&n) if n != 0) {
-        stats::reason(reason::PASS_NOT_OURS);
-        return xdp_action::XDP_PASS;
-    }
+    let bits = match ADDR_FILTER.get(addr_filter_index(dst)) {
+        Some(&n) if n != 0 => n,
+        _ => {
+            stats::reason(reason::PASS_NOT_OURS);
+            return xdp_action::XDP_PASS;
+        }
+    };
     match l4 {
         L4::Tcp => {}
         L4::LaterFragment => return pass(reason::PASS_FRAGMENT),
@@ -46,6 +49,11 @@ pub fn process(ctx: &XdpContext) -> u32 {
     }
     let tcp = unsafe { &*pkt.tcp };
     let key = FlowKey::tcp(unsafe { (*pkt.ip).src }, dst, tcp.src_port, tcp.dst_port);
+    if bits & addr_filter::DSR != 0 {
+        if let Some(action) = dsr::process(ctx, &pkt, &key) {
+            return action;
+        }
+    }
     if let Some((f, table)) = flow::lookup(&key) {
         if pkt.fragment {
             // Only the first fragment names the ports; the rest could not follow it. A TCP
@@ -71,7 +79,7 @@ fn vip_of(key: &FlowKey) -> Option<&'static VipInfo> {
 
 /// The TCP VIP at `addr`:`port` (network byte order).
 #[inline(always)]
-fn vip_at(addr: u32, port: u16) -> Option<&'static VipInfo> {
+pub fn vip_at(addr: u32, port: u16) -> Option<&'static VipInfo> {
     let vip_key = VipKey {
         addr,
         port,
@@ -82,13 +90,13 @@ fn vip_at(addr: u32, port: u16) -> Option<&'static VipInfo> {
 }
 
 #[inline(always)]
-fn pass(r: u32) -> u32 {
+pub fn pass(r: u32) -> u32 {
     stats::reason(r);
     xdp_action::XDP_PASS
 }
 
 #[inline(always)]
-fn drop(r: u32) -> u32 {
+pub fn drop(r: u32) -> u32 {
     stats::reason(r);
     xdp_action::XDP_DROP
 }
@@ -211,7 +219,7 @@ fn send_copy(ctx: &XdpContext, pkt: &Packet, mut copy: Flow, now: u64) -> u32 {
 }
 
 #[inline(always)]
-fn ip_len(pkt: &Packet) -> u64 {
+pub fn ip_len(pkt: &Packet) -> u64 {
     u16::from_be(unsafe { (*pkt.ip).tot_len }) as u64
 }
 
@@ -333,7 +341,7 @@ fn clamp_known(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: &Flow, reply: b
 /// the TCP checksum. Independent of the address rewrite: it changes other bytes, and the
 /// checksum update of each commutes with the other's.
 #[inline(always)]
-fn clamp_mss(ctx: &XdpContext, pkt: &Packet, clamp: u16) {
+pub fn clamp_mss(ctx: &XdpContext, pkt: &Packet, clamp: u16) {
     if clamp == 0 {
         return;
     }

@@ -76,6 +76,8 @@ pub struct Options {
     pub max_flows: Option<u32>,
     /// The VIP's `mss_clamp` (`None`: not set).
     pub mss_clamp: Option<u16>,
+    /// The VIP's `mode` ("nat", "dsr-l2", "dsr-ipip"); DSR modes have no SNAT settings.
+    pub mode: &'static str,
 }
 
 impl Default for Options {
@@ -95,6 +97,7 @@ impl Default for Options {
             snat_ports: (61000, 65535),
             max_flows: None,
             mss_clamp: None,
+            mode: "nat",
         }
     }
 }
@@ -106,15 +109,20 @@ pub fn config(pin: &Path, o: &Options) -> Config {
         .mss_clamp
         .map(|m| format!("mss_clamp = {m}\n"))
         .unwrap_or_default();
+    let forwarding = if o.mode == "nat" {
+        format!(
+            "snat_address = \"{}\"\nsnat_ports = \"{}-{}\"\n",
+            o.snat_address, o.snat_ports.0, o.snat_ports.1
+        )
+    } else {
+        format!("mode = \"{}\"\n", o.mode)
+    };
     let text = format!(
         "[agent]\ninterface = \"d0\"\npin_path = \"{}\"\ncontrol_socket = \"/nonexistent\"\n\n\
          [[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\nport = {VIP_PORT}\n\
-         snat_address = \"{}\"\nsnat_ports = \"{}-{}\"\nmaglev_table_size = 65537\n{mss_clamp}\n\
+         {forwarding}maglev_table_size = 65537\n{mss_clamp}\n\
          [[vip.backend]]\nname = \"placeholder\"\naddress = \"{}\"\n",
         pin.display(),
-        o.snat_address,
-        o.snat_ports.0,
-        o.snat_ports.1,
         BACKENDS[0].0,
     );
     let mut c = Config::parse(Path::new("fixture.toml"), &text).expect("fixture config");

@@ -433,12 +433,26 @@ impl Lab {
 
     /// Starts (or restarts) the stub on backend `i` and waits until it answers.
     pub fn start_stub(&self, i: usize) -> Proc {
+        self.start_stub_on(i, self.backends[i].addr)
+    }
+
+    /// Starts one stub per backend listening on every address (0.0.0.0): DSR delivers
+    /// packets addressed to the VIP, which the backend holds too.
+    pub fn start_stubs_any(&self) -> Vec<Proc> {
+        self.certs();
+        (0..self.backends.len())
+            .map(|i| self.start_stub_on(i, Ipv4Addr::UNSPECIFIED))
+            .collect()
+    }
+
+    /// Starts the stub on backend `i` listening on `addr`:VIP_PORT; waits until it answers.
+    pub fn start_stub_on(&self, i: usize, addr: Ipv4Addr) -> Proc {
         let pki = self.dir.join("pki");
         let cert = pki.join("server.crt");
         let key = pki.join("server.key");
         let stub = bin("lb-stub");
         let h = &self.backends[i];
-        let listen = format!("{}:{VIP_PORT}", h.addr);
+        let listen = format!("{addr}:{VIP_PORT}");
         let p = self.spawn(
             h,
             &backend_name(i),

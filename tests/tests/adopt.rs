@@ -358,7 +358,7 @@ fn what_cannot_be_adopted_is_replaced_and_says_why() {
             tamper: untouched,
             max_flows: MAX_FLOWS,
             ifindex: same,
-            why: "layout version 2",
+            why: "layout version 3",
         },
         Unadoptable {
             what: "max_flows changed",

@@ -133,6 +133,7 @@ fn vip(
     )?;
     fixed(refuse, &f("snat_address"), &o.snat_address, &v.snat_address)?;
     fixed(refuse, &f("snat_ports"), &o.snat_ports, &v.snat_ports)?;
+    fixed(refuse, &f("ipip_source"), &o.ipip_source, &v.ipip_source)?;
     let name = &v.name;
     if o.mss_clamp != v.mss_clamp {
         let show = |m: Option<u16>| m.map_or("none".to_string(), |m| m.to_string());

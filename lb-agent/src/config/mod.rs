@@ -157,6 +157,9 @@ pub struct VipConfig {
     pub maglev_table_size: u32,
     /// Largest MSS the VIP's SYNs and SYN-ACKs may announce; None = left as they are.
     pub mss_clamp: Option<u16>,
+    /// dsr-ipip: the network outer source addresses are taken from, one per flow (address,
+    /// prefix length).
+    pub ipip_source: (Ipv4Addr, u8),
     /// Backends, in file order.
     pub backends: Vec<BackendConfig>,
     /// The `[vip.health]` section (defaults when absent).
@@ -249,7 +252,31 @@ pub enum Protocol {
 pub enum Mode {
     /// Full NAT: destination and source are rewritten.
     Nat,
+    /// Direct server return on the LB's segment: only the destination MAC is rewritten.
+    DsrL2,
+    /// Direct server return through IPv4-in-IPv4 to the backend's address.
+    DsrIpip,
 }
+
+impl Mode {
+    /// The name the config file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::DsrL2 => "dsr-l2",
+            Mode::DsrIpip => "dsr-ipip",
+        }
+    }
+
+    /// True for the modes where backends answer clients directly.
+    pub fn is_dsr(self) -> bool {
+        self != Mode::Nat
+    }
+}
+
+/// Default `ipip_source`: private addresses no LB or backend holds, as Katran uses. Only
+/// the backend's tunnel endpoint sees them.
+pub const DEFAULT_IPIP_SOURCE: (Ipv4Addr, u8) = (Ipv4Addr::new(172, 16, 0, 0), 16);
 
 /// One `[[vip.backend]]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -449,6 +476,7 @@ struct RawVip {
     snat_ports: Option<String>,
     maglev_table_size: Option<i64>,
     mss_clamp: Option<i64>,
+    ipip_source: Option<String>,
     health: Option<RawHealth>,
     #[serde(default)]
     backend: Vec<RawBackend>,
@@ -763,18 +791,46 @@ fn validate_vip(
 
     let mode = match raw.mode.as_deref() {
         None | Some("nat") => Mode::Nat,
-        Some(dsr @ ("dsr-ipip" | "dsr-l2")) => {
-            return Err(issue(
-                at("mode"),
-                format!("{dsr:?} is not supported yet; valid values: \"nat\""),
-            ))
-        }
+        Some("dsr-l2") => Mode::DsrL2,
+        Some("dsr-ipip") => Mode::DsrIpip,
         Some(other) => {
             return Err(issue(
                 at("mode"),
-                format!("{other:?} is not a valid mode; valid values: \"nat\""),
+                format!(
+                    "{other:?} is not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\""
+                ),
             ))
         }
+    };
+    if mode.is_dsr() {
+        // Backends answer clients from the VIP itself: there is no SNAT to configure.
+        for (field, set) in [
+            ("snat_address", raw.snat_address.is_some()),
+            ("snat_ports", raw.snat_ports.is_some()),
+        ] {
+            if set {
+                return Err(issue(
+                    at(field),
+                    format!(
+                        "not used in {} mode (backends reply to clients directly); remove it",
+                        mode.as_str()
+                    ),
+                ));
+            }
+        }
+    }
+    let ipip_source = match raw.ipip_source.as_deref() {
+        None => DEFAULT_IPIP_SOURCE,
+        Some(_) if mode != Mode::DsrIpip => {
+            return Err(issue(
+                at("ipip_source"),
+                format!(
+                    "only used in dsr-ipip mode, not {}; remove it",
+                    mode.as_str()
+                ),
+            ))
+        }
+        Some(s) => parse_cidr(s).map_err(|m| issue(at("ipip_source"), m))?,
     };
 
     let snat_address = match raw.snat_address.as_deref() {
@@ -830,6 +886,16 @@ fn validate_vip(
 
         let address = validate_ipv4(&bat("address"), rb.address.as_deref())?;
         let bport = validate_port(&bat("port"), rb.port, Some(port))?;
+        if mode.is_dsr() && bport != port {
+            return Err(issue(
+                bat("port"),
+                format!(
+                    "{bport} differs from the VIP's port {port}: in {} mode packets reach the \
+                     backend unchanged, so it must listen on the VIP's port",
+                    mode.as_str()
+                ),
+            ));
+        }
         if let Some(&first) = backend_endpoints.get(&(address, bport)) {
             return Err(issue(
                 bat("address"),
@@ -860,6 +926,17 @@ fn validate_vip(
         None => HealthConfig::default(),
         Some(h) => validate_health(i, h)?,
     };
+    if mode.is_dsr() && health.kind == HealthKind::None {
+        // XDP cannot ask for a neighbour's MAC, and a DSR packet must not go to the
+        // kernel, which holds the VIP: the probes' own traffic keeps the MACs resolved.
+        return Err(issue(
+            format!("vip[{i}].health.kind"),
+            format!(
+                "\"none\" cannot be used in {} mode: the probes are what keep the backends' MAC addresses known to this host",
+                mode.as_str()
+            ),
+        ));
+    }
 
     Ok(VipConfig {
         name,
@@ -871,9 +948,30 @@ fn validate_vip(
         snat_ports,
         maglev_table_size,
         mss_clamp,
+        ipip_source,
         backends,
         health,
     })
+}
+
+/// `A.B.C.D/N` (or an address alone, as /32) with no host bits set.
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("{s:?} is not an IPv4 network such as \"172.16.0.0/16\"");
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().map_err(|_| bad())?),
+        None => (s, 32),
+    };
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    if len > 32 {
+        return Err(bad());
+    }
+    let host = u32::MAX.checked_shr(len as u32).unwrap_or(0);
+    if u32::from(addr) & host != 0 {
+        return Err(format!(
+            "{s:?} has host bits set; write the network address"
+        ));
+    }
+    Ok((addr, len))
 }
 
 fn validate_health(i: usize, raw: RawHealth) -> Result<HealthConfig, Issue> {
@@ -1305,6 +1403,7 @@ port = 8132
                 snat_ports: (62000, 63000),
                 maglev_table_size: 1009,
                 mss_clamp: Some(1360),
+                ipip_source: DEFAULT_IPIP_SOURCE,
                 backends: vec![
                     BackendConfig {
                         name: "master01".into(),
@@ -1694,21 +1793,60 @@ port = 8132
         assert_err(
             &minimal("mode = \"tunnel\"", ""),
             "vip[0].mode",
-            "not a valid mode; valid values: \"nat\"",
+            "not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\"",
         );
     }
 
     #[test]
-    fn dsr_mode_not_supported_yet() {
+    fn dsr_modes() {
+        let cfg = parse(&minimal("mode = \"dsr-l2\"", "")).expect("dsr-l2");
+        assert_eq!(cfg.vips[0].mode, Mode::DsrL2);
+        let cfg = parse(&minimal(
+            "mode = \"dsr-ipip\"\nipip_source = \"10.99.0.0/24\"",
+            "",
+        ))
+        .expect("dsr-ipip");
+        assert_eq!(cfg.vips[0].mode, Mode::DsrIpip);
+        assert_eq!(cfg.vips[0].ipip_source, (Ipv4Addr::new(10, 99, 0, 0), 24));
+        let cfg = parse(&minimal("mode = \"dsr-ipip\"", "")).expect("default source");
+        assert_eq!(cfg.vips[0].ipip_source, DEFAULT_IPIP_SOURCE);
+    }
+
+    #[test]
+    fn dsr_needs_probes() {
         assert_err(
-            &minimal("mode = \"dsr-ipip\"", ""),
-            "vip[0].mode",
-            "not supported yet",
+            &minimal("mode = \"dsr-l2\"\n[vip.health]\nkind = \"none\"", ""),
+            "vip[0].health.kind",
+            "cannot be used in dsr-l2 mode",
+        );
+    }
+
+    #[test]
+    fn dsr_refuses_snat_and_other_ports() {
+        assert_err(
+            &minimal("mode = \"dsr-l2\"\nsnat_address = \"198.18.0.2\"", ""),
+            "vip[0].snat_address",
+            "not used in dsr-l2 mode",
         );
         assert_err(
-            &minimal("mode = \"dsr-l2\"", ""),
-            "vip[0].mode",
-            "not supported yet",
+            &minimal("mode = \"dsr-ipip\"\nsnat_ports = \"20000-30000\"", ""),
+            "vip[0].snat_ports",
+            "not used in dsr-ipip mode",
+        );
+        assert_err(
+            &minimal("mode = \"dsr-l2\"", "port = 8443"),
+            "vip[0].backend[0].port",
+            "must listen on the VIP's port",
+        );
+        assert_err(
+            &minimal("ipip_source = \"10.0.0.0/8\"", ""),
+            "vip[0].ipip_source",
+            "only used in dsr-ipip mode",
+        );
+        assert_err(
+            &minimal("mode = \"dsr-ipip\"\nipip_source = \"10.0.0.1/8\"", ""),
+            "vip[0].ipip_source",
+            "host bits set",
         );
     }
 

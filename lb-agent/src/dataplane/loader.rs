@@ -213,6 +213,8 @@ fn adoptable(dir: &Path, max_flows: u32, ifindex: u32) -> Result<Adoptable, Stri
             .ok_or_else(|| format!("map {name} is missing from the XDP object"))?;
         let want_entries = if name == map::FLOWS {
             max_flows.saturating_mul(2)
+        } else if name == map::DSR_FLOWS {
+            max_flows
         } else {
             declared.max_entries()
         };
@@ -371,6 +373,7 @@ impl Dataplane {
         let stale = remove_pins(pin_path)?;
         let ebpf = EbpfLoader::new()
             .map_max_entries(map::FLOWS, max_flows.saturating_mul(2))
+            .map_max_entries(map::DSR_FLOWS, max_flows)
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
         let dp = Self::with_program(ebpf, pin_path, None, xdp_mode::NONE)?;
@@ -393,6 +396,7 @@ impl Dataplane {
             map::ALL.iter().map(|n| (*n, pin_path.join(n))).collect();
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(map::FLOWS, max_flows.saturating_mul(2));
+        loader.map_max_entries(map::DSR_FLOWS, max_flows);
         // aya opens the map pinned at the path if there is one, and creates and pins a new
         // one otherwise: without a check, a map whose pin vanished meanwhile would start
         // empty. CLOCK and NEXT_HOP are not named here: they start afresh, as caches should.

@@ -23,6 +23,7 @@ pub struct PinnedMaps {
     pub maglev: MapData,
     pub flows: HashMap<MapData, FlowKey, Flow>,
     pub half_open: HashMap<MapData, FlowKey, Flow>,
+    pub dsr_flows: HashMap<MapData, FlowKey, Flow>,
     pub addr_filter: Array<MapData, u32>,
     pub vlan_devs: HashMap<MapData, u32, VlanDev>,
     pub stats_vip: PerCpuArray<MapData, TrafficStats>,
@@ -32,6 +33,18 @@ pub struct PinnedMaps {
     pub backend_meta: Array<MapData, BackendMeta>,
     pub agent_meta: Array<MapData, AgentMeta>,
     pub snat_cursor: Array<MapData, u64>,
+}
+
+/// What the flow tables hold.
+pub struct FlowCounts {
+    /// Connections per backend index, over all tables.
+    pub by_backend: std::collections::BTreeMap<u32, u64>,
+    /// Connections in FLOWS.
+    pub flows: u64,
+    /// Connections in HALF_OPEN.
+    pub half_open: u64,
+    /// Connections in DSR_FLOWS.
+    pub dsr: u64,
 }
 
 /// CLOCK_MONOTONIC_COARSE in ns: the clock of `Flow::last_seen_ns`.
@@ -105,6 +118,7 @@ impl PinnedMaps {
             maglev: open_data(dir, map::MAGLEV, ro)?,
             flows: typed!(dir, map::FLOWS, ro),
             half_open: typed!(dir, map::HALF_OPEN, ro),
+            dsr_flows: typed!(dir, map::DSR_FLOWS, ro),
             addr_filter: typed!(dir, map::ADDR_FILTER, ro),
             vlan_devs: typed!(dir, map::VLAN_DEVS, ro),
             stats_vip: typed!(dir, map::STATS_VIP, ro),
@@ -118,13 +132,11 @@ impl PinnedMaps {
     }
 
     /// Connections per backend index (FLOWS and HALF_OPEN, the client's direction only:
-    /// each connection has an entry per direction), and in FLOWS and HALF_OPEN in all.
+    /// each connection has an entry per direction; DSR_FLOWS), and in FLOWS, HALF_OPEN and
+    /// DSR_FLOWS in all.
     /// With `now` (the coarse monotonic clock, as `monotonic_coarse_ns` reads it), only
     /// those not over yet (`Flow::over`); otherwise every entry.
-    pub fn flows_by_backend(
-        &self,
-        now: Option<u64>,
-    ) -> (std::collections::BTreeMap<u32, u64>, u64, u64) {
+    pub fn flows_by_backend(&self, now: Option<u64>) -> FlowCounts {
         let mut by_backend = std::collections::BTreeMap::new();
         let mut count = |m: &HashMap<MapData, FlowKey, Flow>| {
             let mut n = 0u64;
@@ -138,7 +150,13 @@ impl PinnedMaps {
         };
         let flows = count(&self.flows);
         let half_open = count(&self.half_open);
-        (by_backend, flows, half_open)
+        let dsr = count(&self.dsr_flows);
+        FlowCounts {
+            by_backend,
+            flows,
+            half_open,
+            dsr,
+        }
     }
 
     /// Capacity and kernel memory of the flow tables, from each map's pin.
@@ -156,6 +174,9 @@ impl PinnedMaps {
                 t.bytes += bytes;
             } else if name == map::HALF_OPEN {
                 t.half_open_capacity = entries / 2;
+                t.bytes += bytes;
+            } else if name == map::DSR_FLOWS {
+                t.dsr_capacity = entries;
                 t.bytes += bytes;
             }
         }

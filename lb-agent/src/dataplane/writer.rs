@@ -6,13 +6,13 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    addr_filter_index, maglev_index, map, mode, name_bytes, state, AgentMeta, BackendInfo,
-    BackendMeta, VipInfo, VipKey, VipMeta, VlanDev, IPPROTO_TCP, NO_BACKEND,
+    addr_filter, addr_filter_index, maglev_index, map, mode, name_bytes, state, AgentMeta,
+    BackendInfo, BackendMeta, VipInfo, VipKey, VipMeta, VlanDev, IPPROTO_TCP, NO_BACKEND,
 };
 
 use super::{map_err, pinned::PinnedMaps, DataplaneError};
 use crate::{
-    config::Config,
+    config::{Config, Mode, VipConfig},
     maglev::{self, MaglevBackend},
 };
 
@@ -96,23 +96,46 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                     proto: IPPROTO_TCP,
                     _pad: 0,
                 },
-                info: VipInfo {
-                    index: i as u32,
-                    mode: mode::NAT,
-                    snat_addr: u32::from(v.snat_address.unwrap_or(default_snat)).to_be(),
-                    snat_port_min: v.snat_ports.0,
-                    snat_port_max: v.snat_ports.1,
-                    table_size: v.maglev_table_size,
-                    active_half: 0,
-                    mss_clamp: v.mss_clamp.unwrap_or(0),
-                    _pad: 0,
-                },
+                info: vip_info(i as u32, v, default_snat),
                 backends,
                 table: Vec::new(),
                 removed: false,
             }
         })
         .collect()
+}
+
+/// The VIPS value for `v` at index `index` (table half 0).
+fn vip_info(index: u32, v: &VipConfig, default_snat: Ipv4Addr) -> VipInfo {
+    let (mode, snat) = match v.mode {
+        Mode::Nat => (
+            mode::NAT,
+            u32::from(v.snat_address.unwrap_or(default_snat)).to_be(),
+        ),
+        // No SNAT: the address stays out of ADDR_FILTER and the range empty.
+        Mode::DsrL2 => (mode::DSR_L2, 0),
+        Mode::DsrIpip => (mode::DSR_IPIP, 0),
+    };
+    let (net, len) = v.ipip_source;
+    let host = u32::MAX.checked_shr(len as u32).unwrap_or(0);
+    let (port_min, port_max) = if v.mode.is_dsr() {
+        (1, 0)
+    } else {
+        v.snat_ports
+    };
+    VipInfo {
+        index,
+        mode,
+        snat_addr: snat,
+        snat_port_min: port_min,
+        snat_port_max: port_max,
+        table_size: v.maglev_table_size,
+        active_half: 0,
+        mss_clamp: v.mss_clamp.unwrap_or(0),
+        _pad: 0,
+        encap_src: u32::from(net).to_be(),
+        encap_src_mask: host.to_be(),
+    }
 }
 
 /// Writes the data plane's maps and keeps them equal to what the agent intends: every write
@@ -168,10 +191,10 @@ impl Writer {
     /// make the XDP program start serving them.
     pub fn install(&mut self, vips: &mut [VipPlan]) -> Result<(), DataplaneError> {
         // The filter first: a VIP entry behind a filter that hides its address serves nothing.
-        for i in filter_slots(vips) {
+        for (i, bits) in filter_slots(vips) {
             self.maps
                 .addr_filter
-                .set(i, 1, 0)
+                .set(i, bits, 0)
                 .map_err(map_err(map::ADDR_FILTER))?;
         }
         for v in vips.iter_mut() {
@@ -356,12 +379,12 @@ impl Writer {
         let mut done = Reconciled::default();
         let mut note = |what: String| done.repaired.push(what);
         // The filter first: a VIP entry behind a filter that hides its address serves nothing.
-        for i in filter_slots(vips) {
-            if self.maps.addr_filter.get(&i, 0).ok() != Some(1) {
+        for (i, bits) in filter_slots(vips) {
+            if self.maps.addr_filter.get(&i, 0).ok() != Some(bits) {
                 let r = self
                     .maps
                     .addr_filter
-                    .set(i, 1, 0)
+                    .set(i, bits, 0)
                     .map_err(map_err(map::ADDR_FILTER));
                 self.failed(r)?;
                 note(format!("ADDR_FILTER[{i}]"));
@@ -511,8 +534,8 @@ impl Writer {
         after: &[VipPlan],
     ) -> Result<(), DataplaneError> {
         let keep = filter_slots(after);
-        for i in filter_slots(before) {
-            if keep.binary_search(&i).is_err() {
+        for (i, _) in filter_slots(before) {
+            if keep.binary_search_by_key(&i, |&(k, _)| k).is_err() {
                 let r = self
                     .maps
                     .addr_filter
@@ -569,17 +592,24 @@ impl Writer {
     }
 }
 
-/// ADDR_FILTER slots the VIPs' addresses and SNAT addresses hash to: the program looks at
-/// nothing else.
-fn filter_slots(vips: &[VipPlan]) -> Vec<u32> {
-    let mut slots: Vec<u32> = vips
-        .iter()
-        .flat_map(|v| [v.key.addr, v.info.snat_addr])
-        .map(addr_filter_index)
-        .collect();
-    slots.sort_unstable();
-    slots.dedup();
-    slots
+/// ADDR_FILTER slots the VIPs' addresses and SNAT addresses hash to, with their
+/// `addr_filter` bits, in slot order: the program looks at nothing else.
+fn filter_slots(vips: &[VipPlan]) -> Vec<(u32, u32)> {
+    let mut slots = std::collections::BTreeMap::new();
+    for v in vips {
+        let dsr = if v.info.mode == mode::NAT {
+            0
+        } else {
+            addr_filter::DSR
+        };
+        *slots.entry(addr_filter_index(v.key.addr)).or_insert(0) |= addr_filter::LB | dsr;
+        if v.info.snat_addr != 0 {
+            *slots
+                .entry(addr_filter_index(v.info.snat_addr))
+                .or_insert(0) |= addr_filter::LB;
+        }
+    }
+    slots.into_iter().collect()
 }
 
 fn vip_meta(v: &VipPlan) -> VipMeta {

@@ -205,6 +205,7 @@ fn fixture(backends: usize, flows: u32, syn_batch: u32) -> Result<Fixture> {
         snat_ports: SNAT_PORTS,
         max_flows: (entries != MAX_FLOWS).then_some(entries),
         mss_clamp: None,
+        mode: "nat",
     };
     let mut f = Fixture::with("bench", o).context("the microbenchmark needs root")?;
     f.prefill_flows(flows);

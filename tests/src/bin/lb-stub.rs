@@ -201,6 +201,9 @@ struct Stub {
     tls_handshakes: AtomicU64,
     requests_total: AtomicU64,
     requests: Mutex<BTreeMap<String, u64>>,
+    /// Connections per peer address: the client's own address when lb forwards by DSR,
+    /// the LB's SNAT address under NAT.
+    peers: Mutex<BTreeMap<String, u64>>,
     active: AtomicU64,
     accept: AtomicU8,
     readyz: AtomicU8,
@@ -328,6 +331,7 @@ impl Stub {
                         "tls_handshakes": self.tls_handshakes.load(Ordering::Relaxed),
                         "requests_total": self.requests_total.load(Ordering::Relaxed),
                         "requests": requests,
+                        "peers": self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone(),
                         "active_connections": self.active.load(Ordering::Relaxed),
                         "readyz": self.readyz_mode().as_str(),
                         "readyz_delay_ms": self.readyz_delay_ms.load(Ordering::Relaxed),
@@ -491,7 +495,14 @@ async fn handle_client(stub: &Stub, acceptor: TlsAcceptor, sock: TcpStream) {
 async fn accept_loop(stub: Arc<Stub>, listener: TcpListener, acceptor: TlsAcceptor) {
     loop {
         let sock = match listener.accept().await {
-            Ok((sock, _)) => sock,
+            Ok((sock, peer)) => {
+                let mut peers = stub.peers.lock().unwrap_or_else(|e| e.into_inner());
+                if peers.len() < MAX_TRACKED_PATHS || peers.contains_key(&peer.ip().to_string()) {
+                    *peers.entry(peer.ip().to_string()).or_default() += 1;
+                }
+                drop(peers);
+                sock
+            }
             Err(e) => {
                 // EMFILE and friends are transient; spinning on them would burn a core.
                 eprintln!("lb-stub {}: accept: {e}", stub.name);
@@ -574,6 +585,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         tls_handshakes: AtomicU64::new(0),
         requests_total: AtomicU64::new(0),
         requests: Mutex::new(BTreeMap::new()),
+        peers: Mutex::new(BTreeMap::new()),
         active: AtomicU64::new(0),
         accept: AtomicU8::new(args.accept as u8),
         readyz: AtomicU8::new(args.readyz as u8),
