@@ -46,18 +46,36 @@ impl Pair {
         hosts: usize,
         configured: usize,
     ) -> Option<(Pair, Proc, Proc)> {
+        Self::build(test, advert_ms, [extra1, extra2], hosts, configured, "", |lab| {
+            lab.start_stubs()
+        })
+    }
+
+    /// Like `with_backends`, with `vip_extra` in the VIP's table (e.g. its mode), and
+    /// `prepare` run on the lab before the agents start, returning its stubs.
+    pub fn build(
+        test: &str,
+        advert_ms: u64,
+        extra: [&str; 2],
+        hosts: usize,
+        configured: usize,
+        vip_extra: &str,
+        prepare: impl FnOnce(&Lab) -> Vec<Proc>,
+    ) -> Option<(Pair, Proc, Proc)> {
         let lab = Lab::new(test, 2, hosts)?;
-        let stubs = lab.start_stubs();
-        let c1 = lab.agent_config_vrrp_n(
+        let stubs = prepare(&lab);
+        let c1 = lab.agent_config_vrrp_vip(
             0,
+            vip_extra,
             VRRP_HEALTH,
-            &Self::vrrp(110, advert_ms, extra1),
+            &Self::vrrp(110, advert_ms, extra[0]),
             configured,
         );
-        let c2 = lab.agent_config_vrrp_n(
+        let c2 = lab.agent_config_vrrp_vip(
             1,
+            vip_extra,
             VRRP_HEALTH,
-            &Self::vrrp(100, advert_ms, extra2),
+            &Self::vrrp(100, advert_ms, extra[1]),
             configured,
         );
         let a1 = lab.start_agent(0, &c1);
@@ -124,12 +142,24 @@ impl Lab {
 
     /// Like `agent_config_vrrp`, with only the first `n` backend hosts in the VIP.
     pub fn agent_config_vrrp_n(&self, i: usize, health: &str, vrrp: &str, n: usize) -> PathBuf {
+        self.agent_config_vrrp_vip(i, "", health, vrrp, n)
+    }
+
+    /// Like `agent_config_vrrp_n`, with `vip_extra` in the VIP's table.
+    pub fn agent_config_vrrp_vip(
+        &self,
+        i: usize,
+        vip_extra: &str,
+        health: &str,
+        vrrp: &str,
+        n: usize,
+    ) -> PathBuf {
         let backends: Vec<_> = self.backends[..n]
             .iter()
             .enumerate()
             .map(|(b, h)| (crate::lab::backend_name(b), h.addr, crate::lab::VIP_PORT))
             .collect();
-        let p = self.agent_config_backends(i, "", health, &backends);
+        let p = self.agent_config_backends(i, vip_extra, health, &backends);
         let mut t = std::fs::read_to_string(&p).expect("config");
         t.push_str(&format!("\n[vrrp]\n{vrrp}\n"));
         std::fs::write(&p, t).expect("write config");

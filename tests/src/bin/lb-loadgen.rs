@@ -302,6 +302,9 @@ struct ConnReport {
     requests_ok: u64,
     requests_failed: u64,
     reconnects: u64,
+    /// The longest request, ms: on a connection that lived through an LB failover, how long
+    /// its requests waited for the backup (TCP retransmitting into the outage).
+    max_request_ms: u64,
     failures: Vec<Failure>,
     backends: BTreeMap<String, u64>,
     #[serde(skip)]
@@ -318,6 +321,7 @@ async fn long_worker(
     let mut tally = Tally::default();
     let mut failures = Vec::new();
     let mut backend_first = None;
+    let mut max_request = Duration::ZERO;
     let (mut conn, mut dials) = (None, 0u64);
     let mut tick = tokio::time::interval_at(start, interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -326,7 +330,9 @@ async fn long_worker(
         if start.elapsed() >= duration {
             break;
         }
+        let sent = Instant::now();
         let res = client.keep_alive(&mut conn, &mut dials).await;
+        max_request = max_request.max(sent.elapsed());
         tally.record(&res);
         match res {
             Ok(ok) => {
@@ -344,6 +350,7 @@ async fn long_worker(
         requests_ok: tally.ok,
         requests_failed: tally.failed,
         reconnects: dials.saturating_sub(1),
+        max_request_ms: max_request.as_millis() as u64,
         failures,
         backends: tally.backends,
         errors: tally.errors,
@@ -362,8 +369,10 @@ async fn run_long(
         .collect();
     let mut reports = Vec::new();
     let mut total = Tally::default();
+    let mut max_request_ms = 0;
     for w in workers {
         let r = w.await.expect("worker panicked");
+        max_request_ms = max_request_ms.max(r.max_request_ms);
         total.ok += r.requests_ok;
         total.failed += r.requests_failed;
         total.merge(Tally {
@@ -373,7 +382,8 @@ async fn run_long(
         reports.push(r);
     }
     json!({"mode": "long", "connections": reports, "ok": total.ok, "failed": total.failed,
-           "errors": total.errors, "elapsed_ms": start.elapsed().as_millis() as u64})
+           "errors": total.errors, "max_request_ms": max_request_ms,
+           "elapsed_ms": start.elapsed().as_millis() as u64})
 }
 
 /// Availability gaps from `(completion_ms, ok)` events in order: the time between consecutive
