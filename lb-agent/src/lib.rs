@@ -10,6 +10,8 @@
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub mod app;
+/// `lb-agent backend-setup`: prepares an apiserver host for a DSR VIP (address, sysctls, IPIP).
+pub mod backend_setup;
 pub mod backends;
 pub mod config;
 pub mod control;

@@ -1,10 +1,11 @@
-//! `lb-agent`: run | check-config | reload | status | drain | undrain.
+//! `lb-agent`: run | check-config | reload | status | drain | undrain | backend-setup.
 
 use std::{path::PathBuf, process::ExitCode};
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use lb_agent::{
-    app,
+    app, backend_setup,
     config::{self, Config},
     control::{self, Request},
     status,
@@ -75,6 +76,30 @@ enum Cmd {
         backend: String,
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Prepare this apiserver host to be a backend of a DSR VIP (run as root on it): the VIP
+    /// on a local device, no ARP for it, and for dsr-ipip a way to take the LB's IPIP in.
+    /// Prints one line per change; a second run changes nothing.
+    BackendSetup {
+        /// How the LB forwards to this host: `dsr-l2` (MAC rewrite) or `dsr-ipip` (IPIP).
+        #[arg(long, value_enum)]
+        mode: backend_setup::Mode,
+        /// The VIP's address.
+        #[arg(long)]
+        vip: std::net::Ipv4Addr,
+        /// Take back what the setup changed (as recorded in the state file).
+        #[arg(long)]
+        undo: bool,
+        /// Print the equivalent shell commands instead of changing anything.
+        #[arg(long)]
+        dry_run: bool,
+        /// dsr-ipip without kernel ipip: attach the decapsulation program to this interface
+        /// only (repeatable; default: every interface that is up, except the loopback).
+        #[arg(long = "interface", value_name = "NAME")]
+        interfaces: Vec<String>,
+        /// Where the setup records what it changed, for --undo.
+        #[arg(long, default_value = backend_setup::DEFAULT_STATE)]
+        state: PathBuf,
     },
     /// Testing aids (fault injection); not for production use.
     #[command(hide = true)]
@@ -226,6 +251,17 @@ fn restart(config: Option<PathBuf>, timeout: std::time::Duration) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// `backend-setup`: its changes, or their commands, on stdout.
+fn backend_setup(opts: &backend_setup::Options) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let mut out = std::io::stdout();
+    rt.block_on(backend_setup::run(opts, &mut out))
+        .with_context(|| format!("backend-setup{}", if opts.undo { " --undo" } else { "" }))
+}
+
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     let b = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -292,6 +328,30 @@ fn main() -> ExitCode {
                 },
         } => drain(config, Request::Failpoint { name, actions }),
         Cmd::Reload { config } => reload(config),
+        Cmd::BackendSetup {
+            mode,
+            vip,
+            undo,
+            dry_run,
+            interfaces,
+            state,
+        } => {
+            let opts = backend_setup::Options {
+                mode,
+                vip,
+                undo,
+                dry_run,
+                interfaces,
+                state,
+            };
+            match backend_setup(&opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("lb-agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Restart { config, timeout } => restart(config, timeout),
         Cmd::Version { json } => {
             #[allow(unused_mut)]

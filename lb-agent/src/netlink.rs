@@ -12,6 +12,7 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, CacheInfo},
     link::{InfoData, InfoVlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     RouteNetlinkMessage,
 };
 use rtnetlink::{new_connection, new_multicast_connection, MulticastGroup};
@@ -180,6 +181,50 @@ impl Address {
     }
 }
 
+/// A tc filter, as `tc filter show` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcFilter {
+    /// "bpf", "u32", "flower"...
+    pub kind: String,
+    pub priority: u16,
+    pub handle: u32,
+    /// A bpf filter's program name (TCA_BPF_NAME).
+    pub bpf_name: Option<String>,
+    /// A bpf filter's program id.
+    pub bpf_id: Option<u32>,
+}
+
+impl TcFilter {
+    fn from_message(m: &TcMessage) -> Option<Self> {
+        let mut kind = None;
+        let mut options = None;
+        for a in &m.attributes {
+            match a {
+                TcAttribute::Kind(k) => kind = Some(k.clone()),
+                TcAttribute::Options(o) => options = Some(o),
+                _ => {}
+            }
+        }
+        // The dump has a message per priority without options: not a filter.
+        let options = options?;
+        let mut f = TcFilter {
+            kind: kind?,
+            priority: (m.header.info >> 16) as u16,
+            handle: m.header.handle.into(),
+            bpf_name: None,
+            bpf_id: None,
+        };
+        for o in options {
+            match o {
+                TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => f.bpf_name = Some(n.clone()),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => f.bpf_id = Some(*id),
+                _ => {}
+            }
+        }
+        Some(f)
+    }
+}
+
 /// A change the kernel announced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -305,6 +350,113 @@ impl Netlink {
     /// The interface's first IPv4 address (its primary one).
     pub async fn primary_ipv4(&self, index: u32) -> Result<Option<Ipv4Addr>, NetlinkError> {
         Ok(self.addresses(index).await?.first().map(|a| a.addr))
+    }
+
+    /// Creates `name` as an ipip device in external (collect_md) mode, down: it receives
+    /// IPIP from any outer source. EOPNOTSUPP when the kernel has no ipip device type.
+    pub async fn add_ipip_external(&self, name: &str) -> Result<(), NetlinkError> {
+        let msg = rtnetlink::LinkIpIp::new(name)
+            .collect_metadata(true)
+            .build();
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("add link {name} type ipip external"), e))
+    }
+
+    /// Sets link `index` administratively up.
+    pub async fn set_up(&self, index: u32) -> Result<(), NetlinkError> {
+        let msg = rtnetlink::LinkUnspec::new_with_index(index).up().build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("set link {index} up"), e))
+    }
+
+    /// Deletes link `index`.
+    pub async fn del_link(&self, index: u32) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| NetlinkError::new(format!("delete link {index}"), e))
+    }
+
+    /// Whether link `index` has a clsact qdisc.
+    pub async fn has_clsact(&self, index: u32) -> Result<bool, NetlinkError> {
+        let msgs: Vec<TcMessage> = self
+            .handle
+            .qdisc()
+            .get()
+            .index(index as i32)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| NetlinkError::new(format!("list qdiscs of link {index}"), e))?;
+        // The kernel dumps every link's qdiscs whatever the request's index says.
+        Ok(msgs.iter().any(|m| {
+            m.header.index == index as i32
+                && m.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(k) if k == "clsact"))
+        }))
+    }
+
+    /// Removes link `index`'s clsact qdisc, and with it every filter on it; a qdisc that is
+    /// not there is fine.
+    pub async fn del_clsact(&self, index: u32) -> Result<(), NetlinkError> {
+        let mut req = self.handle.qdisc().del(index as i32);
+        let m = req.message_mut();
+        m.header.parent = TcHandle::CLSACT;
+        m.header.handle = TcHandle::from(0xffff_0000u32);
+        m.attributes.push(TcAttribute::Kind("clsact".into()));
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = NetlinkError::new(format!("delete the clsact qdisc of link {index}"), e);
+                if matches!(e.errno(), Some(libc::ENOENT) | Some(libc::EINVAL)) {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// The filters on link `index`'s clsact ingress (or egress) hook.
+    pub async fn tc_filters(
+        &self,
+        index: u32,
+        egress: bool,
+    ) -> Result<Vec<TcFilter>, NetlinkError> {
+        let mut h = self.handle.traffic_filter(index as i32);
+        let req = h.get();
+        let req = if egress { req.egress() } else { req.ingress() };
+        let msgs: Result<Vec<TcMessage>, _> = req.execute().try_collect().await;
+        let msgs = match msgs {
+            Ok(m) => m,
+            // No clsact qdisc: no hook, no filters.
+            Err(rtnetlink::Error::NetlinkError(m))
+                if matches!(
+                    m.to_io().raw_os_error(),
+                    Some(libc::EINVAL) | Some(libc::ENOENT)
+                ) =>
+            {
+                Vec::new()
+            }
+            Err(e) => {
+                return Err(NetlinkError::new(
+                    format!("list tc filters of link {index}"),
+                    e,
+                ))
+            }
+        };
+        Ok(msgs.iter().filter_map(TcFilter::from_message).collect())
     }
 }
 

@@ -16,6 +16,7 @@
 #![deny(unused)]
 
 mod csum;
+mod decap;
 mod dsr;
 mod fib;
 mod flow;
@@ -87,6 +88,13 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn lb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// TC ingress on DSR backends whose kernel has no ipip device: strips the LB's outer IPv4
+/// header (`lb-agent backend-setup --mode dsr-ipip` attaches it).
+#[aya_ebpf::macros::classifier]
+pub fn lb_tc_decap(ctx: aya_ebpf::programs::TcContext) -> i32 {
+    decap::process(&ctx)
 }
 
 #[cfg(not(test))]
