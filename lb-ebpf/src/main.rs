@@ -6,7 +6,8 @@
 //! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `dsr` (direct
 //! server return: MAC rewrite or IPIP), `icmp` (errors about flows, "fragmentation
 //! needed"), `rst` (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU
-//! counters). This file holds the maps and the entry points.
+//! counters); `decap` is the TC program `lb-agent backend-setup` attaches on dsr-ipip
+//! backends whose kernel has no ipip device. This file holds the maps and the entry points.
 #![no_std]
 #![no_main]
 // atomic_xadd: the BPF target has no core::sync::atomic types.

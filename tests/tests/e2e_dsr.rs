@@ -22,7 +22,7 @@ use lb_tests::{
 fn backend_state(lab: &Lab, i: usize) -> String {
     lab.backends[i]
         .ns
-        .sh("ip -o addr show; ip -o link show | sed 's/^[0-9]*: //'; \
+        .sh("ip -4 -o addr show; ip -o link show | sed 's/^[0-9]*: //'; \
          tc filter show dev eth0 ingress; \
          sysctl net.ipv4.conf.all.arp_ignore net.ipv4.conf.all.arp_announce")
 }
