@@ -4,7 +4,8 @@
 //! (probes, rise/fall), `backends` (where a backend's state changes), `dataplane`
 //! (the embedded XDP object, loading, pinning, map writes), `host` (interfaces, sysctls,
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
-//! prints), `app` (`lb-agent run`: wiring and shutdown).
+//! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
+//! backend-setup`, run on the apiserver hosts of DSR VIPs).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
