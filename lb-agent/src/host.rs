@@ -317,6 +317,9 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
             format!("no interface {:?} on this host", cfg.agent.interface),
         ));
     };
+    if let Some((field, message)) = dsr_backend_on_this_host(cfg, &local_ipv4()) {
+        return Err(error(field, message));
+    }
     if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
         // Refused by `run` too; check-config sees the same interface, so it says so first.
         let hazard = async {
@@ -376,9 +379,64 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
     Ok(())
 }
 
+/// Every IPv4 address of this host, on any interface.
+fn local_ipv4() -> Vec<std::net::Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addrs| {
+            addrs
+                .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A DSR VIP's backend that is this host (one of `local`), as (field, message): the data
+/// plane would send the client's packet to its own MAC, and it would never leave the NIC.
+fn dsr_backend_on_this_host(
+    cfg: &crate::config::Config,
+    local: &[std::net::Ipv4Addr],
+) -> Option<(String, String)> {
+    for (i, v) in cfg.vips.iter().enumerate() {
+        if !v.mode.is_dsr() {
+            continue;
+        }
+        if let Some(j) = v.backends.iter().position(|b| local.contains(&b.address)) {
+            return Some((
+                format!("vip[{i}].backend[{j}].address"),
+                format!(
+                    "{} is an address of this host: in {} mode an LB cannot be its own backend; use mode = \"nat\" here",
+                    v.backends[j].address,
+                    v.mode.as_str()
+                ),
+            ));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dsr_lb_is_not_its_own_backend() {
+        let text = |mode: &str| {
+            format!(
+                "[agent]\ninterface = \"eth0\"\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\n\
+                 port = 6443\nmode = \"{mode}\"\n[[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.11\"\n\
+                 [[vip.backend]]\nname = \"m2\"\naddress = \"198.18.0.2\"\n"
+            )
+        };
+        let local = ["198.18.0.2".parse().unwrap()];
+        let cfg =
+            crate::config::Config::parse(std::path::Path::new("lb.toml"), &text("dsr-l2")).unwrap();
+        let (field, message) = dsr_backend_on_this_host(&cfg, &local).expect("refused");
+        assert_eq!(field, "vip[0].backend[1].address");
+        assert!(message.contains("cannot be its own backend"), "{message}");
+        let cfg =
+            crate::config::Config::parse(std::path::Path::new("lb.toml"), &text("nat")).unwrap();
+        assert_eq!(dsr_backend_on_this_host(&cfg, &local), None);
+    }
 
     #[test]
     fn missing_capabilities_are_named() {

@@ -19,7 +19,7 @@ use super::{
     stats,
 };
 use crate::{
-    lab::{backend_name, Lab, Proc, VIP, VIP_PORT},
+    lab::{backend_name, bin, Lab, Proc, VIP, VIP_PORT},
     netns::Netns,
 };
 
@@ -63,19 +63,32 @@ impl E2eOptions {
 pub enum PathKind {
     Direct,
     Lb,
+    #[serde(rename = "lb-dsr-l2")]
+    LbDsrL2,
+    #[serde(rename = "lb-dsr-ipip")]
+    LbDsrIpip,
     Haproxy,
     Nftables,
 }
 
 impl PathKind {
     /// Every path, in the first run's order.
-    pub const ALL: [PathKind; 4] = [Self::Direct, Self::Lb, Self::Haproxy, Self::Nftables];
+    pub const ALL: [PathKind; 6] = [
+        Self::Direct,
+        Self::Lb,
+        Self::LbDsrL2,
+        Self::LbDsrIpip,
+        Self::Haproxy,
+        Self::Nftables,
+    ];
 
     /// How the report names it.
     pub fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct (one backend)",
             Self::Lb => "lb (nat, native XDP)",
+            Self::LbDsrL2 => "lb (dsr-l2, native XDP)",
+            Self::LbDsrIpip => "lb (dsr-ipip, native XDP; TC decap on the backends)",
             Self::Haproxy => "HAProxy (mode tcp)",
             Self::Nftables => "nftables (dnat + masquerade)",
         }
@@ -86,8 +99,20 @@ impl PathKind {
         match self {
             Self::Direct => "direct",
             Self::Lb => "lb",
+            Self::LbDsrL2 => "lb-dsr-l2",
+            Self::LbDsrIpip => "lb-dsr-ipip",
             Self::Haproxy => "haproxy",
             Self::Nftables => "nftables",
+        }
+    }
+
+    /// The VIP's `mode` when lb-agent runs the path.
+    pub fn lb_mode(self) -> Option<&'static str> {
+        match self {
+            Self::Lb => Some("nat"),
+            Self::LbDsrL2 => Some("dsr-l2"),
+            Self::LbDsrIpip => Some("dsr-ipip"),
+            _ => None,
         }
     }
 }
@@ -258,14 +283,14 @@ http {{
     keepalive_requests 1000000;
     keepalive_timeout 60s;
     server {{
-        listen {addr}:{VIP_PORT} backlog=4096;
+        # every address: the DSR paths deliver packets addressed to the VIP
+        listen {VIP_PORT} backlog=4096;
         location = /healthz {{ default_type text/plain; return 200 \"ok\\n\"; }}
         location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
     }}
 }}
 ",
         dir = lab.dir.display(),
-        addr = lab.backends[i].addr,
     )
 }
 
@@ -373,6 +398,20 @@ fn wait_http(lab: &Lab, url: &str, timeout: Duration) -> Result<()> {
     }
 }
 
+/// `lb-agent backend-setup --mode MODE --vip VIP` (or its `--undo`) on backend `i`.
+fn backend_setup(lab: &Lab, i: usize, mode: &str, undo: bool) -> Result<String> {
+    let state = lab.dir.join(format!("backend-setup-{i}.json"));
+    let mut cmd = format!(
+        "{} backend-setup --mode {mode} --vip {VIP} --state {}",
+        bin("lb-agent").display(),
+        state.display()
+    );
+    if undo {
+        cmd.push_str(" --undo");
+    }
+    sh(&lab.backends[i].ns, &cmd)
+}
+
 fn xdp_on_lb(lab: &Lab) -> Result<bool> {
     Ok(sh(&lab.lbs[0].ns, "ip link show eth0")?.contains("xdp"))
 }
@@ -438,7 +477,12 @@ fn flush_time_wait(lab: &Lab) {
 /// A path set up; undone when dropped.
 enum Active<'a> {
     Direct,
-    Lb { agent: Proc, config: PathBuf },
+    Lb {
+        agent: Proc,
+        config: PathBuf,
+        /// DSR: the lab whose backends `backend-setup` prepared, undone after the agent.
+        dsr: Option<(&'a Lab, &'static str)>,
+    },
     Haproxy(Proc),
     Nft(&'a Netns),
 }
@@ -446,8 +490,13 @@ enum Active<'a> {
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         match self {
-            Active::Lb { agent, .. } => {
+            Active::Lb { agent, dsr, .. } => {
                 let _ = agent.terminate(Duration::from_secs(10));
+                if let Some((lab, mode)) = dsr {
+                    for i in 0..lab.backends.len() {
+                        let _ = backend_setup(lab, i, mode, true);
+                    }
+                }
             }
             Active::Haproxy(p) => {
                 let _ = p.terminate(Duration::from_secs(5));
@@ -483,7 +532,7 @@ impl<'a> Ctx<'a> {
     fn activate(&mut self, p: PathKind) -> Result<Active<'a>> {
         let lab = self.lab;
         let lb = &lab.lbs[0];
-        if p != PathKind::Lb {
+        if p.lb_mode().is_none() {
             ensure!(
                 !xdp_on_lb(lab)?,
                 "an XDP program is attached on the LB before {p:?}"
@@ -492,15 +541,24 @@ impl<'a> Ctx<'a> {
         flush_time_wait(lab);
         let active = match p {
             PathKind::Direct => Active::Direct,
-            PathKind::Lb => {
+            PathKind::Lb | PathKind::LbDsrL2 | PathKind::LbDsrIpip => {
+                let mode = p.lb_mode().unwrap_or("nat");
+                let dsr = (mode != "nat").then_some((lab, mode));
+                if dsr.is_some() {
+                    for i in 0..lab.backends.len() {
+                        backend_setup(lab, i, mode, false)?;
+                    }
+                }
                 let config = lab.agent_config(
                     0,
-                    "",
+                    &format!("mode = \"{mode}\""),
                     "kind = \"http\"\npath = \"/healthz\"\ninterval = \"2s\"",
                 );
-                self.setup.lb_agent = fs::read_to_string(&config)?;
+                if mode == "nat" {
+                    self.setup.lb_agent = fs::read_to_string(&config)?;
+                }
                 let agent = lab.start_agent(0, &config);
-                Active::Lb { agent, config }
+                Active::Lb { agent, config, dsr }
             }
             PathKind::Haproxy => {
                 let cfg = lab.dir.join("haproxy.cfg");
@@ -528,7 +586,10 @@ impl<'a> Ctx<'a> {
     fn check(&mut self, p: PathKind, active: &Active, run: usize) -> Result<()> {
         let lab = self.lab;
         match (p, active) {
-            (PathKind::Lb, Active::Lb { agent, config }) => {
+            (
+                PathKind::Lb | PathKind::LbDsrL2 | PathKind::LbDsrIpip,
+                Active::Lb { agent, config, .. },
+            ) => {
                 let s = lab.status(config);
                 let tx = s["counters"]["tx"].as_u64().unwrap_or(0);
                 let flows = s["vips"][0]["new_flows"].as_u64().unwrap_or(0);
@@ -821,16 +882,29 @@ pub fn summarize(
                     .sum(),
             });
         }
-        let lb = series(&samples, PathKind::Lb, m, |s| s.wrk.rps);
-        for other in [PathKind::Direct, PathKind::Haproxy, PathKind::Nftables] {
-            ratios.push(Ratio {
-                name: format!("lb/{}", other.name()),
-                mode: m,
-                value: stats::median_ratio(&lb, &series(&samples, other, m, |s| s.wrk.rps)),
-            });
+        for lb_path in [PathKind::Lb, PathKind::LbDsrL2, PathKind::LbDsrIpip] {
+            let lb = series(&samples, lb_path, m, |s| s.wrk.rps);
+            let others: &[PathKind] = if lb_path == PathKind::Lb {
+                &[PathKind::Direct, PathKind::Haproxy, PathKind::Nftables]
+            } else {
+                &[PathKind::Direct, PathKind::Lb, PathKind::Haproxy]
+            };
+            for &other in others {
+                ratios.push(Ratio {
+                    name: format!("{}/{}", lb_path.name(), other.name()),
+                    mode: m,
+                    value: stats::median_ratio(&lb, &series(&samples, other, m, |s| s.wrk.rps)),
+                });
+            }
         }
         let direct = series(&samples, PathKind::Direct, m, |s| s.cpu_ms_per_1k);
-        for p in [PathKind::Lb, PathKind::Haproxy, PathKind::Nftables] {
+        for p in [
+            PathKind::Lb,
+            PathKind::LbDsrL2,
+            PathKind::LbDsrIpip,
+            PathKind::Haproxy,
+            PathKind::Nftables,
+        ] {
             overhead.push(Overhead {
                 path: p,
                 mode: m,

@@ -394,7 +394,17 @@ pub fn ratio_table(e: &E2e) -> String {
             opt(e.ratio(name, Mode::CloseFirstSecond), f)
         ));
     };
-    for name in ["lb/direct", "lb/haproxy", "lb/nftables"] {
+    for name in [
+        "lb/direct",
+        "lb/haproxy",
+        "lb/nftables",
+        "lb-dsr-l2/direct",
+        "lb-dsr-l2/lb",
+        "lb-dsr-l2/haproxy",
+        "lb-dsr-ipip/direct",
+        "lb-dsr-ipip/lb",
+        "lb-dsr-ipip/haproxy",
+    ] {
         row(&mut s, name, name, x);
     }
     row(
