@@ -108,10 +108,15 @@ pub struct VipPath {
 /// What a probe is about, as every error names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
+    /// The backend's own address.
     pub backend: Ipv4Addr,
+    /// The VIP probed.
     pub vip: Ipv4Addr,
+    /// The VIP's port.
     pub port: u16,
+    /// The LB interface the probe left through.
     pub ifname: String,
+    /// How the probe reached the backend.
     pub mode: DsrMode,
 }
 
@@ -156,6 +161,7 @@ pub enum VipPathError {
 /// Why `next_hop_mac` found no MAC to send a backend's probe to.
 #[derive(Debug, thiserror::Error)]
 pub enum NextHopError {
+    /// The route or neighbour lookup itself failed (no route: ENETUNREACH).
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     /// The kernel routes the backend through another interface than the probe's.
@@ -305,7 +311,8 @@ pub async fn next_hop_mac(
 }
 
 /// Sends `p`'s backend the SYN the data plane would forward and waits for its answer from
-/// VIP:port: Ok(round trip) on a SYN-ACK (which is then reset), an error otherwise.
+/// VIP:port: Ok(round trip) on a SYN-ACK (which is then reset), an error otherwise. Needs
+/// CAP_NET_RAW and a tokio runtime; opens its own sockets, so probes may run side by side.
 pub async fn probe(p: &VipPath) -> Result<Duration, VipPathError> {
     let at = p.subject();
     let fail = |op: &'static str| {
