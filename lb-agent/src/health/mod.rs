@@ -7,6 +7,7 @@ pub mod probe;
 pub mod probers;
 pub mod tls_watch;
 pub mod tracker;
+pub mod vip_path;
 
 use std::{path::Path, sync::Arc, time::Duration};
 
