@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -24,6 +24,7 @@ use crate::{
         probe::{Failure, FailureClass},
         probers::ProbeSpec,
         tracker::{Health, Tracker},
+        vip_path::DsrMode,
         ProbeEvent,
     },
 };
@@ -514,12 +515,22 @@ impl Backends {
             .iter()
             .zip(&self.health)
             .flat_map(|(v, h)| {
+                let dsr = match v.info.mode {
+                    lb_common::mode::DSR_L2 => Some(DsrMode::L2),
+                    lb_common::mode::DSR_IPIP => Some(DsrMode::Ipip),
+                    _ => None,
+                }
+                .map(|m| {
+                    let vip = Ipv4Addr::from(u32::from_be(v.key.addr));
+                    (m, SocketAddrV4::new(vip, u16::from_be(v.key.port)))
+                });
                 v.backends.iter().map(move |b| ProbeSpec {
                     vip: v.name.clone(),
                     backend: b.index,
                     name: b.name.clone(),
                     addr: SocketAddr::from((b.addr, b.port)),
                     health: h.clone(),
+                    dsr,
                 })
             })
             .collect()

@@ -77,6 +77,8 @@ pub fn effective_caps() -> u64 {
 pub struct Needs {
     /// VRRP is configured: raw sockets and gratuitous ARPs.
     pub vrrp: bool,
+    /// A DSR VIP is configured: the VIP-path probes' packet sockets.
+    pub dsr: bool,
     /// vrrp.rt_priority is set: SCHED_RR.
     pub realtime: bool,
     /// agent.control_socket_group is set: the socket and pins are given to the group.
@@ -109,6 +111,11 @@ pub fn missing_caps(caps: u64, needs: Needs) -> Vec<(&'static str, &'static str)
     }
     if needs.vrrp && !has(Cap::NetRaw) {
         missing.push((Cap::NetRaw.name(), "VRRP's raw socket and gratuitous ARPs"));
+    } else if needs.dsr && !has(Cap::NetRaw) {
+        missing.push((
+            Cap::NetRaw.name(),
+            "the DSR backends' VIP-path probes (packet sockets)",
+        ));
     }
     if needs.realtime && !has(Cap::SysNice) {
         missing.push((Cap::SysNice.name(), "vrrp.rt_priority (SCHED_RR)"));

@@ -46,9 +46,15 @@ impl Pair {
         hosts: usize,
         configured: usize,
     ) -> Option<(Pair, Proc, Proc)> {
-        Self::build(test, advert_ms, [extra1, extra2], hosts, configured, "", |lab| {
-            lab.start_stubs()
-        })
+        Self::build(
+            test,
+            advert_ms,
+            [extra1, extra2],
+            hosts,
+            configured,
+            "",
+            |lab| lab.start_stubs(),
+        )
     }
 
     /// Like `with_backends`, with `vip_extra` in the VIP's table (e.g. its mode), and

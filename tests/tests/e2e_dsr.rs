@@ -1,7 +1,8 @@
 //! End to end, DSR modes, with stub apiservers set up by `lb-agent backend-setup`:
 //! - one LB: 300 requests through the VIP, each on a new connection, spread over the
-//!   backends, which see the client's own address; `backend-setup --undo` leaves each
-//!   backend as it was;
+//!   backends, which see the client's own address; a backend whose setup is undone goes
+//!   down (the VIP-path probe) and comes back when set up again; `backend-setup --undo`
+//!   leaves each backend as it was;
 //! - two LBs with VRRP at 100 ms: the master's node dies under 30 long-lived connections,
 //!   which carry on through the backup (same Maglev pick, no flow state needed), also when
 //!   a fourth backend joined before the failover (then only those whose Maglev slot moved
@@ -20,11 +21,11 @@ use lb_tests::{
 
 /// What `backend-setup` may change on a backend, to compare before and after.
 fn backend_state(lab: &Lab, i: usize) -> String {
-    lab.backends[i]
-        .ns
-        .sh("ip -4 -o addr show; ip -o link show | sed 's/^[0-9]*: //'; \
+    lab.backends[i].ns.sh(
+        "ip -4 -o addr show; ip -o link show | sed 's/^[0-9]*: //'; \
          tc filter show dev eth0 ingress; \
-         sysctl net.ipv4.conf.all.arp_ignore net.ipv4.conf.all.arp_announce")
+         sysctl net.ipv4.conf.all.arp_ignore net.ipv4.conf.all.arp_announce",
+    )
 }
 
 /// Runs `lb-agent backend-setup --mode MODE --vip VIP` (and `extra`) on backend `i`.
@@ -95,6 +96,25 @@ fn three_hundred_requests(test: &str, mode: &str) {
             assert_eq!(counters[r], 0, "{r}: {counters}");
         }
         assert!(status["dsr_flows"].as_u64().unwrap() > 0, "{status}");
+
+        // A backend that loses its DSR setup still answers its probe at its own address,
+        // but the VIP-path probe finds it deaf to the VIP: it goes down, and new
+        // connections avoid it.
+        backend_setup(&lab, 0, mode, &["--undo"]);
+        wait_for(Duration::from_secs(10), "master01 down", || {
+            backend_status(&lab.status(&config), "master01")["state"] == "down"
+        });
+        let b = backend_status(&lab.status(&config), "master01").clone();
+        let why = b["health"]["last_failure"].as_str().unwrap_or_default();
+        assert!(why.contains("VIP path"), "{b}");
+        println!("{mode}: master01 without its setup: {why}");
+        let report = lab.loadgen("/version", &["--count", "60", "--concurrency", "4"]);
+        assert_eq!(report["ok"], 60, "{report}");
+        assert!(report["backends"]["master01"].is_null(), "{report}");
+        backend_setup(&lab, 0, mode, &[]);
+        wait_for(Duration::from_secs(10), "master01 up again", || {
+            backend_status(&lab.status(&config), "master01")["state"] == "up"
+        });
 
         for (i, before) in before.iter().enumerate() {
             backend_setup(&lab, i, mode, &["--undo"]);
@@ -185,7 +205,10 @@ fn failover(test: &str, mode: &str, add_fourth: bool) -> Option<(usize, u64)> {
         for c in &pair.configs {
             wait_up(lab, c, 4);
         }
-        assert_eq!(backend_status(&lab.status(&pair.configs[1]), "master04")["state"], "up");
+        assert_eq!(
+            backend_status(&lab.status(&pair.configs[1]), "master04")["state"],
+            "up"
+        );
     }
     std::thread::sleep(Duration::from_millis(1000));
     lab.kill_node(0, &mut a1);

@@ -38,7 +38,7 @@ use crate::{
         writer::Writer,
         DataplaneError,
     },
-    health::probers::Probers,
+    health::{probe::LocalLink, probers::Probers},
     heartbeat::Heartbeat,
     host::{self, Sysctls},
     netlink::{self, Netlink},
@@ -115,6 +115,7 @@ pub async fn run(config: Config) -> Result<()> {
         "run",
         host::Needs {
             vrrp: config.vrrp.is_some(),
+            dsr: config.vips.iter().any(|v| v.mode.is_dsr()),
             realtime: config.vrrp.as_ref().is_some_and(|v| v.rt_priority > 0),
             group: config.agent.control_socket_group.is_some(),
         },
@@ -382,7 +383,15 @@ pub async fn run(config: Config) -> Result<()> {
     let (order_tx, orders) = mpsc::channel::<keeper::Order>(64);
     let keeper = keeper::Keeper {
         backends,
-        probers: Probers::new(probe_tx),
+        probers: Probers::new(
+            probe_tx,
+            (!default_snat.is_unspecified()).then(|| LocalLink {
+                ifname: iface.clone(),
+                ifindex,
+                mac,
+                addr: default_snat,
+            }),
+        ),
         track: config.vrrp.as_ref().map(|v| v.track).unwrap_or_default(),
         penalty: penalty_tx,
         info: AgentInfo {

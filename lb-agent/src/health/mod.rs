@@ -138,6 +138,49 @@ pub struct ProbeEvent {
     pub outcome: Outcome,
 }
 
+/// Probes `target`, and when that passes and the target is a DSR backend, the VIP path:
+/// both must pass for the backend to count as up.
+async fn probe_with_vip_path(target: &probe::Target) -> probe::Outcome {
+    let outcome = probe::probe(target).await;
+    let (Ok(()), Some(check)) = (&outcome.result, &target.vip_path) else {
+        return outcome;
+    };
+    let std::net::IpAddr::V4(backend) = target.addr.ip() else {
+        return outcome;
+    };
+    let fail = |f: probe::Failure| probe::Outcome {
+        result: Err(f),
+        latency: outcome.latency,
+    };
+    let l = &check.local;
+    // Looked up each time: the probe just reached the backend, so its neighbour entry (or
+    // its gateway's) is fresh.
+    let mac = match vip_path::next_hop_mac(l.ifindex, &l.ifname, check.mode, backend).await {
+        Ok(m) => m,
+        Err(e) => return fail(probe::Failure::VipPathLocal(e.to_string())),
+    };
+    let p = vip_path::VipPath {
+        ifname: l.ifname.clone(),
+        ifindex: l.ifindex,
+        lb_mac: l.mac,
+        lb_addr: l.addr,
+        mode: check.mode,
+        vip: check.vip,
+        port: check.port,
+        backend,
+        next_hop_mac: mac,
+        ipip_source: l.addr,
+        timeout: target.timeout,
+    };
+    match vip_path::probe(&p).await {
+        Ok(_) => outcome,
+        Err(e @ vip_path::VipPathError::Io { .. }) => {
+            fail(probe::Failure::VipPathLocal(e.to_string()))
+        }
+        Err(e) => fail(probe::Failure::NoVipPath(e.to_string())),
+    }
+}
+
 /// Probes `target` now and then every `interval` until `shutdown` turns true; each probe
 /// uses the target's latest TLS config (`Target::with_tls_updates`).
 pub async fn run_prober(
@@ -158,7 +201,7 @@ pub async fn run_prober(
         }
         let outcome = tokio::select! {
             _ = shutdown.changed() => return,
-            o = probe::probe(&target) => o,
+            o = probe_with_vip_path(&target) => o,
         };
         if tx
             .send(ProbeEvent {

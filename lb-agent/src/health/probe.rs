@@ -86,17 +86,27 @@ pub enum Failure {
     /// Never made by a probe: the previous agent left the backend down but its flows kept
     /// (adoption), and no probe of ours has said otherwise yet.
     Inherited,
+    /// DSR: the backend answers at its own address but not for the VIP (lost its
+    /// `backend-setup`, or nothing listens on the VIP's port): `health::vip_path`.
+    NoVipPath(String),
+    /// DSR: the VIP-path probe could not run on this host (a socket, a route or neighbour
+    /// lookup): this host's problem, not the backend's.
+    VipPathLocal(String),
 }
 
 impl Failure {
     /// What this failure means for the backend's flows.
     pub fn class(&self) -> FailureClass {
         match self {
+            // A backend that drops the VIP's packets has no live DSR connection left either.
             Failure::Refused
             | Failure::ConnectTimeout
             | Failure::Connect(_)
-            | Failure::Handshake(_) => FailureClass::Unreachable,
-            Failure::CertNotTrusted(_) | Failure::ClientCertRejected(_) => FailureClass::LbSide,
+            | Failure::Handshake(_)
+            | Failure::NoVipPath(_) => FailureClass::Unreachable,
+            Failure::CertNotTrusted(_)
+            | Failure::ClientCertRejected(_)
+            | Failure::VipPathLocal(_) => FailureClass::LbSide,
             // Credentials are ours: the apiserver answers, it just does not know us.
             Failure::Status(401 | 403) => FailureClass::LbSide,
             Failure::TimeoutAfterConnect(_)
@@ -137,6 +147,8 @@ impl std::fmt::Display for Failure {
             Failure::Status(s) => write!(f, "status {s}"),
             Failure::Mixed(latest) => write!(f, "failures of several kinds, latest: {latest}"),
             Failure::Inherited => write!(f, "not ready when the previous agent left"),
+            Failure::NoVipPath(e) => write!(f, "VIP path: {e}"),
+            Failure::VipPathLocal(e) => write!(f, "VIP path probe cannot run here: {e}"),
         }
     }
 }
@@ -165,6 +177,27 @@ pub struct Target {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// When set, the latest config published here replaces `tls` at each probe.
     pub tls_updates: Option<TlsUpdates>,
+    /// DSR VIPs: after a probe that passed, the VIP path is probed too.
+    pub vip_path: Option<VipPathCheck>,
+}
+
+/// The LB's own side of a VIP-path probe: the data plane's interface and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalLink {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// The interface's primary IPv4: the probe SYN's source.
+    pub addr: std::net::Ipv4Addr,
+}
+
+/// What a DSR backend's VIP-path probe needs besides the target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VipPathCheck {
+    pub local: LocalLink,
+    pub mode: super::vip_path::DsrMode,
+    pub vip: std::net::Ipv4Addr,
+    pub port: u16,
 }
 
 impl Target {
@@ -190,6 +223,7 @@ impl Target {
             server_name,
             tls,
             tls_updates: None,
+            vip_path: None,
         }
     }
 

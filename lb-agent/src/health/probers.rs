@@ -4,7 +4,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     sync::Arc,
 };
 
@@ -15,9 +15,10 @@ use tokio::{
 };
 
 use super::{
-    probe::Target,
+    probe::{LocalLink, Target, VipPathCheck},
     run_prober,
     tls_watch::{self, TlsSource},
+    vip_path::DsrMode,
     ProbeEvent, TlsError,
 };
 use crate::config::{HealthConfig, HealthKind};
@@ -30,6 +31,8 @@ pub struct ProbeSpec {
     pub name: String,
     pub addr: SocketAddr,
     pub health: HealthConfig,
+    /// DSR VIPs: the mode and the VIP's address and port, for the VIP-path probe.
+    pub dsr: Option<(DsrMode, SocketAddrV4)>,
 }
 
 struct Prober {
@@ -49,6 +52,8 @@ struct Watch {
 /// Every prober and certificate watch of the agent. Dropping it stops them all.
 pub struct Probers {
     events: mpsc::Sender<ProbeEvent>,
+    /// The data plane's interface, for DSR backends' VIP-path probes (None: not probed).
+    local: Option<LocalLink>,
     running: HashMap<u32, Prober>,
     watches: HashMap<String, Watch>,
     set: JoinSet<()>,
@@ -69,10 +74,12 @@ pub struct SyncError {
 }
 
 impl Probers {
-    /// No probers yet; their results go to `events`.
-    pub fn new(events: mpsc::Sender<ProbeEvent>) -> Self {
+    /// No probers yet; their results go to `events`. DSR backends get a VIP-path probe
+    /// through `local`, the data plane's interface, when given.
+    pub fn new(events: mpsc::Sender<ProbeEvent>, local: Option<LocalLink>) -> Self {
         Self {
             events,
+            local,
             running: HashMap::new(),
             watches: HashMap::new(),
             set: JoinSet::new(),
@@ -177,8 +184,16 @@ impl Probers {
             let Some(w) = self.watches.get(&spec.vip) else {
                 continue;
             };
-            let target = Target::new(spec.addr, &spec.health, w.tls.borrow().clone())
+            let mut target = Target::new(spec.addr, &spec.health, w.tls.borrow().clone())
                 .with_tls_updates(w.tls.clone());
+            if let (Some((mode, vip)), Some(local)) = (spec.dsr, &self.local) {
+                target.vip_path = Some(VipPathCheck {
+                    local: local.clone(),
+                    mode,
+                    vip: *vip.ip(),
+                    port: vip.port(),
+                });
+            }
             let id = self.next_id;
             self.next_id += 1;
             let (stop_tx, stop_rx) = watch::channel(false);
