@@ -125,9 +125,10 @@ fn the_unit_grants_exactly_the_capabilities_the_agent_checks_for() {
         "no CAP_SYS_ADMIN: systemd mounts bpffs"
     );
     let bits = |names: &[String]| names.iter().fold(0u64, |b, n| b | 1 << cap(n) as u32);
-    // Everything configured: VRRP, vrrp.rt_priority, agent.control_socket_group.
+    // Everything configured: VRRP, a DSR VIP, vrrp.rt_priority, agent.control_socket_group.
     let all = Needs {
         vrrp: true,
+        dsr: true,
         realtime: true,
         group: true,
     };
