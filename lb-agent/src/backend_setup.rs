@@ -58,18 +58,27 @@ impl std::fmt::Display for Mode {
     }
 }
 
-/// What `lb-agent backend-setup` was asked to do.
-#[derive(Debug, Clone)]
+/// What `lb-agent backend-setup` was asked to do (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Options {
+    /// How the LB forwards to this host: `dsr-l2` (MAC rewrite) or `dsr-ipip` (IPIP).
+    #[arg(long, value_enum)]
     pub mode: Mode,
+    /// The VIP's address.
+    #[arg(long)]
     pub vip: Ipv4Addr,
-    /// Take back what an earlier setup did.
+    /// Take back what the setup changed (as recorded in the state file).
+    #[arg(long)]
     pub undo: bool,
     /// Print the equivalent shell commands instead of changing anything.
+    #[arg(long)]
     pub dry_run: bool,
-    /// Where lb_tc_decap goes (dsr-ipip fallback); empty: every up, non-loopback Ethernet link.
+    /// dsr-ipip without kernel ipip: attach the decapsulation program to this interface
+    /// only (repeatable; default: every interface that is up, except the loopback).
+    #[arg(long = "interface", value_name = "NAME")]
     pub interfaces: Vec<String>,
-    /// The state file.
+    /// Where the setup records what it changed, for --undo.
+    #[arg(long, default_value = DEFAULT_STATE)]
     pub state: PathBuf,
 }
 

@@ -80,27 +80,7 @@ enum Cmd {
     /// Prepare this apiserver host to be a backend of a DSR VIP (run as root on it): the VIP
     /// on a local device, no ARP for it, and for dsr-ipip a way to take the LB's IPIP in.
     /// Prints one line per change; a second run changes nothing.
-    BackendSetup {
-        /// How the LB forwards to this host: `dsr-l2` (MAC rewrite) or `dsr-ipip` (IPIP).
-        #[arg(long, value_enum)]
-        mode: backend_setup::Mode,
-        /// The VIP's address.
-        #[arg(long)]
-        vip: std::net::Ipv4Addr,
-        /// Take back what the setup changed (as recorded in the state file).
-        #[arg(long)]
-        undo: bool,
-        /// Print the equivalent shell commands instead of changing anything.
-        #[arg(long)]
-        dry_run: bool,
-        /// dsr-ipip without kernel ipip: attach the decapsulation program to this interface
-        /// only (repeatable; default: every interface that is up, except the loopback).
-        #[arg(long = "interface", value_name = "NAME")]
-        interfaces: Vec<String>,
-        /// Where the setup records what it changed, for --undo.
-        #[arg(long, default_value = backend_setup::DEFAULT_STATE)]
-        state: PathBuf,
-    },
+    BackendSetup(backend_setup::Options),
     /// Testing aids (fault injection); not for production use.
     #[command(hide = true)]
     Debug {
@@ -328,30 +308,13 @@ fn main() -> ExitCode {
                 },
         } => drain(config, Request::Failpoint { name, actions }),
         Cmd::Reload { config } => reload(config),
-        Cmd::BackendSetup {
-            mode,
-            vip,
-            undo,
-            dry_run,
-            interfaces,
-            state,
-        } => {
-            let opts = backend_setup::Options {
-                mode,
-                vip,
-                undo,
-                dry_run,
-                interfaces,
-                state,
-            };
-            match backend_setup(&opts) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("lb-agent: {e:#}");
-                    ExitCode::FAILURE
-                }
+        Cmd::BackendSetup(opts) => match backend_setup(&opts) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("lb-agent: {e:#}");
+                ExitCode::FAILURE
             }
-        }
+        },
         Cmd::Restart { config, timeout } => restart(config, timeout),
         Cmd::Version { json } => {
             #[allow(unused_mut)]

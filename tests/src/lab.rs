@@ -546,6 +546,22 @@ impl Lab {
         p
     }
 
+    /// `lb-agent backend-setup --mode MODE --vip VIP` (and `extra`, e.g. `--undo`) on
+    /// backend `i`, with a state file of the lab's; its output, or why it failed.
+    pub fn backend_setup(&self, i: usize, mode: &str, extra: &[&str]) -> Result<String, String> {
+        let state = self.dir.join(format!("backend-setup-{i}.json"));
+        let mut cmd = format!(
+            "{} backend-setup --mode {mode} --vip {VIP} --state {}",
+            bin("lb-agent").display(),
+            state.display()
+        );
+        for e in extra {
+            cmd.push(' ');
+            cmd.push_str(e);
+        }
+        self.backends[i].ns.try_sh(&cmd)
+    }
+
     /// Places the VIP on LB `i` by hand (VRRP does it later).
     pub fn add_vip(&self, i: usize) {
         self.lbs[i].ns.sh(&format!("ip addr add {VIP}/32 dev eth0"));
@@ -665,6 +681,11 @@ impl Lab {
     /// 30 long-lived connections through the VIP, a request on each every 100 ms, for `secs`
     /// (watches stand-in: they must survive what is done to the backends meanwhile).
     pub fn spawn_long_lived(&self, name: &str, secs: u64) -> LoadgenRun {
+        self.spawn_long_lived_with(name, secs, "2s")
+    }
+
+    /// Like `spawn_long_lived`, each request given `timeout` (lb-loadgen's default: 2s).
+    pub fn spawn_long_lived_with(&self, name: &str, secs: u64, timeout: &str) -> LoadgenRun {
         self.spawn_loadgen(
             name,
             "/version",
@@ -675,6 +696,8 @@ impl Lab {
                 "100ms",
                 "--duration",
                 &format!("{secs}s"),
+                "--timeout",
+                timeout,
             ],
         )
     }

@@ -19,7 +19,7 @@ use super::{
     stats,
 };
 use crate::{
-    lab::{backend_name, bin, Lab, Proc, VIP, VIP_PORT},
+    lab::{backend_name, Lab, Proc, VIP, VIP_PORT},
     netns::Netns,
 };
 
@@ -399,17 +399,10 @@ fn wait_http(lab: &Lab, url: &str, timeout: Duration) -> Result<()> {
 }
 
 /// `lb-agent backend-setup --mode MODE --vip VIP` (or its `--undo`) on backend `i`.
-fn backend_setup(lab: &Lab, i: usize, mode: &str, undo: bool) -> Result<String> {
-    let state = lab.dir.join(format!("backend-setup-{i}.json"));
-    let mut cmd = format!(
-        "{} backend-setup --mode {mode} --vip {VIP} --state {}",
-        bin("lb-agent").display(),
-        state.display()
-    );
-    if undo {
-        cmd.push_str(" --undo");
-    }
-    sh(&lab.backends[i].ns, &cmd)
+pub fn backend_setup(lab: &Lab, i: usize, mode: &str, undo: bool) -> Result<String> {
+    let extra: &[&str] = if undo { &["--undo"] } else { &[] };
+    lab.backend_setup(i, mode, extra)
+        .map_err(|e| anyhow::anyhow!("backend-setup on {}: {e}", backend_name(i)))
 }
 
 fn xdp_on_lb(lab: &Lab) -> Result<bool> {

@@ -9,7 +9,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -78,8 +78,58 @@ impl FailoverOptions {
 pub enum Stack {
     /// lb-agent on both LBs: VRRP in the agent, XDP NAT.
     Lb,
+    /// lb-agent on both LBs, the VIP in dsr-l2 mode (the survival cases only).
+    #[serde(rename = "lb-dsr-l2")]
+    LbDsrL2,
+    /// lb-agent on both LBs, the VIP in dsr-ipip mode (the survival cases only).
+    #[serde(rename = "lb-dsr-ipip")]
+    LbDsrIpip,
     /// keepalived (VRRP) and HAProxy (mode tcp) on both LBs.
     Keepalived,
+}
+
+impl Stack {
+    /// The VIP's mode when lb-agent runs the stack.
+    pub fn lb_mode(self) -> Option<&'static str> {
+        match self {
+            Stack::Lb => Some("nat"),
+            Stack::LbDsrL2 => Some("dsr-l2"),
+            Stack::LbDsrIpip => Some("dsr-ipip"),
+            Stack::Keepalived => None,
+        }
+    }
+
+    /// How the report names it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Stack::Lb => "lb (NAT)",
+            Stack::LbDsrL2 => "lb (dsr-l2)",
+            Stack::LbDsrIpip => "lb (dsr-ipip)",
+            Stack::Keepalived => "keepalived + HAProxy",
+        }
+    }
+}
+
+/// The stacks whose long-lived connections go through a failover.
+pub const SURVIVAL_STACKS: [Stack; 4] = [
+    Stack::Lb,
+    Stack::LbDsrL2,
+    Stack::LbDsrIpip,
+    Stack::Keepalived,
+];
+
+/// Long-lived connections through one failover (the master killed).
+#[derive(Clone, Debug, Serialize)]
+pub struct Survival {
+    pub stack: Stack,
+    pub run: usize,
+    pub connections: u64,
+    /// Connections with no failed request and no reconnect.
+    pub survived: u64,
+    pub failed_requests: u64,
+    pub reconnects: u64,
+    /// The longest request of any connection, ms.
+    pub max_request_ms: u64,
 }
 
 /// A stack at one advert interval.
@@ -119,6 +169,8 @@ impl Variant {
     pub fn path_label(self) -> &'static str {
         match self.stack {
             Stack::Lb => "lb (lb-agent VRRP, XDP NAT)",
+            Stack::LbDsrL2 => "lb (lb-agent VRRP, XDP dsr-l2)",
+            Stack::LbDsrIpip => "lb (lb-agent VRRP, XDP dsr-ipip)",
             Stack::Keepalived => "keepalived + HAProxy (kubeadm guide)",
         }
     }
@@ -126,10 +178,6 @@ impl Variant {
     /// The advert interval as each stack's config says it.
     pub fn advert_label(self) -> String {
         match (self.stack, self.advert_ms) {
-            (Stack::Lb, ms) if ms.is_multiple_of(1000) => {
-                format!("{} s (VRRPv{})", ms / 1000, self.vrrp_version)
-            }
-            (Stack::Lb, ms) => format!("{ms} ms (VRRPv{})", self.vrrp_version),
             (Stack::Keepalived, ms) => {
                 format!(
                     "advert_int {} (VRRPv{})",
@@ -137,14 +185,19 @@ impl Variant {
                     self.vrrp_version
                 )
             }
+            (_, ms) if ms.is_multiple_of(1000) => {
+                format!("{} s (VRRPv{})", ms / 1000, self.vrrp_version)
+            }
+            (_, ms) => format!("{ms} ms (VRRPv{})", self.vrrp_version),
         }
     }
 
     /// Short name for logs and file names.
     pub fn name(self) -> String {
-        match self.stack {
-            Stack::Lb => format!("lb-{}ms", self.advert_ms),
-            Stack::Keepalived => format!("keepalived-v{}-{}ms", self.vrrp_version, self.advert_ms),
+        match self.stack.lb_mode() {
+            Some("nat") => format!("lb-{}ms", self.advert_ms),
+            Some(mode) => format!("lb-{mode}-{}ms", self.advert_ms),
+            None => format!("keepalived-v{}-{}ms", self.vrrp_version, self.advert_ms),
         }
     }
 
@@ -323,6 +376,8 @@ pub struct Failover {
     pub setup: Setup,
     /// Facts checked along the way.
     pub checks: Vec<String>,
+    /// Long-lived connections through a failover, per stack and run.
+    pub survival: Vec<Survival>,
 }
 
 impl Failover {
@@ -528,11 +583,19 @@ impl<'a> Pair<'a> {
                 v.name()
             );
         }
-        let agent_configs = match v.stack {
-            Stack::Lb => (0..2)
-                .map(|i| lab.agent_config_vrrp(i, "", &agent_vrrp(v, i)))
+        let agent_configs = match v.stack.lb_mode() {
+            Some(mode) => (0..2)
+                .map(|i| {
+                    lab.agent_config_vrrp_vip(
+                        i,
+                        &format!("mode = \"{mode}\""),
+                        "",
+                        &agent_vrrp(v, i),
+                        lab.backends.len(),
+                    )
+                })
                 .collect(),
-            Stack::Keepalived => Vec::new(),
+            None => Vec::new(),
         };
         let mut p = Pair {
             lab,
@@ -550,7 +613,7 @@ impl<'a> Pair<'a> {
     fn start_node(&mut self, i: usize) -> Result<()> {
         let lab = self.lab;
         match self.v.stack {
-            Stack::Lb => {
+            Stack::Lb | Stack::LbDsrL2 | Stack::LbDsrIpip => {
                 self.nodes[i].agent = Some(lab.start_agent(i, &self.agent_configs[i]));
             }
             Stack::Keepalived => {
@@ -590,7 +653,8 @@ impl<'a> Pair<'a> {
         let ok = poll_until(timeout, || {
             lab.has_vip(i)
                 && !lab.has_vip(other)
-                && (self.v.stack != Stack::Lb || lab.vrrp_state(&self.agent_configs[i]) == "master")
+                && (self.v.stack == Stack::Keepalived
+                    || lab.vrrp_state(&self.agent_configs[i]) == "master")
         });
         if ok.is_none() {
             bail!(
@@ -609,7 +673,7 @@ impl<'a> Pair<'a> {
 
     fn diagnostics(&self) -> String {
         let mut s = String::new();
-        if self.v.stack == Stack::Lb {
+        if self.v.stack != Stack::Keepalived {
             for (i, c) in self.agent_configs.iter().enumerate() {
                 s.push_str(&format!(
                     "\nlb{} vrrp: {:?}",
@@ -641,8 +705,8 @@ impl<'a> Pair<'a> {
         match stop {
             Stop::Kill => {
                 let main = match self.v.stack {
-                    Stack::Lb => n.agent.as_mut(),
                     Stack::Keepalived => n.keepalived.as_mut(),
+                    _ => n.agent.as_mut(),
                 }
                 .context("no process on lb1 to kill")?;
                 // SIGKILL to it and to every other process of the namespace (HAProxy,
@@ -732,7 +796,8 @@ pub fn run(
     log: &mut dyn FnMut(&str),
 ) -> Result<Failover> {
     ensure!(lab.lbs.len() == 2, "the failover lab needs two LBs");
-    let stubs = lab.start_stubs();
+    // On every address: the DSR cases deliver packets addressed to the VIP.
+    let stubs = lab.start_stubs_any();
     let haproxy_path = lab.dir.join("haproxy.cfg");
     let mut setup = Setup {
         haproxy: haproxy_cfg(lab),
@@ -752,7 +817,7 @@ pub fn run(
             }
             let mut pair = Pair::start(lab, v, haproxy_path.clone())?;
             match v.stack {
-                Stack::Lb => {
+                Stack::Lb | Stack::LbDsrL2 | Stack::LbDsrIpip => {
                     let cfg = fs::read_to_string(&pair.agent_configs[0])?;
                     if !setup.lb_agent.contains(&cfg) {
                         setup.lb_agent.push(cfg);
@@ -823,6 +888,27 @@ pub fn run(
             drop(pair);
         }
     }
+    let mut survival = Vec::new();
+    for run in 0..o.runs {
+        for stack in SURVIVAL_STACKS {
+            if stop() {
+                bail!("interrupted");
+            }
+            let s = survival_case(lab, stack, run, &haproxy_path)?;
+            log(&format!(
+                "failover run {}: {:<20} kill    {} of {} long-lived connections carried on \
+                 ({} failed requests, {} reconnects, longest request {} ms)",
+                run + 1,
+                stack.label(),
+                s.survived,
+                s.connections,
+                s.failed_requests,
+                s.reconnects,
+                s.max_request_ms
+            ));
+            survival.push(s);
+        }
+    }
     drop(stubs);
     let summary = summarize(&samples);
     Ok(Failover {
@@ -831,7 +917,60 @@ pub fn run(
         summary,
         setup,
         checks,
+        survival,
     })
+}
+
+/// 30 long-lived connections (a request every 100 ms, 1 s budget each) through `stack`
+/// at 100 ms adverts; the master is killed 2 s in. DSR stacks get their backends set up
+/// for the case and undone after it.
+fn survival_case(lab: &Lab, stack: Stack, run: usize, haproxy: &Path) -> Result<Survival> {
+    let v = Variant {
+        stack,
+        vrrp_version: 3,
+        advert_ms: 100,
+    };
+    let dsr = stack.lb_mode().filter(|m| *m != "nat");
+    if let Some(mode) = dsr {
+        for i in 0..lab.backends.len() {
+            super::e2e::backend_setup(lab, i, mode, false)?;
+        }
+    }
+    let measured = (|| {
+        let mut pair = Pair::start(lab, v, haproxy.to_path_buf())?;
+        let client = lab.spawn_long_lived_with(&format!("survival-{}-{run}", v.name()), 6, "1s");
+        std::thread::sleep(Duration::from_secs(2));
+        pair.stop_master(Stop::Kill)?;
+        let report = client.finish(Duration::from_secs(30));
+        pair.settle(Stop::Kill)?;
+        // A killed agent leaves its data plane attached and pinned (by design): lb1's next
+        // agent adopts it, and its SIGTERM below takes it away.
+        pair.restore()?;
+        let late = pair.stop_all();
+        ensure!(late.is_empty(), "{late:?} did not stop on SIGTERM");
+        let conns = report["connections"]
+            .as_array()
+            .with_context(|| format!("long-lived report without connections: {report}"))?;
+        let n = |c: &serde_json::Value, k: &str| c[k].as_u64().unwrap_or(0);
+        Ok(Survival {
+            stack,
+            run,
+            connections: conns.len() as u64,
+            survived: conns
+                .iter()
+                .filter(|c| n(c, "requests_failed") == 0 && n(c, "reconnects") == 0)
+                .count() as u64,
+            failed_requests: conns.iter().map(|c| n(c, "requests_failed")).sum(),
+            reconnects: conns.iter().map(|c| n(c, "reconnects")).sum(),
+            max_request_ms: report["max_request_ms"].as_u64().unwrap_or(0),
+        })
+    })();
+    if let Some(mode) = dsr {
+        for i in 0..lab.backends.len() {
+            super::e2e::backend_setup(lab, i, mode, true)?;
+        }
+    }
+    measured
 }
 
 /// One failover: the client starts, the master stops `lead` into its run, the client runs
@@ -909,7 +1048,7 @@ fn check_after(pair: &Pair, run: usize) -> String {
     let lab = pair.lab;
     let v = pair.v;
     match v.stack {
-        Stack::Lb => {
+        Stack::Lb | Stack::LbDsrL2 | Stack::LbDsrIpip => {
             let s1 = lab.vrrp_status(&pair.agent_configs[0]).unwrap_or_default();
             let s2 = lab.vrrp_status(&pair.agent_configs[1]).unwrap_or_default();
             let bad = |s: &serde_json::Value| {
@@ -1101,6 +1240,7 @@ mod tests {
             summary: sum,
             setup: Setup::default(),
             checks: vec![],
+            survival: vec![],
         };
         let k = f.get(lb100, Stop::Kill).unwrap();
         assert_eq!(k.gaps_ms, vec![400.0, 300.0, 500.0]);
