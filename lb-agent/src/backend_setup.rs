@@ -29,7 +29,7 @@ use crate::netlink::{Link, Netlink, NetlinkError};
 /// The ipip device dsr-ipip creates.
 pub const IPIP_DEVICE: &str = "lbipip0";
 /// The TC program that strips the outer header where the kernel has no ipip device.
-pub const DECAP_PROG: &str = "lb_tc_decap";
+pub const DECAP_PROG: &str = lb_common::PROG_TC_DECAP;
 /// Where a run records what it changed, for `--undo`.
 pub const DEFAULT_STATE: &str = "/var/lib/lb-agent/backend-setup.json";
 

@@ -77,6 +77,9 @@ pub mod map {
 pub const PROG_LB: &str = "lb_xdp";
 /// Name of the trivial XDP_PASS program (benchmark floor; lab bridge ports need it).
 pub const PROG_PASS: &str = "lb_xdp_pass";
+/// Name of the TC program that strips dsr-ipip's outer header on backends without an ipip
+/// device (`lb-agent backend-setup`).
+pub const PROG_TC_DECAP: &str = "lb_tc_decap";
 
 /// Default directory under bpffs where the maps are pinned.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -335,8 +338,8 @@ pub mod reason {
     /// whose encapsulation failed: dropped, as the kernel would deliver it to the VIP
     /// address it holds.
     pub const DROP_DSR_EGRESS: u32 = 27;
-    /// A dsr-ipip packet too large for the egress MTU with its outer header and without DF:
-    /// dropped (with DF the sender gets "fragmentation needed").
+    /// A dsr-ipip packet too large for the egress MTU with its outer header, without DF or
+    /// with IP options: dropped (otherwise the sender gets "fragmentation needed").
     pub const DROP_DSR_TOO_BIG: u32 = 28;
     /// A client packet of a DSR VIP without a flow that is not a SYN (a connection an LB
     /// that failed over or restarted served): sent to the backend Maglev picks.

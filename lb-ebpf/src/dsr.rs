@@ -161,7 +161,8 @@ fn send(ctx: &XdpContext, pkt: &Packet, f: *mut Flow, hop: Result<(), fib::NoHop
     let len = nat::ip_len(pkt);
     if ipip && len + OUTER_LEN as u64 > e.mtu as u64 {
         let df = unsafe { (*pkt.ip).frag_off } & DF_BE != 0;
-        if df {
+        // icmp::too_big passes a packet with IP options to the kernel, which holds the VIP.
+        if df && !pkt.has_options {
             // The sender learns the path MTU less the outer header.
             return icmp::too_big(ctx, pkt, e.mtu - OUTER_LEN as u32);
         }

@@ -318,7 +318,7 @@ fn lb_tc_decap_strips_the_outer_header_and_passes_the_rest() {
     }
     let mut ebpf = lb_agent::backend_setup::load_decap().expect("load lb_tc_decap");
     let prog: &mut SchedClassifier = ebpf
-        .program_mut("lb_tc_decap")
+        .program_mut(lb_common::PROG_TC_DECAP)
         .expect("in the object")
         .try_into()
         .expect("a classifier");
