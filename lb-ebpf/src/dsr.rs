@@ -14,7 +14,7 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_xdp_adjust_head, programs::Xdp
 use lb_common::{flow_flags, mode, reason, Flow, FlowKey, VipInfo};
 
 use crate::{
-    csum, fib,
+    fib,
     flow::{self},
     icmp, nat,
     parse::{self, Ipv4Hdr, Packet, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, VLAN_LEN},
@@ -217,21 +217,6 @@ fn encap(
         return Err(());
     };
     let tot_len = (inner_len + OUTER_LEN as u16).to_be();
-    let ip = unsafe { &mut *ip };
-    ip.version_ihl = 0x45;
-    ip.tos = tos;
-    ip.tot_len = tot_len;
-    ip.id = 0;
-    ip.frag_off = df;
-    ip.ttl = 64;
-    ip.proto = IPPROTO_IPIP;
-    ip.src = src;
-    ip.dst = dst;
-    let mut s = u16::from_ne_bytes([0x45, tos]) as u32
-        + tot_len as u32
-        + df as u32
-        + u16::from_ne_bytes([64, IPPROTO_IPIP]) as u32;
-    s = csum::add32(csum::add32(s, src), dst);
-    ip.check = csum::finish(s);
+    unsafe { &mut *ip }.fill(tos, tot_len, df, IPPROTO_IPIP, src, dst);
     Ok(())
 }

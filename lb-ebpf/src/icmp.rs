@@ -14,7 +14,10 @@ use lb_common::{reason, FlowKey, IPPROTO_TCP};
 
 use crate::{
     csum, fib, flow,
-    parse::{self, ptr_at, EthHdr, Ipv4Hdr, Packet, VlanHdr, ETH_LEN, ETH_P_IP_BE, VLAN_LEN},
+    parse::{
+        self, ptr_at, EthHdr, Ipv4Hdr, Packet, VlanHdr, ETH_LEN, ETH_P_IP_BE, IPPROTO_ICMP,
+        VLAN_LEN,
+    },
     stats,
 };
 
@@ -172,21 +175,8 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u32) -> u32 {
         }
     }
     let tot_len = ((size_of::<Ipv4Hdr>() + ICMP_LEN + QUOTE_LEN) as u16).to_be();
-    let ip = unsafe { &mut *ip };
-    ip.version_ihl = 0x45;
-    ip.tos = 0xc0;
-    ip.tot_len = tot_len;
-    ip.id = 0;
-    ip.frag_off = 0;
-    ip.ttl = 64;
-    ip.proto = 1;
-    ip.src = from;
-    ip.dst = to;
-    let mut s = u16::from_ne_bytes([0x45, 0xc0]) as u32
-        + tot_len as u32
-        + u16::from_ne_bytes([64, 1]) as u32;
-    s = csum::add32(csum::add32(s, from), to);
-    ip.check = csum::finish(s);
+    // Internetwork control precedence, as the kernel's own ICMP errors.
+    unsafe { &mut *ip }.fill(0xc0, tot_len, 0, IPPROTO_ICMP, from, to);
 
     // Bytes 4..8: two unused, then the MTU.
     let m = (mtu.min(u16::MAX as u32) as u16).to_be_bytes();

@@ -3,6 +3,8 @@
 use aya_ebpf::programs::XdpContext;
 use core::mem::size_of;
 
+use crate::csum;
+
 pub const ETH_LEN: usize = 14;
 pub const VLAN_LEN: usize = 4;
 /// EtherTypes in network byte order, as read raw from the frame.
@@ -56,6 +58,30 @@ pub struct Ipv4Hdr {
     pub check: u16,
     pub src: u32,
     pub dst: u32,
+}
+
+impl Ipv4Hdr {
+    /// Writes a header lb sends itself (an ICMP error, a reset, dsr-ipip's outer header):
+    /// no options, TTL 64, id 0, the checksum computed. `tot_len` and `frag_off` are in
+    /// network byte order.
+    #[inline(always)]
+    pub fn fill(&mut self, tos: u8, tot_len: u16, frag_off: u16, proto: u8, src: u32, dst: u32) {
+        self.version_ihl = 0x45;
+        self.tos = tos;
+        self.tot_len = tot_len;
+        self.id = 0;
+        self.frag_off = frag_off;
+        self.ttl = 64;
+        self.proto = proto;
+        self.src = src;
+        self.dst = dst;
+        let mut s = u16::from_ne_bytes([0x45, tos]) as u32
+            + tot_len as u32
+            + frag_off as u32
+            + u16::from_ne_bytes([64, proto]) as u32;
+        s = csum::add32(csum::add32(s, src), dst);
+        self.check = csum::finish(s);
+    }
 }
 
 #[repr(C)]

@@ -28,18 +28,7 @@ pub fn reply(ctx: &XdpContext, pkt: &Packet, counted_as: u32) -> u32 {
     let (src, dst) = (ip.dst, ip.src);
     let tot_len = ((size_of::<Ipv4Hdr>() + size_of::<TcpHdr>()) as u16).to_be();
     let df = 0x4000u16.to_be();
-    let ttl_proto = u16::from_ne_bytes([64, lb_common::IPPROTO_TCP]);
-    ip.tos = 0;
-    ip.tot_len = tot_len;
-    ip.id = 0;
-    ip.frag_off = df;
-    ip.ttl = 64;
-    ip.src = src;
-    ip.dst = dst;
-    let mut s =
-        u16::from_ne_bytes([0x45, 0]) as u32 + tot_len as u32 + df as u32 + ttl_proto as u32;
-    s = csum::add32(csum::add32(s, src), dst);
-    ip.check = csum::finish(s);
+    ip.fill(0, tot_len, df, lb_common::IPPROTO_TCP, src, dst);
 
     let (sport, dport, seq) = (tcp.dst_port, tcp.src_port, tcp.ack_seq);
     let doff_flags = u16::from_ne_bytes([(size_of::<TcpHdr>() as u8 / 4) << 4, TCP_RST]);
