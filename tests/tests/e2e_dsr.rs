@@ -1,5 +1,5 @@
 //! End to end, DSR modes, with stub apiservers set up by `lb-agent backend-setup`:
-//! - one LB: 300 requests through the VIP, each on a new connection, spread over the
+//! - two LBs with VRRP at 100 ms: 300 requests through the VIP, each on a new connection, spread over the
 //!   backends, which see the client's own address; a backend whose setup is undone goes
 //!   down (the VIP-path probe) and comes back when set up again; `backend-setup --undo`
 //!   leaves each backend as it was;
@@ -31,25 +31,35 @@ fn backend_setup(lab: &Lab, i: usize, mode: &str, extra: &[&str]) -> String {
 }
 
 fn three_hundred_requests(test: &str, mode: &str) {
-    let Some(lab) = Lab::new(test, 1, 3) else {
+    // Two LBs with VRRP at 100 ms, lb1 the master.
+    let mut before = Vec::new();
+    let Some((pair, _a1, _a2)) = Pair::build(
+        test,
+        100,
+        ["", ""],
+        3,
+        3,
+        &format!("mode = \"{mode}\""),
+        |lab| {
+            before = (0..3).map(|i| backend_state(lab, i)).collect();
+            for i in 0..3 {
+                backend_setup(lab, i, mode, &[]);
+            }
+            lab.start_stubs_any()
+        },
+    ) else {
         return;
     };
-    let footprint = lab.footprint();
+    let footprint = pair.lab.footprint();
     {
-        let before: Vec<String> = (0..3).map(|i| backend_state(&lab, i)).collect();
-        for i in 0..3 {
-            backend_setup(&lab, i, mode, &[]);
-        }
-        let _stubs = lab.start_stubs_any();
-        lab.add_vip(0);
-        let config = lab.agent_config(0, &format!("mode = \"{mode}\""), "interval = \"200ms\"");
-        let _agent = lab.start_agent(0, &config);
-        wait_up(&lab, &config, 3);
+        let lab = &pair.lab;
+        let config = &pair.configs[0];
+        wait_up(lab, config, 3);
 
         let report = lab.loadgen("/version", &["--count", "300", "--concurrency", "4"]);
         assert_eq!(report["ok"], 300, "all requests succeed: {report}");
 
-        let status = lab.status(&config);
+        let status = lab.status(config);
         let vip = &status["vips"][0];
         assert_eq!(vip["mode"], mode, "{status}");
         assert_eq!(vip["new_flows"], 300, "{status}");
@@ -83,33 +93,33 @@ fn three_hundred_requests(test: &str, mode: &str) {
         // A backend that loses its DSR setup still answers its probe at its own address,
         // but the VIP-path probe finds it deaf to the VIP: it goes down, and new
         // connections avoid it.
-        backend_setup(&lab, 0, mode, &["--undo"]);
+        backend_setup(lab, 0, mode, &["--undo"]);
         wait_for(Duration::from_secs(10), "master01 down", || {
-            backend_status(&lab.status(&config), "master01")["state"] == "down"
+            backend_status(&lab.status(config), "master01")["state"] == "down"
         });
-        let b = backend_status(&lab.status(&config), "master01").clone();
+        let b = backend_status(&lab.status(config), "master01").clone();
         let why = b["health"]["last_failure"].as_str().unwrap_or_default();
         assert!(why.contains("VIP path"), "{b}");
         println!("{mode}: master01 without its setup: {why}");
         let report = lab.loadgen("/version", &["--count", "60", "--concurrency", "4"]);
         assert_eq!(report["ok"], 60, "{report}");
         assert!(report["backends"]["master01"].is_null(), "{report}");
-        backend_setup(&lab, 0, mode, &[]);
+        backend_setup(lab, 0, mode, &[]);
         wait_for(Duration::from_secs(10), "master01 up again", || {
-            backend_status(&lab.status(&config), "master01")["state"] == "up"
+            backend_status(&lab.status(config), "master01")["state"] == "up"
         });
 
         for (i, before) in before.iter().enumerate() {
-            backend_setup(&lab, i, mode, &["--undo"]);
+            backend_setup(lab, i, mode, &["--undo"]);
             assert_eq!(
-                &backend_state(&lab, i),
+                &backend_state(lab, i),
                 before,
                 "backend-setup --undo leaves {} as it was",
                 backend_name(i)
             );
         }
     }
-    drop(lab);
+    drop(pair);
     let left = footprint.leftovers();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
