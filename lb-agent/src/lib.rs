@@ -5,7 +5,7 @@
 //! (the embedded XDP object, loading, pinning, map writes), `host` (interfaces, sysctls,
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
-//! backend-setup`, run on the apiserver hosts of DSR VIPs).
+//! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -22,5 +22,6 @@ pub mod heartbeat;
 pub mod host;
 pub mod maglev;
 pub mod netlink;
+pub mod sock;
 pub mod status;
 pub mod vrrp;

@@ -9,7 +9,7 @@ use std::{
     fmt, io,
     mem::size_of,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::Duration,
 };
 
@@ -22,7 +22,11 @@ use netlink_packet_route::{
 use rtnetlink::RouteMessageBuilder;
 use tokio::{io::unix::AsyncFd, time::Instant};
 
-use crate::{config::Mode, netlink::NetlinkError};
+use crate::{
+    config::Mode,
+    netlink::NetlinkError,
+    sock::{self, socket},
+};
 
 const ETH_LEN: usize = 14;
 const IP_LEN: usize = 20;
@@ -652,16 +656,6 @@ fn random_u32() -> io::Result<u32> {
     Ok(u32::from_ne_bytes(b))
 }
 
-fn socket(domain: i32, ty: i32, proto: i32) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2); ownership passes to OwnedFd at once.
-    let fd = unsafe { libc::socket(domain, ty | libc::SOCK_CLOEXEC, proto) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, owned descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 fn check(rc: i32) -> io::Result<()> {
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -846,28 +840,12 @@ impl Receiver {
         let mut buf = [0u8; 256];
         loop {
             let mut guard = self.fd.readable().await?;
-            loop {
-                // SAFETY: buf is valid for its length; a longer packet is truncated.
-                let n = unsafe {
-                    libc::recv(
-                        self.fd.get_ref().as_raw_fd(),
-                        buf.as_mut_ptr() as *mut libc::c_void,
-                        buf.len(),
-                        0,
-                    )
-                };
-                if n < 0 {
-                    let err = io::Error::last_os_error();
-                    if err.kind() == io::ErrorKind::WouldBlock {
-                        guard.clear_ready();
-                        break;
-                    }
-                    return Err(err);
-                }
-                if let Some(a) = classify(&buf[..n as usize], e) {
+            while let Some(n) = sock::recv_now(self.fd.get_ref(), &mut buf)? {
+                if let Some(a) = classify(&buf[..n], e) {
                     return Ok(a);
                 }
             }
+            guard.clear_ready();
         }
     }
 }

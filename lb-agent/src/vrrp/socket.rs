@@ -5,7 +5,7 @@ use std::{
     io,
     mem::size_of,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use tokio::io::unix::AsyncFd;
@@ -31,19 +31,12 @@ fn setsockopt<T>(fd: i32, level: i32, name: i32, v: &T) -> io::Result<()> {
 }
 
 fn raw_socket(ifname: &str) -> io::Result<OwnedFd> {
-    // SAFETY: socket(2); ownership passes to OwnedFd at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_INET,
-            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            VRRP_PROTO as i32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh, owned descriptor.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let owned = crate::sock::socket(
+        libc::AF_INET,
+        libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+        VRRP_PROTO as i32,
+    )?;
+    let fd = owned.as_raw_fd();
     let name = std::ffi::CString::new(ifname).map_err(io::Error::other)?;
     // SAFETY: the name buffer outlives the call.
     let rc = unsafe {
@@ -174,25 +167,10 @@ impl Receiver {
     pub async fn recv_all(&self, mut f: impl FnMut(&[u8])) -> io::Result<()> {
         let mut guard = self.fd.readable().await?;
         let mut buf = [0u8; 2048];
-        loop {
-            // SAFETY: buf is valid for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd.get_ref().as_raw_fd(),
-                    buf.as_mut_ptr() as *mut libc::c_void,
-                    buf.len(),
-                    0,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::WouldBlock {
-                    guard.clear_ready();
-                    return Ok(());
-                }
-                return Err(e);
-            }
-            f(&buf[..n as usize]);
+        while let Some(n) = crate::sock::recv_now(self.fd.get_ref(), &mut buf)? {
+            f(&buf[..n]);
         }
+        guard.clear_ready();
+        Ok(())
     }
 }
