@@ -250,6 +250,7 @@ impl Backends {
                     weight: bm.weight,
                     state: bi.state,
                     flags: bm.in_use & !backend_flags::IN_USE,
+                    local: bi.flags & lb_common::backend_info_flags::LOCAL != 0,
                 });
                 b.fresh_backend = b.fresh_backend.max(j + 1);
             }
@@ -275,7 +276,7 @@ impl Backends {
     /// connections end, or reset, as `agent.removed_backends` says.
     pub fn reload(&mut self, config: &Config) -> Result<Reloaded, DataplaneError> {
         self.policy = config.agent.removed_backends;
-        let mut fresh = writer::plan(config, self.default_snat);
+        let mut fresh = writer::plan(config, self.default_snat, &crate::host::local_ipv4());
         let mut used_vips: BTreeSet<u32> = BTreeSet::new();
         let mut used: BTreeSet<u32> = BTreeSet::new();
         for v in &self.vips {

@@ -387,7 +387,7 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
 }
 
 /// Every IPv4 address of this host, on any interface.
-fn local_ipv4() -> Vec<std::net::Ipv4Addr> {
+pub fn local_ipv4() -> Vec<std::net::Ipv4Addr> {
     nix::ifaddrs::getifaddrs()
         .map(|addrs| {
             addrs

@@ -42,6 +42,9 @@ pub mod map {
     pub const BACKEND_META: &str = "BACKEND_META";
     /// Array with one AgentMeta: how and where the program is attached.
     pub const AGENT_META: &str = "AGENT_META";
+    /// Program array PROG_LB tail-calls through (`tail::*`). Not in ALL: each loaded object
+    /// has its own, pinned at PROGS_PIN while its program is attached.
+    pub const PROGS: &str = "PROGS";
     /// Array of u64 per backend: the next SNAT port to try (a ring over the range).
     pub const SNAT_CURSOR: &str = "SNAT_CURSOR";
     /// Per-CPU array of one TickClock: the data plane's cache of the coarse clock. Not
@@ -80,6 +83,20 @@ pub const PROG_PASS: &str = "lb_xdp_pass";
 /// Name of the TC program that strips dsr-ipip's outer header on backends without an ipip
 /// device (`lb-agent backend-setup`).
 pub const PROG_TC_DECAP: &str = "lb_tc_decap";
+/// Name of the XDP program that handles a client packet without a flow (a SYN picks a
+/// backend): PROG_LB tail-calls it through PROGS, so the verifier checks each alone.
+pub const PROG_NEW_FLOW: &str = "lb_xdp_new_flow";
+/// Name of the TC egress program that gives a local backend's replies the VIP's port back
+/// when the VIP's port differs from the backend's (VIP:1644 -> :6443 on this host).
+pub const PROG_TC_LOCAL: &str = "lb_tc_local";
+
+/// Indices of the programs in the PROGS program array.
+pub mod tail {
+    /// PROG_NEW_FLOW.
+    pub const NEW_FLOW: u32 = 0;
+    /// Size of PROGS.
+    pub const COUNT: u32 = 1;
+}
 
 /// Default directory under bpffs where the maps are pinned.
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
@@ -87,6 +104,11 @@ pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
 /// attached when the agent's process ends without an orderly stop. Not a map, so not in
 /// `map::ALL`.
 pub const LINK_PIN: &str = "LINK";
+/// Name under the pin path of the program array PROG_LB tail-calls through. Pinned because
+/// the kernel empties a program array when no process or pin holds it, which would leave
+/// a running program without its tail calls once the agent is gone. Never adopted: each
+/// loaded object pins its own, since it holds that object's programs.
+pub const PROGS_PIN: &str = "PROGS";
 /// Default path of the agent's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
 /// Default configuration file.
@@ -136,8 +158,19 @@ pub const fn addr_filter_index(addr: u32) -> u32 {
 pub mod addr_filter {
     /// A VIP or SNAT address hashes here.
     pub const LB: u32 = 1;
-    /// A DSR VIP's address hashes here: its packets are looked up in DSR_FLOWS first.
+    /// A DSR VIP's address, or a NAT VIP's with a backend on this host, hashes here: its
+    /// packets are looked up in DSR_FLOWS first.
     pub const DSR: u32 = 2;
+    /// A VIP's address whose local backend listens on another port hashes here: TC egress
+    /// looks replies from it up in DSR_FLOWS.
+    pub const LOCAL_PORT: u32 = 4;
+}
+
+/// Bits of `BackendInfo::flags`.
+pub mod backend_info_flags {
+    /// The backend's address is one of this host's: its connections pass to the local
+    /// stack instead of being NATed.
+    pub const LOCAL: u8 = 1;
 }
 
 /// Index of the MAGLEV slot for `vip`, table `half` (0/1) and position `pos`.
@@ -194,8 +227,6 @@ pub mod state {
     }
 }
 
-/// Flow.flags bits. The data plane only sets them with an atomic or: both directions of a
-/// connection run on different CPUs at once.
 /// `BackendMeta::in_use` bits: what the agent knows of a backend beyond its state, kept in
 /// the maps so an agent that adopts them (a restart, a crash) knows it too.
 pub mod backend_flags {
@@ -207,6 +238,8 @@ pub mod backend_flags {
     pub const REMOVED: u32 = 4;
 }
 
+/// Flow.flags bits. The data plane only sets them with an atomic or: both directions of a
+/// connection run on different CPUs at once.
 pub mod flow_flags {
     /// The client sent FIN.
     pub const FIN_CLIENT: u32 = 1;
@@ -224,6 +257,10 @@ pub mod flow_flags {
     pub const IPIP: u32 = 64;
     /// A DSR_FLOWS entry of a dsr-l2 VIP: its backend must be on the LB's segment.
     pub const DSR_L2: u32 = 128;
+    /// A DSR_FLOWS entry of a NAT VIP's connection to a backend on this host: its packets
+    /// pass to the local stack, only the port rewritten. With REPLY: the entry TC egress
+    /// finds a reply under, holding the VIP's port.
+    pub const LOCAL: u32 = 256;
 }
 
 /// Element of NEXT_HOP: the FIB's answer for packets towards one backend.
@@ -348,8 +385,18 @@ pub mod reason {
     /// since the kernel would deliver it to the VIP address it holds. The health probes
     /// keep the backends' neighbour entries fresh.
     pub const DROP_DSR_NO_NEIGH: u32 = 30;
+    /// A packet that needed the new-flow program when PROGS did not hold it: dropped.
+    pub const DROP_TAIL_CALL: u32 = 31;
+    /// A client packet for a backend on this host: passed to the local stack with the
+    /// backend's port.
+    pub const LOCAL: u32 = 32;
+    /// A local backend's reply given the VIP's port back (TC egress).
+    pub const LOCAL_REPLY: u32 = 33;
+    /// A client packet without a flow, not a SYN, that Maglev sends to a local backend
+    /// (a connection this host served before its flow entry was lost): delivered.
+    pub const LOCAL_ADOPTED: u32 = 34;
     /// Number of reasons.
-    pub const COUNT: u32 = 31;
+    pub const COUNT: u32 = 35;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -384,6 +431,10 @@ pub mod reason {
         "drop_dsr_too_big",
         "dsr_adopted",
         "drop_dsr_no_neigh",
+        "drop_tail_call",
+        "local",
+        "local_reply",
+        "local_adopted",
     ];
 }
 
@@ -438,7 +489,8 @@ pub struct BackendInfo {
     pub port: u16,
     /// `state::*`.
     pub state: u8,
-    pub _pad: u8,
+    /// `backend_info_flags::*`.
+    pub flags: u8,
     /// Index of the VIP this backend serves.
     pub vip: u32,
 }
@@ -624,7 +676,7 @@ impl Default for BackendMeta {
 /// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump. A new
 /// agent adopts a running data plane only at the same version: it compares the maps' sizes
 /// too, but a field whose meaning changes at the same size only the version tells.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// The single element of AGENT_META.
 #[repr(C)]

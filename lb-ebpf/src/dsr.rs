@@ -16,7 +16,7 @@ use lb_common::{flow_flags, mode, reason, Flow, FlowKey, VipInfo};
 use crate::{
     fib,
     flow::{self},
-    icmp, nat,
+    icmp, local, nat,
     parse::{self, Ipv4Hdr, Packet, ETH_LEN, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, VLAN_LEN},
     rst, stats, DSR_FLOWS,
 };
@@ -62,7 +62,9 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow) -> u32 {
         }
         return match nat::vip_at(key.dst_addr, key.dst_port) {
             Some(vip) if vip.mode != mode::NAT => no_flow(ctx, pkt, key, vip),
-            _ => nat::pass(reason::PASS_NOT_OURS),
+            // A NAT VIP's connection to a local backend.
+            Some(_) => nat::to_new_flow(ctx),
+            None => nat::pass(reason::PASS_NOT_OURS),
         };
     }
     let now = flow::now();
@@ -83,6 +85,9 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow) -> u32 {
     }
     let (vip, backend) = unsafe { ((*f).vip, (*f).backend) };
     stats::forward(vip, backend, nat::ip_len(pkt), false);
+    if unsafe { (*f).flags } & flow_flags::LOCAL != 0 {
+        return local::deliver(pkt, unsafe { (*f).dst_port }, reason::LOCAL);
+    }
     let hop = fib::resolve(ctx, pkt, f, now);
     send(ctx, pkt, f, hop)
 }

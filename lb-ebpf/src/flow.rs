@@ -273,8 +273,8 @@ pub struct ReplyHop {
     pub usable: bool,
 }
 
-/// A new connection's forward entry, not yet inserted (the caller adds its next hop), and
-/// its backend index. The reply entry is in HALF_OPEN already, holding the SNAT port.
+/// A new connection's forward entry towards backend `index` (Maglev's pick), not yet
+/// inserted (the caller adds its next hop). The reply entry is in HALF_OPEN already, holding the SNAT port.
 ///
 /// `syn_tsval` is the SYN's TCP timestamp (0: none). The flow shifts the client's
 /// timestamps so the backend sees one clock, this host's milliseconds, on every tuple: a
@@ -288,11 +288,12 @@ pub struct ReplyHop {
 pub fn create(
     key: &FlowKey,
     vip: &VipInfo,
+    index: u32,
+    backend: &BackendInfo,
     syn_tsval: u32,
     reply_hop: &ReplyHop,
     now: u64,
 ) -> Result<Flow, u32> {
-    let (index, backend) = pick(key, vip)?;
     let ts_off = if syn_tsval == 0 {
         0
     } else {
@@ -320,7 +321,7 @@ pub fn create(
     if reply_hop.usable {
         rev.flags |= flow_flags::NEXT_HOP;
     }
-    let port = alloc_port(vip, index, &backend, &rev, now)?;
+    let port = alloc_port(vip, index, backend, &rev, now)?;
     Ok(Flow {
         src_addr: vip.snat_addr,
         dst_addr: backend.addr,

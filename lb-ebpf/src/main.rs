@@ -4,10 +4,13 @@
 //!
 //! One module per concern: `parse` (headers, bounds checks), `csum` (incremental checksums),
 //! `flow` (flow tables and SNAT port allocation), `nat` (rewrite both ways), `dsr` (direct
-//! server return: MAC rewrite or IPIP), `icmp` (errors about flows, "fragmentation
+//! server return: MAC rewrite or IPIP), `local` (backends on this host: pass to the
+//! stack, and the reply's port at TC egress), `icmp` (errors about flows, "fragmentation
 //! needed"), `rst` (stateless resets), `fib` (next hop, cached per flow), `stats` (per-CPU
 //! counters); `decap` is the TC program `lb-agent backend-setup` attaches on dsr-ipip
-//! backends whose kernel has no ipip device. This file holds the maps and the entry points.
+//! backends whose kernel has no ipip device. This file holds the maps and the entry points:
+//! lb_xdp tail-calls lb_xdp_new_flow for packets without a flow, so that the verifier,
+//! whose budget the whole program nearly filled, checks the two paths apart.
 #![no_std]
 #![no_main]
 // atomic_xadd: the BPF target has no core::sync::atomic types.
@@ -22,6 +25,7 @@ mod dsr;
 mod fib;
 mod flow;
 mod icmp;
+mod local;
 mod nat;
 mod parse;
 mod rst;
@@ -30,13 +34,13 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
     programs::XdpContext,
 };
 use lb_common::{
-    reason, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, TickClock, TrafficStats,
-    VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS, MAX_HALF_OPEN,
-    MAX_MAGLEV_SIZE, MAX_VIPS, MAX_VLAN_DEVS,
+    reason, tail, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, TickClock,
+    TrafficStats, VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS,
+    MAX_HALF_OPEN, MAX_MAGLEV_SIZE, MAX_VIPS, MAX_VLAN_DEVS,
 };
 
 // Map statics are named exactly as lb_common::map's constants; the agent finds them by name.
@@ -75,6 +79,9 @@ static VIP_META: Array<VipMeta> = Array::with_max_entries(MAX_VIPS, 0);
 static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
+// Filled by the agent with this object's programs; pinned apart from the maps (PROGS_PIN).
+#[map]
+static PROGS: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0);
 
 /// The load balancer. Inlined into the section's entry function that `#[xdp]` wraps it
 /// in: a BPF-to-BPF call and its return (through the SRSO return thunk here) per packet.
@@ -82,6 +89,19 @@ static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     nat::process(&ctx)
+}
+
+/// A client packet without a flow, tail-called from lb_xdp: a SYN picks a backend here.
+#[xdp]
+#[inline(always)]
+pub fn lb_xdp_new_flow(ctx: XdpContext) -> u32 {
+    nat::process_new(&ctx)
+}
+
+/// TC egress on the XDP interface: a local backend's replies get the VIP's port back.
+#[aya_ebpf::macros::classifier]
+pub fn lb_tc_local(ctx: aya_ebpf::programs::TcContext) -> i32 {
+    local::reply(&ctx)
 }
 
 /// Passes everything: the floor for the microbenchmark, and the program the lab attaches to

@@ -4,15 +4,16 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_filter, addr_filter_index, flow_flags, reason, Flow, FlowKey, VipInfo, VipKey, IPPROTO_TCP,
+    addr_filter, addr_filter_index, backend_info_flags, flow_flags, reason, tail, Flow, FlowKey,
+    VipInfo, VipKey, IPPROTO_TCP,
 };
 
 use crate::{
     csum, dsr, fib,
     flow::{self, Table},
-    icmp,
+    icmp, local,
     parse::{self, NotOurs, Packet, L4, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    rst, stats, ADDR_FILTER, AGENT_META, VIPS,
+    rst, stats, ADDR_FILTER, AGENT_META, PROGS, VIPS,
 };
 
 /// Entry point of the LB program.
@@ -62,13 +63,41 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
         return on_flow(ctx, &pkt, &key, f, table);
     }
-    let Some(vip) = vip_of(&key) else {
+    if vip_of(&key).is_none() {
         return pass(reason::PASS_NOT_OURS);
-    };
+    }
     if pkt.fragment {
         return drop(reason::DROP_FRAGMENT);
     }
-    no_flow(ctx, &pkt, &key, vip)
+    to_new_flow(ctx)
+}
+
+/// Hands a client packet for a VIP, without a flow, to PROG_NEW_FLOW. Its own program: the
+/// verifier then walks the new-flow path once, not once per state of the lookups before.
+#[inline(always)]
+pub fn to_new_flow(ctx: &XdpContext) -> u32 {
+    // Returns only when PROGS lacks the program (the agent could not fill it).
+    unsafe { PROGS.tail_call(ctx, tail::NEW_FLOW) };
+    drop(reason::DROP_TAIL_CALL)
+}
+
+/// Entry point of PROG_NEW_FLOW: the packet `process` found no flow for, parsed again.
+#[inline(always)]
+pub fn process_new(ctx: &XdpContext) -> u32 {
+    let Ok((pkt, L4::Tcp)) = parse::parse(ctx) else {
+        return pass(reason::PASS_NOT_OURS);
+    };
+    let tcp = unsafe { &*pkt.tcp };
+    let key = FlowKey::tcp(
+        unsafe { (*pkt.ip).src },
+        unsafe { (*pkt.ip).dst },
+        tcp.src_port,
+        tcp.dst_port,
+    );
+    match vip_of(&key) {
+        Some(vip) => no_flow(ctx, &pkt, &key, vip),
+        None => pass(reason::PASS_NOT_OURS),
+    }
 }
 
 /// The VIP a client packet with `key` is for.
@@ -112,11 +141,34 @@ fn no_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 
     if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return new_flow(ctx, pkt, key, vip);
     }
+    // A connection to a local backend needs no state but the port: one whose entry was
+    // lost (evicted, a restart with new maps) goes on where Maglev still sends it.
+    if let Ok((index, backend)) = flow::pick(key, vip) {
+        if backend.flags & backend_info_flags::LOCAL != 0 {
+            return local::open(
+                ctx,
+                pkt,
+                key,
+                vip,
+                index,
+                &backend,
+                false,
+                reason::LOCAL_ADOPTED,
+            );
+        }
+    }
     rst::reply(ctx, pkt, reason::RST_NO_FLOW)
 }
 
 #[inline(always)]
 fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 {
+    let (index, backend) = match flow::pick(key, vip) {
+        Ok(p) => p,
+        Err(r) => return drop(r),
+    };
+    if backend.flags & backend_info_flags::LOCAL != 0 {
+        return local::open(ctx, pkt, key, vip, index, &backend, true, reason::LOCAL);
+    }
     // Here, before anything branches: the verifier walks the option loop once for every
     // state that reaches it (30k instructions here, 240k after the next hop lookup). A SYN
     // dropped below still counts as clamped.
@@ -134,7 +186,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32
         ifindex: fib::ingress(ctx),
         usable: !pkt.tagged(),
     };
-    let mut fwd = match flow::create(key, vip, tsval, &reply_hop, now) {
+    let mut fwd = match flow::create(key, vip, index, &backend, tsval, &reply_hop, now) {
         Ok(f) => f,
         Err(r) => return drop(r),
     };
@@ -167,7 +219,7 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow, table: T
                 return rst::reply(ctx, pkt, reason::RST_BACKEND_DOWN);
             }
             return match vip_of(key) {
-                Some(vip) => no_flow(ctx, pkt, key, vip),
+                Some(_) => to_new_flow(ctx),
                 None => pass(reason::PASS_NOT_OURS),
             };
         }

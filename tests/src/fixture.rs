@@ -78,6 +78,8 @@ pub struct Options {
     pub mss_clamp: Option<u16>,
     /// The VIP's `mode` ("nat", "dsr-l2", "dsr-ipip"); DSR modes have no SNAT settings.
     pub mode: &'static str,
+    /// Addresses taken as this host's: a NAT VIP's backend there is local.
+    pub local: Vec<Ipv4Addr>,
 }
 
 impl Default for Options {
@@ -98,6 +100,7 @@ impl Default for Options {
             max_flows: None,
             mss_clamp: None,
             mode: "nat",
+            local: Vec::new(),
         }
     }
 }
@@ -192,7 +195,7 @@ impl Fixture {
         let dp = Dataplane::load_with(&pin, o.max_flows.unwrap_or(lb_common::MAX_FLOWS))
             .expect("load the XDP object");
         let mut writer = Writer::new(PinnedMaps::open(&pin).expect("open pins"));
-        let mut vips = writer::plan(&config(&pin, &o), LB_ADDR);
+        let mut vips = writer::plan(&config(&pin, &o), LB_ADDR, &o.local);
         writer.install(&mut vips).expect("install");
         Some(Self {
             ns,
@@ -208,6 +211,11 @@ impl Fixture {
     /// The LB program.
     pub fn program(&self) -> &Xdp {
         self.dp.program()
+    }
+
+    /// Instructions the verifier processed per loaded program.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        self.dp.verified_instructions()
     }
 
     /// Where the maps are pinned.

@@ -76,7 +76,11 @@ impl Setup {
     /// What a started agent writes: the maps for the fixture's VIP and AGENT_META.
     fn configure(&self, meta: AgentMeta) {
         let mut w = Writer::new(self.maps());
-        let mut vips = writer::plan(&fixture::config(&self.pin, &Options::default()), LB_ADDR);
+        let mut vips = writer::plan(
+            &fixture::config(&self.pin, &Options::default()),
+            LB_ADDR,
+            &[],
+        );
         w.install(&mut vips).expect("install");
         w.set_agent_meta(meta).expect("AGENT_META");
     }
@@ -358,7 +362,7 @@ fn what_cannot_be_adopted_is_replaced_and_says_why() {
             tamper: untouched,
             max_flows: MAX_FLOWS,
             ifindex: same,
-            why: "layout version 3",
+            why: "the pinned maps have layout version",
         },
         Unadoptable {
             what: "max_flows changed",

@@ -7,14 +7,16 @@ use std::{
 };
 
 use aya::{
-    maps::MapData,
+    maps::{MapData, ProgramArray},
     programs::{ProgramError, Xdp},
     sys::SyscallError,
     Ebpf, EbpfLoader,
 };
-use lb_common::{map, xdp_mode, AgentMeta, LINK_PIN, MAP_LAYOUT_VERSION, PROG_LB};
+use lb_common::{
+    map, tail, xdp_mode, AgentMeta, LINK_PIN, MAP_LAYOUT_VERSION, PROGS_PIN, PROG_LB, PROG_NEW_FLOW,
+};
 
-use super::{generic, sys, DataplaneError, OBJECT};
+use super::{generic, sys, tc_local, DataplaneError, OBJECT};
 use crate::config::XdpModeSetting;
 
 /// The loaded data plane. Dropping it detaches the program and removes the pins (the
@@ -68,9 +70,15 @@ pub struct Adopted {
     pub meta: AgentMeta,
 }
 
-/// Every pin name of lb's: the maps and the link.
+/// Where `attach` pins a new program array until the link runs the program that uses it.
+// No dot: bpffs refuses names with one.
+const PROGS_NEXT_PIN: &str = "PROGS_NEXT";
+
+/// Every pin name of lb's: the maps, the link and the program arrays.
 fn pin_names() -> impl Iterator<Item = &'static str> {
-    map::ALL.into_iter().chain([LINK_PIN])
+    map::ALL
+        .into_iter()
+        .chain([LINK_PIN, PROGS_PIN, PROGS_NEXT_PIN])
 }
 
 /// Removes lb's pins under `dir` (a crashed agent's leftovers) and the dir if then empty.
@@ -82,6 +90,9 @@ pub fn remove_pins(dir: &Path) -> Result<usize, DataplaneError> {
         let p = dir.join(name);
         if name == LINK_PIN {
             if let Ok(fd) = sys::obj_get(&p, 0) {
+                if let Ok(info) = sys::link_info(fd.as_fd()) {
+                    tc_local::detach(info.ifindex);
+                }
                 if let Err(e) = sys::link_detach(fd.as_fd()) {
                     log::debug!("{}: BPF_LINK_DETACH: {e}", p.display());
                 }
@@ -450,6 +461,7 @@ impl Dataplane {
             name: PROG_LB,
             source,
         })?;
+        fill_progs(&mut ebpf)?;
         std::fs::create_dir_all(pin_path).map_err(|source| DataplaneError::Io {
             path: pin_path.to_path_buf(),
             source,
@@ -489,6 +501,18 @@ impl Dataplane {
             .program(PROG_LB)
             .and_then(|p| p.try_into().ok())
             .expect("loaded in Dataplane::load")
+    }
+
+    /// How many instructions the verifier processed for each loaded program, against its
+    /// limit of a million: the margin left for new data-plane code.
+    pub fn verified_instructions(&self) -> Vec<(String, u32)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, p)| {
+                let n = p.info().ok()?.verified_instruction_count()?;
+                Some((name.to_string(), n))
+            })
+            .collect()
     }
 
     /// The pinned link's id and the id of the program it runs, if attached.
@@ -533,6 +557,7 @@ impl Dataplane {
         };
         let ifindex = ifindex_of(interface).map_err(attach_err(label))?;
         let link_path = self.pin_path.join(LINK_PIN);
+        let staged = self.stage_progs()?;
         if let Some(link) = self.link.as_mut().filter(|l| !l.ours) {
             if link.ifindex != ifindex {
                 return Err(DataplaneError::AdoptedElsewhere {
@@ -557,6 +582,8 @@ impl Dataplane {
                     }
                 })?;
                 link.ours = true;
+                self.commit_progs(&staged)?;
+                self.attach_tc(interface)?;
                 return Ok(self.mode);
             }
             log::warn!(
@@ -627,12 +654,67 @@ impl Dataplane {
             ours: true,
         });
         self.mode = mode;
+        self.commit_progs(&staged)?;
+        self.attach_tc(interface)?;
         Ok(mode)
+    }
+
+    /// Pins this object's program array under PROGS_NEXT_PIN: from then on its programs
+    /// outlive the agent, as the link's program will need them once `attach` switches.
+    fn stage_progs(&self) -> Result<PathBuf, DataplaneError> {
+        let path = self.pin_path.join(PROGS_NEXT_PIN);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DataplaneError::Io { path, source }),
+        }
+        let m = self
+            .ebpf
+            .map(map::PROGS)
+            .ok_or(DataplaneError::MissingMap(map::PROGS))?;
+        m.pin(&path).map_err(|source| DataplaneError::Pin {
+            name: map::PROGS,
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    }
+
+    /// Pins the program array at PROGS_PIN once the link runs this object's program, in
+    /// place of the previous program's (whose programs go with it), then drops the staged
+    /// pin. bpffs has no rename; the staged pin holds the array in between.
+    fn commit_progs(&self, staged: &Path) -> Result<(), DataplaneError> {
+        let path = self.pin_path.join(PROGS_PIN);
+        let remove = |p: &Path| match std::fs::remove_file(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DataplaneError::Io {
+                path: p.to_path_buf(),
+                source,
+            }),
+        };
+        remove(&path)?;
+        let m = self
+            .ebpf
+            .map(map::PROGS)
+            .ok_or(DataplaneError::MissingMap(map::PROGS))?;
+        m.pin(&path).map_err(|source| DataplaneError::Pin {
+            name: map::PROGS,
+            path: path.clone(),
+            source,
+        })?;
+        remove(staged)
+    }
+
+    /// Attaches lb_tc_local to `interface`'s egress (replacing an earlier agent's).
+    fn attach_tc(&mut self, interface: &str) -> Result<(), DataplaneError> {
+        tc_local::attach(&mut self.ebpf, interface)
     }
 
     /// Detaches the program and removes the link's pin (idempotent).
     pub fn detach(&mut self) {
         if let Some(link) = self.link.take() {
+            tc_local::detach(link.ifindex);
             let path = self.pin_path.join(LINK_PIN);
             if let Err(e) = sys::link_detach(link.fd.as_fd()) {
                 log::warn!("detaching XDP ({}): {e}", path.display());
@@ -653,8 +735,39 @@ impl Dataplane {
     }
 }
 
+/// Loads the programs PROG_LB tail-calls and puts them in PROGS.
+fn fill_progs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROG_NEW_FLOW)
+        .ok_or(DataplaneError::Program {
+            name: PROG_NEW_FLOW,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| DataplaneError::Program {
+            name: PROG_NEW_FLOW,
+            source,
+        })?;
+    let program_err = |source| DataplaneError::Program {
+        name: PROG_NEW_FLOW,
+        source,
+    };
+    prog.load().map_err(program_err)?;
+    let fd = prog
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(program_err)?;
+    let m = ebpf
+        .map_mut(map::PROGS)
+        .ok_or(DataplaneError::MissingMap(map::PROGS))?;
+    let mut progs = ProgramArray::try_from(m).map_err(super::map_err(map::PROGS))?;
+    progs
+        .set(tail::NEW_FLOW, &fd, 0)
+        .map_err(super::map_err(map::PROGS))
+}
+
 /// `e` and its causes on one line, as anyhow's `{:#}` prints them.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -4,13 +4,14 @@
 //! pinned link, or adopts the data plane an earlier agent left pinned; `generic` says where
 //! XDP generic mode would corrupt checksums; `pinned` opens the pinned maps (the agent and
 //! `lb-agent status` both go through it); `writer` turns the config and backend states into
-//! map contents, publishing Maglev tables atomically; `sys` issues the bpf(2) commands aya
-//! does not.
+//! map contents, publishing Maglev tables atomically; `tc_local` attaches the TC egress
+//! program local backends' replies need; `sys` issues the bpf(2) commands aya does not.
 
 pub mod generic;
 pub mod loader;
 pub mod pinned;
 mod sys;
+mod tc_local;
 pub mod writer;
 
 /// The XDP object built by build.rs from lb-ebpf, embedded so the agent is one file.
@@ -29,6 +30,9 @@ pub enum DataplaneError {
         #[source]
         source: aya::programs::ProgramError,
     },
+    /// A program is missing from the object.
+    #[error("program {0} is missing from the XDP object")]
+    MissingProgram(&'static str),
     /// A map is missing from the object.
     #[error("map {0} is missing from the XDP object")]
     MissingMap(&'static str),
@@ -101,6 +105,12 @@ pub enum DataplaneError {
         name: &'static str,
         path: std::path::PathBuf,
     },
+    /// The TC egress program could not be attached.
+    #[error(
+        "attaching {} to {interface} egress: {error}",
+        lb_common::PROG_TC_LOCAL
+    )]
+    Tc { interface: String, error: String },
     /// A failure injected by a test (failpoints build only).
     #[error("{0}: injected failure")]
     Injected(&'static str),

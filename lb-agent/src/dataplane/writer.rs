@@ -6,8 +6,9 @@
 use std::net::Ipv4Addr;
 
 use lb_common::{
-    addr_filter, addr_filter_index, maglev_index, map, mode, name_bytes, state, AgentMeta,
-    BackendInfo, BackendMeta, VipInfo, VipKey, VipMeta, VlanDev, IPPROTO_TCP, NO_BACKEND,
+    addr_filter, addr_filter_index, backend_info_flags, maglev_index, map, mode, name_bytes, state,
+    AgentMeta, BackendInfo, BackendMeta, VipInfo, VipKey, VipMeta, VlanDev, IPPROTO_TCP,
+    NO_BACKEND,
 };
 
 use super::{map_err, pinned::PinnedMaps, DataplaneError};
@@ -44,6 +45,9 @@ pub struct BackendPlan {
     pub state: u8,
     /// `backend_flags::*` beyond IN_USE (drained, removed).
     pub flags: u32,
+    /// A NAT VIP's backend at an address of this host: its connections pass to the local
+    /// stack instead of being NATed.
+    pub local: bool,
 }
 
 impl BackendPlan {
@@ -52,15 +56,20 @@ impl BackendPlan {
             addr: u32::from(self.addr).to_be(),
             port: self.port.to_be(),
             state: self.state,
-            _pad: 0,
+            flags: if self.local {
+                backend_info_flags::LOCAL
+            } else {
+                0
+            },
             vip,
         }
     }
 }
 
 /// Index assignment: VIPs in config order, backends numbered across VIPs in config order.
-/// Backends with weight 0 start drained; all others up.
-pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
+/// Backends with weight 0 start drained; all others up. `local` holds this host's
+/// addresses: a NAT VIP's backend there is local.
+pub fn plan(config: &Config, default_snat: Ipv4Addr, local: &[Ipv4Addr]) -> Vec<VipPlan> {
     let mut next_backend = 0u32;
     config
         .vips
@@ -85,6 +94,7 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr) -> Vec<VipPlan> {
                             state::UP
                         },
                         flags: 0,
+                        local: !v.mode.is_dsr() && local.contains(&b.address),
                     }
                 })
                 .collect();
@@ -602,7 +612,17 @@ fn filter_slots(vips: &[VipPlan]) -> Vec<(u32, u32)> {
         } else {
             addr_filter::DSR
         };
-        *slots.entry(addr_filter_index(v.key.addr)).or_insert(0) |= addr_filter::LB | dsr;
+        // A local backend's connections live in DSR_FLOWS too.
+        let local = v.backends.iter().filter(|b| b.local);
+        let mut local_bits = 0;
+        for b in local {
+            local_bits |= addr_filter::DSR;
+            if b.port.to_be() != v.key.port {
+                local_bits |= addr_filter::LOCAL_PORT;
+            }
+        }
+        *slots.entry(addr_filter_index(v.key.addr)).or_insert(0) |=
+            addr_filter::LB | dsr | local_bits;
         if v.info.snat_addr != 0 {
             *slots
                 .entry(addr_filter_index(v.info.snat_addr))
@@ -696,7 +716,7 @@ mod tests {
             [[vip]]\nname = \"konn\"\naddress = \"198.18.0.100\"\nport = 8132\n\
             [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n";
         let config = Config::parse(Path::new("lb.toml"), text).expect("valid config");
-        let plans = plan(&config, Ipv4Addr::new(198, 18, 0, 2));
+        let plans = plan(&config, Ipv4Addr::new(198, 18, 0, 2), &[]);
         assert_eq!(plans[0].info.mss_clamp, 1360);
         assert_eq!(plans[1].info.mss_clamp, 0, "absent: no clamp");
     }

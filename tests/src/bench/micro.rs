@@ -206,6 +206,7 @@ fn fixture(backends: usize, flows: u32, syn_batch: u32) -> Result<Fixture> {
         max_flows: (entries != MAX_FLOWS).then_some(entries),
         mss_clamp: None,
         mode: "nat",
+        local: Vec::new(),
     };
     let mut f = Fixture::with("bench", o).context("the microbenchmark needs root")?;
     f.prefill_flows(flows);
