@@ -5,7 +5,8 @@
 //! (the embedded XDP object, loading, pinning, map writes), `host` (interfaces, sysctls,
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
-//! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets).
+//! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
+//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -21,6 +22,8 @@ pub mod health;
 pub mod heartbeat;
 pub mod host;
 pub mod maglev;
+/// `lb-agent manifest static-pod`: the agent as a Kubernetes static pod (YAML).
+pub mod manifest;
 pub mod netlink;
 pub mod sock;
 pub mod status;

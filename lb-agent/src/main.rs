@@ -1,4 +1,5 @@
-//! `lb-agent`: run | check-config | reload | status | drain | undrain | backend-setup.
+//! `lb-agent`: run | check-config | reload | status | drain | undrain | backend-setup |
+//! manifest.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -8,7 +9,7 @@ use lb_agent::{
     app, backend_setup,
     config::{self, Config},
     control::{self, Request},
-    status,
+    manifest, status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
 
@@ -81,6 +82,11 @@ enum Cmd {
     /// on a local device, no ARP for it, and for dsr-ipip a way to take the LB's IPIP in.
     /// Prints one line per change; a second run changes nothing.
     BackendSetup(backend_setup::Options),
+    /// Print a manifest that runs the agent under another supervisor than systemd.
+    Manifest {
+        #[command(subcommand)]
+        kind: ManifestKind,
+    },
     /// Testing aids (fault injection); not for production use.
     #[command(hide = true)]
     Debug {
@@ -96,6 +102,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ManifestKind {
+    /// A Kubernetes static pod (YAML) for a control-plane node's /etc/kubernetes/manifests.
+    StaticPod(manifest::StaticPodOptions),
 }
 
 #[derive(Subcommand)]
@@ -316,6 +328,18 @@ fn main() -> ExitCode {
             }
         },
         Cmd::Restart { config, timeout } => restart(config, timeout),
+        Cmd::Manifest {
+            kind: ManifestKind::StaticPod(opts),
+        } => match manifest::static_pod(&opts) {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("lb-agent: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Version { json } => {
             #[allow(unused_mut)]
             let mut v = app::Version::ours();

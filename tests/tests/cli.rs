@@ -129,3 +129,21 @@ fn priority_255_needs_the_virtual_address_on_the_interface() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn manifest_static_pod_prints_a_pod_running_the_given_image() {
+    let out = agent(&["manifest", "static-pod", "--image", "x/y:1"]);
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(yaml.contains("\nkind: Pod\n"), "{yaml}");
+    assert!(yaml.contains("image: x/y:1\n"), "{yaml}");
+    // A path the kubelet could not mount from the host is refused, not printed.
+    let out = agent(&["manifest", "static-pod", "--config", "lb.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must be an absolute path"));
+}
