@@ -745,6 +745,16 @@ impl Backends {
         })
     }
 
+    /// True while a backend at an address of this host is down or not ready (drained does
+    /// not count: the operator chose it).
+    pub fn local_backend_down(&self) -> bool {
+        self.vips.iter().filter(|v| !v.removed).any(|v| {
+            v.backends
+                .iter()
+                .any(|b| b.local && matches!(b.state, state::DOWN | state::UNREADY))
+        })
+    }
+
     /// Health of every backend, for status.
     pub fn report(&self) -> Vec<VipHealth> {
         self.vips

@@ -152,6 +152,9 @@ pub struct Lab {
     pub routers: Vec<Host>,
     /// Scratch directory: configs, certificates, logs.
     pub dir: PathBuf,
+    /// The VIP's port in agent configs and the load generator's URL (VIP_PORT unless a
+    /// test sets another); the backends listen on VIP_PORT whatever it is.
+    pub vip_port: u16,
     bridge: String,
     _pass: Option<aya::Ebpf>,
 }
@@ -170,6 +173,23 @@ impl Lab {
     /// test cannot run here (not root, outside CI).
     pub fn new(test: &str, lbs: usize, backends: usize) -> Option<Self> {
         Self::build(test, lbs, backends, None)
+    }
+
+    /// A lab of `nodes` control-plane nodes, each an LB host (`lbs[i]`, with XDP_PASS on its
+    /// bridge port) and an apiserver host at once: `backends[i]` is the same namespace and
+    /// address, so backend helpers (stubs, configs) address the nodes.
+    pub fn colocated(test: &str, nodes: usize) -> Option<Self> {
+        let mut lab = Self::build(test, nodes, 0, None)?;
+        lab.backends = lab
+            .lbs
+            .iter()
+            .map(|h| Host {
+                ns: Netns::borrowed(&h.ns.name),
+                addr: h.addr,
+                port: String::new(),
+            })
+            .collect();
+        Some(lab)
     }
 
     /// Like [`Lab::new`], with the client behind a chain of routers instead of on the
@@ -235,6 +255,7 @@ impl Lab {
             backends: Vec::new(),
             routers: Vec::new(),
             dir,
+            vip_port: VIP_PORT,
             bridge,
             _pass: None,
             id: id.clone(),
@@ -528,16 +549,17 @@ impl Lab {
         let mut t = format!(
             "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\npin_path = \"{}\"\n\
              control_socket = \"{}\"\n\n[[vip]]\nname = \"kube-apiserver\"\naddress = \"{VIP}\"\n\
-             port = {VIP_PORT}\n{vip_extra}\n\n[vip.health]\nca_file = \"{}\"\n{health}\n",
+             port = {}\n{vip_extra}\n\n[vip.health]\nca_file = \"{}\"\n{health}\n",
             self.pin_path(i).display(),
             self.dir.join(format!("lb{}.sock", i + 1)).display(),
+            self.vip_port,
             self.dir.join("pki/ca.crt").display()
         );
         for (name, addr, port) in backends {
             t.push_str(&format!(
                 "\n[[vip.backend]]\nname = \"{name}\"\naddress = \"{addr}\"\n"
             ));
-            if *port != VIP_PORT {
+            if *port != self.vip_port {
                 t.push_str(&format!("port = {port}\n"));
             }
         }
@@ -655,7 +677,7 @@ impl Lab {
     /// returns its report.
     pub fn spawn_loadgen(&self, name: &str, path: &str, args: &[&str]) -> LoadgenRun {
         let ca = self.dir.join("pki/ca.crt");
-        let url = format!("https://{VIP}:{VIP_PORT}{path}");
+        let url = format!("https://{VIP}:{}{path}", self.vip_port);
         let out = self.dir.join(format!("{name}.json"));
         let f = fs::File::create(&out).expect("loadgen output");
         let mut c = Command::new("ip");
@@ -724,7 +746,7 @@ impl Lab {
     /// Runs lb-loadgen in the client namespace against the VIP; returns its JSON report.
     pub fn loadgen(&self, path: &str, args: &[&str]) -> serde_json::Value {
         let ca = self.dir.join("pki/ca.crt");
-        let url = format!("https://{VIP}:{VIP_PORT}{path}");
+        let url = format!("https://{VIP}:{}{path}", self.vip_port);
         let lg = bin("lb-loadgen");
         let mut all = vec![
             lg.to_str().unwrap(),

@@ -38,6 +38,8 @@ pub fn unique_id() -> String {
 /// A named network namespace, deleted when dropped.
 pub struct Netns {
     pub name: String,
+    /// Deleted on drop; false for a second handle on a namespace another owns.
+    owned: bool,
 }
 
 impl Netns {
@@ -51,9 +53,18 @@ impl Netns {
         assert!(ok, "ip netns add {name}");
         let ns = Self {
             name: name.to_string(),
+            owned: true,
         };
         ns.sh("ip link set lo up");
         ns
+    }
+
+    /// A handle on namespace `name`, which another handle owns (and deletes).
+    pub fn borrowed(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            owned: false,
+        }
     }
 
     /// Runs `cmd` with sh inside the namespace; panics with its output on failure.
@@ -103,6 +114,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

@@ -336,6 +336,9 @@ impl Keeper {
         if !attached {
             p += self.track.dataplane_down as u16;
         }
+        if self.track.local_backend_down > 0 && self.backends.local_backend_down() {
+            p += self.track.local_backend_down as u16;
+        }
         let p = p.min(254) as u8;
         self.penalty.send_if_modified(|old| {
             let changed = *old != p;

@@ -300,6 +300,11 @@ fn vrrp(
         n.track.no_healthy_backend.into(),
     );
     num(
+        "track.local_backend_down",
+        o.track.local_backend_down.into(),
+        n.track.local_backend_down.into(),
+    );
+    num(
         "track.dataplane_down",
         o.track.dataplane_down.into(),
         n.track.dataplane_down.into(),

@@ -81,6 +81,10 @@ pub struct TrackConfig {
     pub no_healthy_backend: u8,
     /// While the XDP program is not attached.
     pub dataplane_down: u8,
+    /// While a backend at an address of this host (lb on a control-plane node) is down or
+    /// not ready: the VIP then moves to a node whose apiserver works. 0 (the default): no
+    /// effect, the node forwards to the other apiservers.
+    pub local_backend_down: u8,
 }
 
 impl Default for TrackConfig {
@@ -88,6 +92,7 @@ impl Default for TrackConfig {
         Self {
             no_healthy_backend: 50,
             dataplane_down: 100,
+            local_backend_down: 0,
         }
     }
 }
@@ -124,6 +129,7 @@ pub(super) struct RawVrrp {
 struct RawTrack {
     no_healthy_backend: Option<i64>,
     dataplane_down: Option<i64>,
+    local_backend_down: Option<i64>,
 }
 
 pub(super) fn validate_vrrp(
@@ -354,6 +360,11 @@ pub(super) fn validate_vrrp(
                 d.no_healthy_backend,
             )?,
             dataplane_down: weight("dataplane_down", t.dataplane_down, d.dataplane_down)?,
+            local_backend_down: weight(
+                "local_backend_down",
+                t.local_backend_down,
+                d.local_backend_down,
+            )?,
         },
     };
     Ok(VrrpConfig {
@@ -390,7 +401,7 @@ mod tests {
              unicast_src = \"198.18.0.2\"\nunicast_peers = [\"198.18.0.3\"]\n\
              virtual_addresses = [\"198.18.0.100/24\"]\npreempt = false\npreempt_delay = \"2s\"\n\
              garp_count = 3\nnotify = \"/usr/local/bin/lb-notify --all\"\n\
-             notify_master = \"'/opt/my scripts/master.sh'\"\ngarp_refresh = \"60s\"\nname = \"VI_API\"\n[vrrp.track]\nno_healthy_backend = 60\n",
+             notify_master = \"'/opt/my scripts/master.sh'\"\ngarp_refresh = \"60s\"\nname = \"VI_API\"\n[vrrp.track]\nno_healthy_backend = 60\nlocal_backend_down = 80\n",
             minimal("", "")
         ))
         .unwrap();
@@ -406,6 +417,7 @@ mod tests {
             vec![(Ipv4Addr::new(198, 18, 0, 100), 24)]
         );
         assert_eq!(v.track.no_healthy_backend, 60);
+        assert_eq!(v.track.local_backend_down, 80);
         assert_eq!(
             v.notify.any,
             Some(vec![
