@@ -324,8 +324,12 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
             format!("no interface {:?} on this host", cfg.agent.interface),
         ));
     };
-    if let Some((field, message)) = dsr_backend_on_this_host(cfg, &local_ipv4()) {
+    let local = local_ipv4();
+    if let Some((field, message)) = dsr_backend_on_this_host(cfg, &local) {
         return Err(error(field, message));
+    }
+    for w in colocated_warnings(cfg, &local) {
+        log::warn!("{w}");
     }
     if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
         // Refused by `run` too; check-config sees the same interface, so it says so first.
@@ -421,9 +425,67 @@ fn dsr_backend_on_this_host(
     None
 }
 
+/// What an operator running lb on a control-plane node should know about this config:
+/// a local backend on another port than its VIP's (processes on this host cannot use
+/// that VIP port), and `local_backend_down` without a local backend (no effect).
+fn colocated_warnings(cfg: &crate::config::Config, local: &[std::net::Ipv4Addr]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut any_local = false;
+    for (i, v) in cfg.vips.iter().enumerate() {
+        if v.mode.is_dsr() {
+            continue;
+        }
+        for (j, b) in v.backends.iter().enumerate() {
+            if !local.contains(&b.address) {
+                continue;
+            }
+            any_local = true;
+            if b.port != v.port {
+                out.push(format!(
+                    "vip[{i}].backend[{j}]: {}:{} is this host's, behind {}:{}: clients elsewhere \
+                     reach it, but processes on this host connecting to {}:{} (a kubelet) reach \
+                     nothing while it holds the VIP; prefer port = {} for the VIP (docs/colocated.md)",
+                    b.address, b.port, v.address, v.port, v.address, v.port, b.port
+                ));
+            }
+        }
+    }
+    if let Some(v) = &cfg.vrrp {
+        if v.track.local_backend_down > 0 && !any_local {
+            out.push(
+                "vrrp.track.local_backend_down: no backend is an address of this host; it has no effect"
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_backend_on_another_port_and_a_needless_track_are_warned_of() {
+        let text = |port: u16, track: &str| {
+            format!(
+                "[agent]\ninterface = \"eth0\"\n[[vip]]\nname = \"api\"\naddress = \"198.18.0.100\"\n\
+                 port = {port}\n[[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.2\"\nport = 6443\n\
+                 [vrrp]\nvirtual_router_id = 1\n{track}"
+            )
+        };
+        let parse =
+            |t: &str| crate::config::Config::parse(std::path::Path::new("lb.toml"), t).unwrap();
+        let local = ["198.18.0.2".parse().unwrap()];
+        assert!(colocated_warnings(&parse(&text(6443, "")), &local).is_empty());
+        let w = colocated_warnings(&parse(&text(1644, "")), &local);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].starts_with("vip[0].backend[0]"), "{w:?}");
+        let track = "[vrrp.track]\nlocal_backend_down = 30\n";
+        assert!(colocated_warnings(&parse(&text(6443, track)), &local).is_empty());
+        let w = colocated_warnings(&parse(&text(6443, track)), &[]);
+        assert!(w[0].contains("no effect"), "{w:?}");
+    }
 
     #[test]
     fn a_dsr_lb_is_not_its_own_backend() {

@@ -157,6 +157,9 @@ pub struct BackendStatus {
     pub port: u16,
     /// "up", "down" or "drain".
     pub state: String,
+    /// An address of the LB host (lb on a control-plane node): its connections pass to
+    /// the local stack, not NATed.
+    pub local: bool,
     pub weight: u32,
     /// Slots of the live Maglev table it owns.
     pub slots: u32,
@@ -364,6 +367,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
                 address: ip(b.addr).to_string(),
                 port: u16::from_be(b.port),
                 state: state::name(b.state).to_string(),
+                local: b.flags & lb_common::backend_info_flags::LOCAL != 0,
                 weight: bm.weight,
                 slots: slots.get(&i).copied().unwrap_or(0),
                 flows: f,
@@ -601,7 +605,11 @@ pub fn render(r: &Report) -> String {
             let _ = write!(
                 o,
                 "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
-                b.name,
+                if b.local {
+                    format!("{} (local)", b.name)
+                } else {
+                    b.name.clone()
+                },
                 format!("{}:{}", b.address, b.port),
                 b.state,
                 b.weight,

@@ -104,6 +104,16 @@ fn three_hundred(test: &str, vip_port: u16) {
             "the VIP holder's own apiserver sees the client's address: {local}"
         );
         let status = lab.status(&pair.configs[0]);
+        assert_eq!(
+            backend_status(&status, "master01")["local"],
+            true,
+            "{status}"
+        );
+        assert_eq!(
+            backend_status(&status, "master02")["local"],
+            false,
+            "{status}"
+        );
         let counters = &status["counters"];
         assert!(
             counters["local"].as_u64().unwrap() >= served[0] * 5,
