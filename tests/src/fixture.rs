@@ -257,6 +257,21 @@ impl Fixture {
             .sum()
     }
 
+    /// The reasons counted so far, as `name=count` pairs: for failure messages.
+    pub fn counters(&self) -> String {
+        (0..lb_common::reason::COUNT)
+            .filter(|&r| self.reason(r) != 0)
+            .map(|r| {
+                format!(
+                    "{}={}",
+                    lb_common::reason::NAMES[r as usize],
+                    self.reason(r)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The VIP's traffic counters summed over CPUs.
     pub fn vip_stats(&self) -> TrafficStats {
         let v = self.writer.maps.stats_vip.get(&0, 0).expect("STATS_VIP");

@@ -84,15 +84,20 @@ impl Pair {
             &Self::vrrp(100, advert_ms, extra[1]),
             configured,
         );
-        let a1 = lab.start_agent(0, &c1);
-        let a2 = lab.start_agent(1, &c2);
+        Some(Self::start(lab, [c1, c2], stubs))
+    }
+
+    /// Starts the agents of LBs 0 and 1 with `configs`; LB 0 is master when this returns.
+    pub fn start(lab: Lab, configs: [PathBuf; 2], stubs: Vec<Proc>) -> (Pair, Proc, Proc) {
+        let a1 = lab.start_agent(0, &configs[0]);
+        let a2 = lab.start_agent(1, &configs[1]);
         let pair = Pair {
             lab,
-            configs: [c1, c2],
+            configs,
             stubs,
         };
         pair.wait_master(0, Duration::from_secs(5));
-        Some((pair, a1, a2))
+        (pair, a1, a2)
     }
 
     /// Waits until LB `i` is the only master and the only holder of the VIP.

@@ -23,17 +23,9 @@ fn tcp(sport: u16, flags: u8) -> Frame {
     Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, sport, VIP, 6443, flags)
 }
 
-fn counters(f: &Fixture) -> String {
-    (0..reason::COUNT)
-        .filter(|&r| f.reason(r) != 0)
-        .map(|r| format!("{}={}", reason::NAMES[r as usize], f.reason(r)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Checks a dsr-l2 frame: the input with only the MACs changed; returns the backend's index.
 fn assert_l2(f: &Fixture, verdict: u32, out: &[u8], input: &[u8]) -> usize {
-    assert_eq!(verdict, XDP_TX, "counters: {}", counters(f));
+    assert_eq!(verdict, XDP_TX, "counters: {}", f.counters());
     assert_eq!(out.len(), input.len());
     assert_eq!(&out[12..], &input[12..], "only the MACs change");
     assert_eq!(&out[6..12], &LB_MAC);
@@ -127,7 +119,7 @@ fn dsr_ipip_encapsulates_towards_the_backend_with_a_per_flow_source() {
     for port in 43000..43016 {
         let inner = tcp(port, TcpFlags::SYN).mss(1460).bytes();
         let (v, out) = f.run(&inner);
-        assert_eq!(v, XDP_TX, "counters: {}", counters(&f));
+        assert_eq!(v, XDP_TX, "counters: {}", f.counters());
         assert_eq!(out.len(), inner.len() + 20, "one outer header");
         assert_eq!(&out[6..12], &LB_MAC);
         assert_eq!(&out[12..14], &[0x08, 0x00]);
@@ -169,7 +161,7 @@ fn dsr_ipip_answers_fragmentation_needed_for_what_the_outer_header_makes_too_big
     let big = tcp(44000, TcpFlags::ACK).payload(&[7u8; 1460]).bytes();
     assert_eq!(big.len(), 14 + 1500);
     let (v, out) = f.run(&big);
-    assert_eq!(v, XDP_TX, "counters: {}", counters(&f));
+    assert_eq!(v, XDP_TX, "counters: {}", f.counters());
     let icmp = packet::parse_icmp(&out).expect("an ICMP error");
     assert_eq!((icmp.icmp_type, icmp.code), (3, 4), "fragmentation needed");
     assert_eq!(icmp.mtu, Some(1480), "the link's MTU less the outer header");

@@ -36,17 +36,9 @@ fn tcp(sport: u16, flags: u8) -> Frame {
     Frame::tcp(CLIENT_MAC, LB_MAC, CLIENT, sport, VIP, 6443, flags)
 }
 
-fn counters(f: &Fixture) -> String {
-    (0..reason::COUNT)
-        .filter(|&r| f.reason(r) != 0)
-        .map(|r| format!("{}={}", reason::NAMES[r as usize], f.reason(r)))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 /// Checks a frame passed to the local stack: the input but for the destination port.
 fn assert_local(f: &Fixture, verdict: u32, out: &[u8], input: &[u8], port: u16) {
-    assert_eq!(verdict, XDP_PASS, "counters: {}", counters(f));
+    assert_eq!(verdict, XDP_PASS, "counters: {}", f.counters());
     let p = packet::parse(out).expect("an IPv4 TCP frame");
     let i = packet::parse(input).expect("an IPv4 TCP frame");
     assert_eq!(
@@ -130,7 +122,7 @@ fn local_and_remote_backends_share_the_table_and_a_dead_local_one_gets_none() {
             local += 1;
         } else {
             let p = packet::parse(&out).expect("a frame");
-            assert_ne!(p.dst, VIP, "NATed to a remote backend: {}", counters(&f));
+            assert_ne!(p.dst, VIP, "NATed to a remote backend: {}", f.counters());
             remote += 1;
         }
     }

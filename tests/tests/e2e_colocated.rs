@@ -36,14 +36,7 @@ fn colocated(test: &str, vip_port: u16, track: &str) -> Option<(Pair, Proc, Proc
     let stubs = lab.start_stubs_any();
     let c1 = lab.agent_config_vrrp_vip(0, "", VRRP_HEALTH, &Pair::vrrp(110, ADVERT_MS, track), 3);
     let c2 = lab.agent_config_vrrp_vip(1, "", VRRP_HEALTH, &Pair::vrrp(100, ADVERT_MS, track), 3);
-    let a1 = lab.start_agent(0, &c1);
-    let a2 = lab.start_agent(1, &c2);
-    let pair = Pair {
-        lab,
-        configs: [c1, c2],
-        stubs,
-    };
-    pair.wait_master(0, Duration::from_secs(5));
+    let (pair, a1, a2) = Pair::start(lab, [c1, c2], stubs);
     for c in &pair.configs {
         wait_states(&pair.lab, c, &["up", "up", "up"]);
     }

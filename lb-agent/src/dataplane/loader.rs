@@ -662,12 +662,22 @@ impl Dataplane {
     /// Pins this object's program array under PROGS_NEXT_PIN: from then on its programs
     /// outlive the agent, as the link's program will need them once `attach` switches.
     fn stage_progs(&self) -> Result<PathBuf, DataplaneError> {
-        let path = self.pin_path.join(PROGS_NEXT_PIN);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DataplaneError::Io { path, source }),
-        }
+        self.pin_progs(PROGS_NEXT_PIN)
+    }
+
+    /// Pins the program array at PROGS_PIN once the link runs this object's program, in
+    /// place of the previous program's (whose programs go with it), then drops the staged
+    /// pin. bpffs has no rename; the staged pin holds the array in between.
+    fn commit_progs(&self, staged: &Path) -> Result<(), DataplaneError> {
+        self.pin_progs(PROGS_PIN)?;
+        unpin(staged)
+    }
+
+    /// Pins this object's program array as `name` under the pin path, in place of
+    /// whatever was pinned there.
+    fn pin_progs(&self, name: &str) -> Result<PathBuf, DataplaneError> {
+        let path = self.pin_path.join(name);
+        unpin(&path)?;
         let m = self
             .ebpf
             .map(map::PROGS)
@@ -678,32 +688,6 @@ impl Dataplane {
             source,
         })?;
         Ok(path)
-    }
-
-    /// Pins the program array at PROGS_PIN once the link runs this object's program, in
-    /// place of the previous program's (whose programs go with it), then drops the staged
-    /// pin. bpffs has no rename; the staged pin holds the array in between.
-    fn commit_progs(&self, staged: &Path) -> Result<(), DataplaneError> {
-        let path = self.pin_path.join(PROGS_PIN);
-        let remove = |p: &Path| match std::fs::remove_file(p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(DataplaneError::Io {
-                path: p.to_path_buf(),
-                source,
-            }),
-        };
-        remove(&path)?;
-        let m = self
-            .ebpf
-            .map(map::PROGS)
-            .ok_or(DataplaneError::MissingMap(map::PROGS))?;
-        m.pin(&path).map_err(|source| DataplaneError::Pin {
-            name: map::PROGS,
-            path: path.clone(),
-            source,
-        })?;
-        remove(staged)
     }
 
     /// Attaches lb_tc_local to `interface`'s egress (replacing an earlier agent's).
@@ -732,6 +716,18 @@ impl Dataplane {
     /// the pins, so the next agent (an exec'd upgrade) adopts it with `load_or_adopt`.
     pub fn leave(mut self) {
         self.left = true;
+    }
+}
+
+/// Removes the pin at `path`, if there.
+fn unpin(path: &Path) -> Result<(), DataplaneError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DataplaneError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
