@@ -745,6 +745,36 @@ impl Backends {
         })
     }
 
+    /// Marks as local the NAT VIPs' backends at one of `local` (this host's addresses now)
+    /// and no others, writing the maps if that changed anything: an address added to or
+    /// removed from the host after the config was loaded. Returns one line per change.
+    pub fn refresh_local(&mut self, local: &[Ipv4Addr]) -> Result<Vec<String>, DataplaneError> {
+        let mut changed = Vec::new();
+        for v in self
+            .vips
+            .iter_mut()
+            .filter(|v| v.info.mode == lb_common::mode::NAT)
+        {
+            for b in v.backends.iter_mut() {
+                let now = local.contains(&b.addr);
+                if b.local != now {
+                    b.local = now;
+                    changed.push(format!(
+                        "VIP {}: backend {} ({}) is {} an address of this host",
+                        v.name,
+                        b.name,
+                        b.addr,
+                        if now { "now" } else { "no longer" }
+                    ));
+                }
+            }
+        }
+        if !changed.is_empty() {
+            self.writer.sync(&mut self.vips)?;
+        }
+        Ok(changed)
+    }
+
     /// True while a backend at an address of this host is down or not ready (drained does
     /// not count: the operator chose it).
     pub fn local_backend_down(&self) -> bool {

@@ -169,7 +169,7 @@ fn new_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32
     if backend.flags & backend_info_flags::LOCAL != 0 {
         return local::open(ctx, pkt, key, vip, index, &backend, true, reason::LOCAL);
     }
-    // Here, before anything branches: the verifier walks the option loop once for every
+    // Here, before the flow is made: the verifier walks the option loop once for every
     // state that reaches it (30k instructions here, 240k after the next hop lookup). A SYN
     // dropped below still counts as clamped.
     clamp_mss(ctx, pkt, vip.mss_clamp);

@@ -10,7 +10,8 @@
 //! - the holder's apiserver stops being ready while the node lives: with
 //!   `local_backend_down` the VIP moves; without, it stays and goes to the other two;
 //! - bootstrap: the first node's agent takes the VIP before any apiserver is up and serves
-//!   as soon as the local one answers.
+//!   as soon as the local one answers;
+//! - an address the node gets later makes the backend at it local.
 
 use std::{
     path::Path,
@@ -244,4 +245,56 @@ fn colocated_bootstrap_before_any_apiserver() {
     // ...and so do clients, through lb.
     let served = spread(&lab, 30);
     assert_eq!(served[0], 30);
+}
+
+/// An address the node gets after the agent started (a second address, DHCP late) makes
+/// the backend at it local at the next reconcile: before, its connections would be NATed
+/// to the node itself and never answered.
+#[test]
+fn colocated_an_address_added_later_makes_its_backend_local() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(lab) = Lab::colocated("e2e_colo_addr", 1) else {
+        return;
+    };
+    let _stub = lab.start_stubs_any();
+    let later = std::net::Ipv4Addr::new(198, 18, 0, 20);
+    let backends = [
+        (backend_name(0), lab.lbs[0].addr, 6443),
+        ("later".to_string(), later, 6443),
+    ];
+    // The lab's certificate names the nodes' first addresses, not the one added later.
+    let health = format!("{VRRP_HEALTH}\nserver_name = \"kubernetes\"");
+    let c = lab.agent_config_backends(0, "", &health, &backends);
+    let text = std::fs::read_to_string(&c).unwrap().replacen(
+        "[agent]\n",
+        "[agent]\nreconcile_interval = \"1s\"\n",
+        1,
+    );
+    std::fs::write(&c, text).unwrap();
+    lab.add_vip(0);
+    let _a = lab.start_agent(0, &c);
+    let s = lab.status(&c);
+    assert_eq!(backend_status(&s, "master01")["local"], true, "{s}");
+    assert_eq!(backend_status(&s, "later")["local"], false, "{s}");
+
+    lab.lbs[0]
+        .ns
+        .sh(&format!("ip addr add {later}/24 dev eth0"));
+    let up = poll_until(Duration::from_secs(10), || {
+        let s = lab.status(&c);
+        let b = backend_status(&s, "later");
+        b["local"] == true && b["state"] == "up"
+    });
+    assert!(
+        up.is_some(),
+        "the backend at the new address local and up: {}",
+        backend_status(&lab.status(&c), "later")
+    );
+    let report = lab.loadgen("/version", &["--count", "40", "--concurrency", "4"]);
+    assert_eq!(report["ok"], 40, "{report}");
+    let s = lab.status(&c);
+    assert!(
+        backend_status(&s, "later")["new_flows"].as_u64().unwrap() > 0,
+        "Maglev gave it connections, served locally: {s}"
+    );
 }

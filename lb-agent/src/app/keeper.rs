@@ -254,6 +254,16 @@ impl Keeper {
 
     /// Compares the maps with the plan and repairs them; on failure, tries again later.
     fn reconcile(&mut self, full: bool, retry_at: &mut Option<Instant>, backoff: &mut Duration) {
+        match self.backends.refresh_local(&crate::host::local_ipv4()) {
+            Ok(changes) => {
+                for c in changes {
+                    log::warn!(
+                        "{c}: its connections now go through the local stack or NAT accordingly"
+                    );
+                }
+            }
+            Err(e) => log::error!("writing which backends are this host's: {e}"),
+        }
         match self.backends.reconcile(full) {
             Ok(r) => {
                 *backoff = RETRY_FIRST;

@@ -90,9 +90,6 @@ pub fn remove_pins(dir: &Path) -> Result<usize, DataplaneError> {
         let p = dir.join(name);
         if name == LINK_PIN {
             if let Ok(fd) = sys::obj_get(&p, 0) {
-                if let Ok(info) = sys::link_info(fd.as_fd()) {
-                    tc_local::detach(info.ifindex);
-                }
                 if let Err(e) = sys::link_detach(fd.as_fd()) {
                     log::debug!("{}: BPF_LINK_DETACH: {e}", p.display());
                 }
@@ -583,7 +580,7 @@ impl Dataplane {
                 })?;
                 link.ours = true;
                 self.commit_progs(&staged)?;
-                self.attach_tc(interface)?;
+                self.attach_tc(interface);
                 return Ok(self.mode);
             }
             log::warn!(
@@ -655,7 +652,7 @@ impl Dataplane {
         });
         self.mode = mode;
         self.commit_progs(&staged)?;
-        self.attach_tc(interface)?;
+        self.attach_tc(interface);
         Ok(mode)
     }
 
@@ -690,9 +687,16 @@ impl Dataplane {
         Ok(path)
     }
 
-    /// Attaches lb_tc_local to `interface`'s egress (replacing an earlier agent's).
-    fn attach_tc(&mut self, interface: &str) -> Result<(), DataplaneError> {
-        tc_local::attach(&mut self.ebpf, interface)
+    /// Attaches lb_tc_local to `interface`'s egress (replacing an earlier agent's). A
+    /// failure is logged, not returned: only a local backend on another port than its VIP
+    /// needs the program, and the XDP program must not go down for it.
+    fn attach_tc(&mut self, interface: &str) {
+        if let Err(e) = tc_local::attach(&mut self.ebpf, interface) {
+            log::error!(
+                "{e}: replies of a backend on this host listening on another port than its VIP's \
+                 leave with the wrong source port"
+            );
+        }
     }
 
     /// Detaches the program and removes the link's pin (idempotent).
