@@ -390,6 +390,18 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
     Ok(())
 }
 
+/// The root of the cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on hosts
+/// that mount v1 controllers there (hybrid mode).
+pub fn root_cgroup() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let found = mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, kind) = (f.next()?, f.next()?, f.next()?);
+        (kind == "cgroup2").then(|| at.to_string())
+    });
+    found.unwrap_or_else(|| "/sys/fs/cgroup".into()).into()
+}
+
 /// Every IPv4 address of this host, on any interface.
 pub fn local_ipv4() -> Vec<std::net::Ipv4Addr> {
     nix::ifaddrs::getifaddrs()
@@ -432,7 +444,7 @@ fn colocated_warnings(cfg: &crate::config::Config, local: &[std::net::Ipv4Addr])
     let mut out = Vec::new();
     let mut any_local = false;
     for (i, v) in cfg.vips.iter().enumerate() {
-        if v.mode.is_dsr() {
+        if v.mode != crate::config::Mode::Nat {
             continue;
         }
         for (j, b) in v.backends.iter().enumerate() {

@@ -42,6 +42,9 @@ pub mod map {
     pub const BACKEND_META: &str = "BACKEND_META";
     /// Array with one AgentMeta: how and where the program is attached.
     pub const AGENT_META: &str = "AGENT_META";
+    /// LRU hash socket cookie -> SockRevNat: the VIP a socket-mode connect() asked for, so
+    /// getpeername() reports it.
+    pub const SOCK_REVNAT: &str = "SOCK_REVNAT";
     /// Program array PROG_LB tail-calls through (`tail::*`). Not in ALL: each loaded object
     /// has its own, pinned at PROGS_PIN while its program is attached.
     pub const PROGS: &str = "PROGS";
@@ -57,7 +60,7 @@ pub mod map {
     pub const NEXT_HOP: &str = "NEXT_HOP";
 
     /// Every map the agent pins, in the order status reads them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -73,6 +76,7 @@ pub mod map {
         BACKEND_META,
         AGENT_META,
         SNAT_CURSOR,
+        SOCK_REVNAT,
     ];
 }
 
@@ -89,6 +93,13 @@ pub const PROG_NEW_FLOW: &str = "lb_xdp_new_flow";
 /// Name of the TC egress program that gives a local backend's replies the VIP's port back
 /// when the VIP's port differs from the backend's (VIP:1644 -> :6443 on this host).
 pub const PROG_TC_LOCAL: &str = "lb_tc_local";
+
+/// Name of the cgroup connect4 program of socket-mode VIPs: a connect() to the VIP is
+/// made to a backend Maglev picks.
+pub const PROG_CONNECT4: &str = "lb_connect4";
+/// Name of the cgroup getpeername4 program: a socket connect4 redirected reports the VIP
+/// as its peer.
+pub const PROG_GETPEERNAME4: &str = "lb_getpeername4";
 
 /// Indices of the programs in the PROGS program array.
 pub mod tail {
@@ -109,6 +120,10 @@ pub const LINK_PIN: &str = "LINK";
 /// a running program without its tail calls once the agent is gone. Never adopted: each
 /// loaded object pins its own, since it holds that object's programs.
 pub const PROGS_PIN: &str = "PROGS";
+/// Names under the pin path of the cgroup links of the socket-mode hooks: pinned, they stay
+/// attached (with the maps as the agent left them) when the agent's process ends.
+pub const LINK_CONNECT4_PIN: &str = "LINK_CONNECT4";
+pub const LINK_GETPEERNAME4_PIN: &str = "LINK_GETPEERNAME4";
 /// Default path of the agent's control socket.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb-agent.sock";
 /// Default configuration file.
@@ -127,6 +142,8 @@ pub const DEFAULT_MAGLEV_SIZE: u32 = 65537;
 pub const MAX_FLOWS: u32 = 262_144;
 /// Entries in HALF_OPEN (two per half-open connection): what a SYN flood can occupy.
 pub const MAX_HALF_OPEN: u32 = 65_536;
+/// Entries in SOCK_REVNAT: sockets of socket-mode VIPs the hooks remember.
+pub const MAX_SOCK_REVNAT: u32 = 65_536;
 /// Entries in ADDR_FILTER (a power of two).
 pub const ADDR_FILTER_SIZE: u32 = 4096;
 /// Most VLAN devices on the XDP interface that VLAN_DEVS describes.
@@ -190,6 +207,9 @@ pub mod mode {
     pub const DSR_L2: u32 = 1;
     /// Direct server return through an IPv4-in-IPv4 tunnel to the backend's address.
     pub const DSR_IPIP: u32 = 2;
+    /// Node-local: cgroup hooks connect the host's own sockets straight to a backend; the
+    /// XDP program ignores the VIP.
+    pub const SOCKET: u32 = 3;
 
     /// The config's name of mode `m`.
     pub const fn name(m: u32) -> &'static str {
@@ -197,6 +217,7 @@ pub mod mode {
             NAT => "nat",
             DSR_L2 => "dsr-l2",
             DSR_IPIP => "dsr-ipip",
+            SOCKET => "socket",
             _ => "unknown",
         }
     }
@@ -395,8 +416,12 @@ pub mod reason {
     /// A client packet without a flow, not a SYN, that Maglev sends to a local backend
     /// (a connection this host served before its flow entry was lost): delivered.
     pub const LOCAL_ADOPTED: u32 = 34;
+    /// A connect() to a socket-mode VIP made to a backend.
+    pub const SOCK_CONNECT: u32 = 35;
+    /// A connect() to a socket-mode VIP without a backend up: failed with ECONNREFUSED.
+    pub const SOCK_REFUSED: u32 = 36;
     /// Number of reasons.
-    pub const COUNT: u32 = 35;
+    pub const COUNT: u32 = 37;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -435,7 +460,23 @@ pub mod reason {
         "local",
         "local_reply",
         "local_adopted",
+        "sock_connect",
+        "sock_refused",
     ];
+}
+
+/// Element of SOCK_REVNAT: what a socket-mode connect() asked for and where it went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRevNat {
+    /// Network byte order.
+    pub vip_addr: u32,
+    /// Network byte order.
+    pub backend_addr: u32,
+    /// Network byte order.
+    pub vip_port: u16,
+    /// Network byte order.
+    pub backend_port: u16,
 }
 
 /// Key of VIPS: the VIP as it appears as destination of a client packet.
@@ -729,6 +770,7 @@ mod pod {
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipInfo {}
     unsafe impl aya::Pod for BackendInfo {}
+    unsafe impl aya::Pod for SockRevNat {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for VlanDev {}

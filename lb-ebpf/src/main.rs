@@ -29,6 +29,7 @@ mod local;
 mod nat;
 mod parse;
 mod rst;
+mod sock;
 mod stats;
 
 use aya_ebpf::{
@@ -38,9 +39,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    reason, tail, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, TickClock,
-    TrafficStats, VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS, MAX_FLOWS,
-    MAX_HALF_OPEN, MAX_MAGLEV_SIZE, MAX_VIPS, MAX_VLAN_DEVS,
+    reason, tail, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, SockRevNat,
+    TickClock, TrafficStats, VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS,
+    MAX_FLOWS, MAX_HALF_OPEN, MAX_MAGLEV_SIZE, MAX_SOCK_REVNAT, MAX_VIPS, MAX_VLAN_DEVS,
 };
 
 // Map statics are named exactly as lb_common::map's constants; the agent finds them by name.
@@ -72,6 +73,8 @@ static NEXT_HOP: Array<NextHop> = Array::with_max_entries(MAX_BACKENDS, 0);
 static CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static SNAT_CURSOR: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
+#[map]
+static SOCK_REVNAT: LruHashMap<u64, SockRevNat> = LruHashMap::with_max_entries(MAX_SOCK_REVNAT, 0);
 // Read only by the agent and `lb-agent status`; declared here so the object carries them.
 #[map]
 static VIP_META: Array<VipMeta> = Array::with_max_entries(MAX_VIPS, 0);
@@ -102,6 +105,18 @@ pub fn lb_xdp_new_flow(ctx: XdpContext) -> u32 {
 #[aya_ebpf::macros::classifier]
 pub fn lb_tc_local(ctx: aya_ebpf::programs::TcContext) -> i32 {
     local::reply(&ctx)
+}
+
+/// cgroup connect4 of socket-mode VIPs: the connect() goes to a backend.
+#[aya_ebpf::macros::cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+/// cgroup getpeername4: a redirected socket reports the VIP as its peer.
+#[aya_ebpf::macros::cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: aya_ebpf::programs::SockAddrContext) -> i32 {
+    sock::getpeername4(&ctx)
 }
 
 /// Passes everything: the floor for the microbenchmark, and the program the lab attaches to

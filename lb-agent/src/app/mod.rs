@@ -318,6 +318,27 @@ pub async fn run(config: Config) -> Result<()> {
                 }
                 e => anyhow::Error::new(e).context("attaching the XDP program"),
             })?;
+        if config
+            .vips
+            .iter()
+            .any(|v| v.mode == crate::config::Mode::Socket)
+        {
+            let cgroup = config
+                .agent
+                .cgroup
+                .clone()
+                .unwrap_or_else(crate::host::root_cgroup);
+            dp.attach_sock_hooks(&cgroup).with_context(|| {
+                format!(
+                    "{file}: agent.cgroup: attaching the socket-mode hooks to {}",
+                    cgroup.display()
+                )
+            })?;
+            log::info!(
+                "socket-mode hooks (connect4, getpeername4) on cgroup {}",
+                cgroup.display()
+            );
+        }
         Ok::<_, anyhow::Error>((backends, sysctls, meta, link_events, mode))
     }
     .await;

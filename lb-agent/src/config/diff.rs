@@ -34,6 +34,15 @@ pub fn diff(old: &Config, new: &Config) -> Result<Vec<String>, ConfigError> {
         &b.control_socket_group,
     )?;
     fixed(&refuse, "agent.max_flows", &a.max_flows, &b.max_flows)?;
+    fixed(&refuse, "agent.cgroup", &a.cgroup, &b.cgroup)?;
+    // The socket-mode hooks are attached at start, where some VIP needs them.
+    let socket = |c: &Config| c.vips.iter().any(|v| v.mode == super::Mode::Socket);
+    if socket(new) && !socket(old) {
+        return Err(refuse(
+            "vip.mode".into(),
+            "the first socket-mode VIP (its cgroup hooks are attached at start)".into(),
+        ));
+    }
 
     let mut out = Vec::new();
     if a.reconcile_interval != b.reconcile_interval {
@@ -404,6 +413,17 @@ mod tests {
             assert!(e.message.contains("cannot change in place"), "{e}");
             assert_eq!(e.to_string().lines().count(), 1);
         }
+    }
+
+    #[test]
+    fn the_first_socket_mode_vip_needs_a_restart() {
+        let new = format!(
+            "{BASE}\n[[vip]]\nname = \"local\"\naddress = \"127.0.0.1\"\nport = 6443\nmode = \"socket\"\n\
+             [[vip.backend]]\nname = \"m1\"\naddress = \"198.18.0.11\"\n"
+        );
+        let e = diff(&parse(BASE), &parse(&new)).unwrap_err();
+        assert_eq!(e.field, "vip.mode");
+        assert!(e.message.contains("restart the agent"), "{e}");
     }
 
     #[test]

@@ -111,6 +111,8 @@ pub struct AgentConfig {
     pub max_flows: u32,
     /// What a reload does with the connections of a backend it removes.
     pub removed_backends: RemovedBackends,
+    /// The cgroup (v2) whose processes socket-mode VIPs serve; None: the root cgroup.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// `agent.removed_backends`: what happens to the connections of a backend that a reload
@@ -256,6 +258,8 @@ pub enum Mode {
     DsrL2,
     /// Direct server return through IPv4-in-IPv4 to the backend's address.
     DsrIpip,
+    /// Node-local: cgroup hooks connect this host's own sockets to a backend at connect().
+    Socket,
 }
 
 impl Mode {
@@ -265,12 +269,13 @@ impl Mode {
             Mode::Nat => "nat",
             Mode::DsrL2 => "dsr-l2",
             Mode::DsrIpip => "dsr-ipip",
+            Mode::Socket => "socket",
         }
     }
 
     /// True for the modes where backends answer clients directly.
     pub fn is_dsr(self) -> bool {
-        self != Mode::Nat
+        matches!(self, Mode::DsrL2 | Mode::DsrIpip)
     }
 }
 
@@ -462,6 +467,7 @@ struct RawAgent {
     reconcile_interval: Option<String>,
     max_flows: Option<i64>,
     removed_backends: Option<String>,
+    cgroup: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -703,6 +709,18 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
             ))
         }
     };
+    let cgroup = match raw.cgroup {
+        None => None,
+        Some(c) if c.starts_with('/') => Some(PathBuf::from(c)),
+        Some(c) => {
+            return Err(issue(
+                "agent.cgroup",
+                format!(
+                "{c:?} is not an absolute path (a cgroup v2 directory, e.g. \"/sys/fs/cgroup\")"
+            ),
+            ))
+        }
+    };
     Ok(AgentConfig {
         interface,
         xdp_mode,
@@ -712,6 +730,7 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
         reconcile_interval,
         max_flows,
         removed_backends,
+        cgroup,
     })
 }
 
@@ -793,15 +812,31 @@ fn validate_vip(
         None | Some("nat") => Mode::Nat,
         Some("dsr-l2") => Mode::DsrL2,
         Some("dsr-ipip") => Mode::DsrIpip,
+        Some("socket") => Mode::Socket,
         Some(other) => {
             return Err(issue(
                 at("mode"),
                 format!(
-                    "{other:?} is not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\""
+                    "{other:?} is not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\", \"socket\""
                 ),
             ))
         }
     };
+    if mode == Mode::Socket {
+        // The kernel connects the socket to the backend itself: no packet is rewritten.
+        for (field, set) in [
+            ("snat_address", raw.snat_address.is_some()),
+            ("snat_ports", raw.snat_ports.is_some()),
+            ("mss_clamp", raw.mss_clamp.is_some()),
+        ] {
+            if set {
+                return Err(issue(
+                    at(field),
+                    "not used in socket mode (connect() goes to the backend directly, no packet is rewritten); remove it".to_string(),
+                ));
+            }
+        }
+    }
     if mode.is_dsr() {
         // Backends answer clients from the VIP itself: there is no SNAT to configure.
         for (field, set) in [
@@ -1388,6 +1423,7 @@ port = 8132
                 reconcile_interval: Duration::from_secs(2),
                 max_flows: 100_000,
                 removed_backends: RemovedBackends::Drain,
+                cgroup: None,
             }
         );
         assert_eq!(cfg.vips.len(), 2);
@@ -1793,7 +1829,7 @@ port = 8132
         assert_err(
             &minimal("mode = \"tunnel\"", ""),
             "vip[0].mode",
-            "not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\"",
+            "not a valid mode; valid values: \"nat\", \"dsr-l2\", \"dsr-ipip\", \"socket\"",
         );
     }
 
@@ -1810,6 +1846,35 @@ port = 8132
         assert_eq!(cfg.vips[0].ipip_source, (Ipv4Addr::new(10, 99, 0, 0), 24));
         let cfg = parse(&minimal("mode = \"dsr-ipip\"", "")).expect("default source");
         assert_eq!(cfg.vips[0].ipip_source, DEFAULT_IPIP_SOURCE);
+    }
+
+    #[test]
+    fn socket_mode_refuses_what_it_does_not_use() {
+        let cfg = parse(&minimal("mode = \"socket\"", "")).expect("socket");
+        assert_eq!(cfg.vips[0].mode, Mode::Socket);
+        assert!(!cfg.vips[0].mode.is_dsr());
+        for (field, line) in [
+            ("snat_address", "snat_address = \"198.18.0.2\""),
+            ("snat_ports", "snat_ports = \"61000-62000\""),
+            ("mss_clamp", "mss_clamp = 1360"),
+        ] {
+            assert_err(
+                &minimal(&format!("mode = \"socket\"\n{line}"), ""),
+                &format!("vip[0].{field}"),
+                "not used in socket mode",
+            );
+        }
+        let text = format!(
+            "{}[vrrp]\nvirtual_router_id = 1\nvirtual_addresses = [\"198.18.0.100\"]\n",
+            minimal("mode = \"socket\"", "")
+        );
+        assert_err(&text, "vrrp.virtual_addresses[0]", "socket-mode VIP");
+        let text = minimal("mode = \"socket\"", "").replacen(
+            "[agent]\n",
+            "[agent]\ncgroup = \"sys/fs/cgroup\"\n",
+            1,
+        );
+        assert_err(&text, "agent.cgroup", "not an absolute path");
     }
 
     #[test]

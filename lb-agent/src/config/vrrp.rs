@@ -236,7 +236,12 @@ pub(super) fn validate_vrrp(
         unicast_peers.push(validate_ipv4(&format!("vrrp.unicast_peers[{i}]"), Some(p))?);
     }
     let virtual_addresses = match raw.virtual_addresses {
-        None => vips.iter().map(|v| (v.address, 32)).collect(),
+        // A socket-mode VIP is where this host's own processes connect: nothing to move.
+        None => vips
+            .iter()
+            .filter(|v| v.mode != super::Mode::Socket)
+            .map(|v| (v.address, 32))
+            .collect(),
         Some(list) if list.is_empty() => {
             return Err(issue(
                 at("virtual_addresses"),
@@ -256,7 +261,20 @@ pub(super) fn validate_vrrp(
                         }
                     },
                 };
-                out.push((validate_ipv4(&field, Some(ip))?, prefix));
+                let ip = validate_ipv4(&field, Some(ip))?;
+                if let Some(v) = vips
+                    .iter()
+                    .find(|v| v.mode == super::Mode::Socket && v.address == ip)
+                {
+                    return Err(issue(
+                        field,
+                        format!(
+                            "{ip} is socket-mode VIP {:?}'s address: it is this host's own, not one VRRP moves; remove it",
+                            v.name
+                        ),
+                    ));
+                }
+                out.push((ip, prefix));
             }
             out
         }

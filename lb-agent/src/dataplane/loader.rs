@@ -16,7 +16,7 @@ use lb_common::{
     map, tail, xdp_mode, AgentMeta, LINK_PIN, MAP_LAYOUT_VERSION, PROGS_PIN, PROG_LB, PROG_NEW_FLOW,
 };
 
-use super::{generic, sys, tc_local, DataplaneError, OBJECT};
+use super::{generic, sock_hooks, sys, tc_local, DataplaneError, OBJECT};
 use crate::config::XdpModeSetting;
 
 /// The loaded data plane. Dropping it detaches the program and removes the pins (the
@@ -79,6 +79,7 @@ fn pin_names() -> impl Iterator<Item = &'static str> {
     map::ALL
         .into_iter()
         .chain([LINK_PIN, PROGS_PIN, PROGS_NEXT_PIN])
+        .chain(sock_hooks::PINS)
 }
 
 /// Removes lb's pins under `dir` (a crashed agent's leftovers) and the dir if then empty.
@@ -88,7 +89,7 @@ pub fn remove_pins(dir: &Path) -> Result<usize, DataplaneError> {
     let mut removed = 0;
     for name in pin_names() {
         let p = dir.join(name);
-        if name == LINK_PIN {
+        if name == LINK_PIN || sock_hooks::PINS.contains(&name) {
             if let Ok(fd) = sys::obj_get(&p, 0) {
                 if let Err(e) = sys::link_detach(fd.as_fd()) {
                     log::debug!("{}: BPF_LINK_DETACH: {e}", p.display());
@@ -699,8 +700,15 @@ impl Dataplane {
         }
     }
 
+    /// Attaches the socket-mode hooks to `cgroup` (or takes over those an earlier agent
+    /// pinned).
+    pub fn attach_sock_hooks(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        sock_hooks::attach(&mut self.ebpf, cgroup, &self.pin_path)
+    }
+
     /// Detaches the program and removes the link's pin (idempotent).
     pub fn detach(&mut self) {
+        sock_hooks::detach(&self.pin_path);
         if let Some(link) = self.link.take() {
             tc_local::detach(link.ifindex);
             let path = self.pin_path.join(LINK_PIN);

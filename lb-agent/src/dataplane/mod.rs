@@ -10,6 +10,7 @@
 pub mod generic;
 pub mod loader;
 pub mod pinned;
+mod sock_hooks;
 mod sys;
 mod tc_local;
 pub mod writer;

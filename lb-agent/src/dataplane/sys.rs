@@ -122,6 +122,28 @@ pub(crate) fn xdp_link_create(
     unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.map(owned)
 }
 
+/// BPF_CGROUP_INET4_CONNECT, the attach type of a cgroup connect4 program.
+pub(crate) const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+/// BPF_CGROUP_INET4_GETPEERNAME.
+pub(crate) const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+
+/// Attaches `prog` to the cgroup open as `cgroup` with a new bpf_link of `attach_type`.
+pub(crate) fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    // target_fd shares target_ifindex's place in the union.
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    // SAFETY: no pointers.
+    unsafe { bpf(BPF_LINK_CREATE, &mut attr) }.map(owned)
+}
+
 /// `union bpf_attr`'s `link_update` member.
 #[repr(C)]
 struct LinkUpdateAttr {

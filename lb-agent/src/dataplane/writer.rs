@@ -94,7 +94,7 @@ pub fn plan(config: &Config, default_snat: Ipv4Addr, local: &[Ipv4Addr]) -> Vec<
                             state::UP
                         },
                         flags: 0,
-                        local: !v.mode.is_dsr() && local.contains(&b.address),
+                        local: v.mode == Mode::Nat && local.contains(&b.address),
                     }
                 })
                 .collect();
@@ -125,10 +125,11 @@ fn vip_info(index: u32, v: &VipConfig, default_snat: Ipv4Addr) -> VipInfo {
         // No SNAT: the address stays out of ADDR_FILTER and the range empty.
         Mode::DsrL2 => (mode::DSR_L2, 0),
         Mode::DsrIpip => (mode::DSR_IPIP, 0),
+        Mode::Socket => (mode::SOCKET, 0),
     };
     let (net, len) = v.ipip_source;
     let host = u32::MAX.checked_shr(len as u32).unwrap_or(0);
-    let (port_min, port_max) = if v.mode.is_dsr() {
+    let (port_min, port_max) = if v.mode != Mode::Nat {
         (1, 0)
     } else {
         v.snat_ports
@@ -607,6 +608,10 @@ impl Writer {
 fn filter_slots(vips: &[VipPlan]) -> Vec<(u32, u32)> {
     let mut slots = std::collections::BTreeMap::new();
     for v in vips {
+        // The XDP program has nothing to do with a socket-mode VIP's address.
+        if v.info.mode == mode::SOCKET {
+            continue;
+        }
         let dsr = if v.info.mode == mode::NAT {
             0
         } else {

@@ -60,7 +60,7 @@ impl DsrMode {
     /// The DSR mode of a VIP's configured mode; None for nat.
     pub fn of(mode: Mode) -> Option<Self> {
         match mode {
-            Mode::Nat => None,
+            Mode::Nat | Mode::Socket => None,
             Mode::DsrL2 => Some(DsrMode::L2),
             Mode::DsrIpip => Some(DsrMode::Ipip),
         }
