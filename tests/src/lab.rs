@@ -847,6 +847,23 @@ impl Footprint {
 }
 
 /// Polls `f` until it is true or `timeout` passes (then panics naming `what`).
+/// How many of the `n` requests in lb-loadgen's `report` each of the first `backends`
+/// backends served, each asserted to be 20%..46% of them: three backends' even share, with
+/// Maglev's spread over a few hundred connections.
+pub fn assert_spread(report: &serde_json::Value, n: u64, backends: usize) -> Vec<u64> {
+    (0..backends)
+        .map(|i| {
+            let name = backend_name(i);
+            let served = report["backends"][&name].as_u64().unwrap_or(0);
+            assert!(
+                (n / 5..=n * 46 / 100).contains(&served),
+                "{name} served {served} of {n} (20%..46% expected): {report}"
+            );
+            served
+        })
+        .collect()
+}
+
 pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {

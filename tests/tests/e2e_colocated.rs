@@ -20,7 +20,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{backend_name, backend_status, wait_for, Lab, Proc, CLIENT},
+    lab::{assert_spread, backend_name, backend_status, wait_for, Lab, Proc, CLIENT},
     vrrp_lab::{poll_until, Pair, VRRP_HEALTH},
 };
 
@@ -83,14 +83,10 @@ fn three_hundred(test: &str, vip_port: u16) {
     let footprint = pair.lab.footprint();
     {
         let lab = &pair.lab;
-        let served = spread(lab, 300);
-        for (i, s) in served.iter().enumerate() {
-            assert!(
-                (60..=138).contains(s),
-                "{} served {s} of 300 (20%..46% expected)",
-                backend_name(i)
-            );
-        }
+        let report = lab.loadgen("/version", &["--count", "300", "--concurrency", "4"]);
+        assert_eq!(report["ok"], 300, "all requests succeed: {report}");
+        let served = assert_spread(&report, 300, 3);
+        println!("300 connections: served {served:?}");
         let local = lab.stub_stats(0);
         assert_eq!(
             local["peers"][CLIENT.to_string()].as_u64().unwrap_or(0),
