@@ -54,6 +54,16 @@ fn loadgen(lab: &Lab, cgroup: Option<&Path>, n: u32) -> serde_json::Value {
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("loadgen {out:?} {err}: {e}"))
 }
 
+/// `bpftool cgroup show CGROUP`: the programs attached there, by name.
+fn cgroup_hooks(cg: &Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cg)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 struct Setup {
     config: PathBuf,
     agent: Proc,
@@ -161,6 +171,25 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     assert!(ok, "{err}");
     assert_eq!(out.trim(), "('127.0.0.1', 6443)");
 
+    // `lb-agent restart` (an upgrade: the agent execs the binary on disk) replaces the
+    // hooks' programs in place: still one of each on the cgroup, and connections go on.
+    let out = Command::new(bin("lb-agent"))
+        .args(["restart", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lb-agent restart: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hooks = cgroup_hooks(&cg);
+    assert_eq!(hooks.matches("lb_connect4").count(), 1, "{hooks}");
+    assert_eq!(hooks.matches("lb_getpeername4").count(), 1, "{hooks}");
+    let report = loadgen(lab, Some(&cg), 30);
+    assert_eq!(report["ok"], 30, "{report}");
+
     // Outside the cgroup nothing changes: nothing listens on 127.0.0.1:6443 there.
     let report = loadgen(lab, None, 5);
     assert_eq!(report["ok"], 0, "{report}");
@@ -204,12 +233,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         s.agent.wait(Duration::from_secs(15)).is_some(),
         "the agent stops"
     );
-    let hooks = Command::new("bpftool")
-        .args(["cgroup", "show"])
-        .arg(&cg)
-        .output()
-        .unwrap();
-    let hooks = String::from_utf8_lossy(&hooks.stdout);
+    let hooks = cgroup_hooks(&cg);
     assert!(!hooks.contains("lb_connect4"), "{hooks}");
     let pin = lab.pin_path(0);
     assert!(!pin.join(lb_common::LINK_CONNECT4_PIN).exists());
