@@ -39,3 +39,18 @@ pub fn recv_now(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<usize>> 
         Err(e)
     }
 }
+
+/// The packet-socket address of IPv4 frames on interface `ifindex` (0: every interface),
+/// sent to `mac` when given: what a packet socket sends to or binds.
+pub fn packet_addr(ifindex: u32, mac: Option<[u8; 6]>) -> libc::sockaddr_ll {
+    // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
+    let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sa.sll_family = libc::AF_PACKET as u16;
+    sa.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+    sa.sll_ifindex = ifindex as i32;
+    if let Some(mac) = mac {
+        sa.sll_halen = 6;
+        sa.sll_addr[..6].copy_from_slice(&mac);
+    }
+    sa
+}

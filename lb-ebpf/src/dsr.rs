@@ -27,24 +27,17 @@ const IPPROTO_IPIP: u8 = 4;
 /// The DF bit of `frag_off`, network byte order.
 const DF_BE: u16 = 0x4000u16.to_be();
 
-/// Handles a packet whose destination address may be a DSR VIP's (ADDR_FILTER says so);
-/// None when it is not for a DSR VIP after all (a NAT VIP on the same address, a reply).
+/// Handles a packet whose destination address has entries in DSR_FLOWS (ADDR_FILTER says
+/// so: a DSR VIP's, or a NAT VIP's with a local backend) when one is its; None otherwise.
+/// A DSR VIP's packet without an entry comes back to `no_flow` once FLOWS missed too: a
+/// NAT connection on the same address then pays no VIPS lookup here.
 #[inline(always)]
 pub fn process(ctx: &XdpContext, pkt: &Packet, key: &FlowKey) -> Option<u32> {
-    if let Some(f) = DSR_FLOWS.get_ptr_mut(key) {
-        if pkt.fragment {
-            return Some(nat::drop(reason::DROP_FRAGMENT));
-        }
-        return Some(on_flow(ctx, pkt, key, f));
-    }
-    let vip = nat::vip_at(key.dst_addr, key.dst_port)?;
-    if vip.mode == mode::NAT {
-        return None;
-    }
+    let f = DSR_FLOWS.get_ptr_mut(key)?;
     if pkt.fragment {
         return Some(nat::drop(reason::DROP_FRAGMENT));
     }
-    Some(no_flow(ctx, pkt, key, vip))
+    Some(on_flow(ctx, pkt, key, f))
 }
 
 /// A packet of a connection DSR_FLOWS knows.
@@ -94,7 +87,7 @@ fn on_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, f: *mut Flow) -> u32 {
 
 /// A packet for a DSR VIP without an entry: a SYN, or a connection another LB served.
 #[inline(always)]
-fn no_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 {
+pub fn no_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 {
     let flags = unsafe { (*pkt.tcp).flags };
     let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let (index, backend) = match flow::pick(key, vip) {

@@ -274,7 +274,8 @@ pub struct ReplyHop {
 }
 
 /// A new connection's forward entry towards backend `index` (Maglev's pick), not yet
-/// inserted (the caller adds its next hop). The reply entry is in HALF_OPEN already, holding the SNAT port.
+/// inserted (the caller adds its next hop). The reply entry is in HALF_OPEN already,
+/// holding the SNAT port.
 ///
 /// `syn_tsval` is the SYN's TCP timestamp (0: none). The flow shifts the client's
 /// timestamps so the backend sees one clock, this host's milliseconds, on every tuple: a

@@ -4,8 +4,8 @@
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{
-    addr_filter, addr_filter_index, backend_info_flags, flow_flags, reason, tail, Flow, FlowKey,
-    VipInfo, VipKey, IPPROTO_TCP,
+    addr_filter, addr_filter_index, backend_info_flags, flow_flags, mode, reason, tail, Flow,
+    FlowKey, VipInfo, VipKey, IPPROTO_TCP,
 };
 
 use crate::{
@@ -63,11 +63,14 @@ pub fn process(ctx: &XdpContext) -> u32 {
         }
         return on_flow(ctx, &pkt, &key, f, table);
     }
-    if vip_of(&key).is_none() {
+    let Some(vip) = vip_of(&key) else {
         return pass(reason::PASS_NOT_OURS);
-    }
+    };
     if pkt.fragment {
         return drop(reason::DROP_FRAGMENT);
+    }
+    if vip.mode != mode::NAT {
+        return dsr::no_flow(ctx, &pkt, &key, vip);
     }
     to_new_flow(ctx)
 }
@@ -142,19 +145,26 @@ fn no_flow(ctx: &XdpContext, pkt: &Packet, key: &FlowKey, vip: &VipInfo) -> u32 
         return new_flow(ctx, pkt, key, vip);
     }
     // A connection to a local backend needs no state but the port: one whose entry was
-    // lost (evicted, a restart with new maps) goes on where Maglev still sends it.
-    if let Ok((index, backend)) = flow::pick(key, vip) {
-        if backend.flags & backend_info_flags::LOCAL != 0 {
-            return local::open(
-                ctx,
-                pkt,
-                key,
-                vip,
-                index,
-                &backend,
-                false,
-                reason::LOCAL_ADOPTED,
-            );
+    // lost (evicted, a restart with new maps) goes on where Maglev still sends it. Only
+    // addresses whose VIPs have one pay the pick (the DSR bit: a stray ACK flood at a plain
+    // NAT VIP costs what it did).
+    let may_be_local = ADDR_FILTER
+        .get(addr_filter_index(key.dst_addr))
+        .is_some_and(|&b| b & addr_filter::DSR != 0);
+    if may_be_local {
+        if let Ok((index, backend)) = flow::pick(key, vip) {
+            if backend.flags & backend_info_flags::LOCAL != 0 {
+                return local::open(
+                    ctx,
+                    pkt,
+                    key,
+                    vip,
+                    index,
+                    &backend,
+                    false,
+                    reason::LOCAL_ADOPTED,
+                );
+            }
         }
     }
     rst::reply(ctx, pkt, reason::RST_NO_FLOW)

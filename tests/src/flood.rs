@@ -5,7 +5,7 @@
 use std::{
     io, mem,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     time::{Duration, Instant},
 };
 
@@ -291,13 +291,8 @@ impl Sender {
                 .with_context(|| format!("interface {interface}"));
         }
         // Protocol 0: the socket receives nothing, so nothing queues up while we flood.
-        // SAFETY: plain socket(2); the fd is owned below.
-        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error()).context("AF_PACKET socket (needs CAP_NET_RAW)");
-        }
-        // SAFETY: a fresh fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = lb_agent::sock::socket(libc::AF_PACKET, libc::SOCK_RAW, 0)
+            .context("AF_PACKET socket (needs CAP_NET_RAW)")?;
         // The qdisc adds nothing here (veth has none) but costs time per frame.
         let one: libc::c_int = 1;
         // SAFETY: an int option of the right size.
@@ -313,13 +308,7 @@ impl Sender {
         if rc != 0 {
             return Err(io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
         }
-        // SAFETY: sockaddr_ll is plain data; all-zero is a valid value.
-        let mut to: libc::sockaddr_ll = unsafe { mem::zeroed() };
-        to.sll_family = libc::AF_PACKET as u16;
-        to.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-        to.sll_ifindex = ifindex as i32;
-        to.sll_halen = 6;
-        to.sll_addr[..6].copy_from_slice(&dst_mac);
+        let to = lb_agent::sock::packet_addr(ifindex, Some(dst_mac));
         Ok(Self { fd, to })
     }
 

@@ -702,13 +702,7 @@ impl Sender {
     fn open(ifindex: u32, dst_mac: [u8; 6]) -> io::Result<Self> {
         // Protocol 0: send only, nothing queues up to be read.
         let fd = socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, 0)?;
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = (libc::ETH_P_IP as u16).to_be();
-        sa.sll_ifindex = ifindex as i32;
-        sa.sll_halen = 6;
-        sa.sll_addr[..6].copy_from_slice(&dst_mac);
+        let sa = crate::sock::packet_addr(ifindex, Some(dst_mac));
         Ok(Self { fd, sa })
     }
 
@@ -815,12 +809,8 @@ impl Receiver {
                 size_of::<libc::sock_fprog>() as u32,
             )
         })?;
-        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
-        let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sa.sll_family = libc::AF_PACKET as u16;
-        sa.sll_protocol = (libc::ETH_P_IP as u16).to_be();
         // Every interface: with dsr-ipip the answer need not come back the way the SYN left.
-        sa.sll_ifindex = 0;
+        let sa = crate::sock::packet_addr(0, None);
         // SAFETY: sa is a valid sockaddr_ll.
         check(unsafe {
             libc::bind(
