@@ -318,12 +318,28 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
             ));
         }
     }
-    let Ok(index) = ifindex(&cfg.agent.interface) else {
-        return Err(error(
-            "agent.interface".into(),
-            format!("no interface {:?} on this host", cfg.agent.interface),
-        ));
+    let index = match &cfg.agent.interface {
+        None => None,
+        Some(iface) => Some(ifindex(iface).map_err(|_| {
+            error(
+                "agent.interface".into(),
+                format!("no interface {iface:?} on this host"),
+            )
+        })?),
     };
+    if cfg.vips.iter().any(|v| v.mode == config::Mode::Socket) {
+        let cg = cfg.agent.cgroup.clone().unwrap_or_else(root_cgroup);
+        // Every cgroup v2 directory has cgroup.controllers; a v1 one does not.
+        if !cg.join("cgroup.controllers").exists() {
+            return Err(error(
+                "agent.cgroup".into(),
+                format!(
+                    "{} is not a cgroup v2 directory on this host (the socket-mode hooks attach there)",
+                    cg.display()
+                ),
+            ));
+        }
+    }
     let local = local_ipv4();
     if let Some((field, message)) = dsr_backend_on_this_host(cfg, &local) {
         return Err(error(field, message));
@@ -331,7 +347,9 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
     for w in colocated_warnings(cfg, &local) {
         log::warn!("{w}");
     }
-    if cfg.agent.xdp_mode == config::XdpModeSetting::Generic {
+    if let (config::XdpModeSetting::Generic, Some(index), Some(iface)) =
+        (cfg.agent.xdp_mode, index, &cfg.agent.interface)
+    {
         // Refused by `run` too; check-config sees the same interface, so it says so first.
         let hazard = async {
             let nl = Netlink::connect()?;
@@ -340,12 +358,7 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
         };
         match hazard.await {
             Ok(None) => {}
-            Ok(Some(h)) => {
-                return Err(error(
-                    "agent.xdp_mode".into(),
-                    generic::refusal(&cfg.agent.interface, &h),
-                ))
-            }
+            Ok(Some(h)) => return Err(error("agent.xdp_mode".into(), generic::refusal(iface, &h))),
             Err(e) => log::warn!("cannot list the links of this host: {e}"),
         }
     }

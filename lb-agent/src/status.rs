@@ -90,8 +90,10 @@ pub struct AgentStatus {
     pub pid: u32,
     pub interface: String,
     pub ifindex: u32,
-    /// "native", "generic" or "none".
+    /// "native", "generic" or "none" (also when every VIP is in socket mode: no interface).
     pub xdp_mode: String,
+    /// The socket-mode hooks (connect4, getpeername4) are pinned, so attached to the cgroup.
+    pub socket_hooks: bool,
     pub pin_path: String,
     pub control_socket: String,
     pub uptime_seconds: u64,
@@ -260,6 +262,7 @@ pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusEr
         },
         ifindex: meta.ifindex,
         xdp_mode: xdp_mode::name(meta.xdp_mode).to_string(),
+        socket_hooks: pin_path.join(lb_common::LINK_CONNECT4_PIN).exists(),
         pin_path: pin_path.display().to_string(),
         control_socket: control_socket.display().to_string(),
         uptime_seconds: now.saturating_sub(meta.started_unix),
@@ -487,11 +490,22 @@ pub fn render(r: &Report) -> String {
     };
     let _ = writeln!(o, "agent:     {state}");
     let _ = writeln!(o, "version:   {}", identity_line(r));
-    let _ = writeln!(
-        o,
-        "data plane: XDP {} on {} (ifindex {}), maps pinned under {}",
-        a.xdp_mode, a.interface, a.ifindex, a.pin_path
-    );
+    if a.ifindex == 0 {
+        let _ = writeln!(
+            o,
+            "data plane: no XDP (every VIP is in socket mode), maps pinned under {}",
+            a.pin_path
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "data plane: XDP {} on {} (ifindex {}), maps pinned under {}",
+            a.xdp_mode, a.interface, a.ifindex, a.pin_path
+        );
+    }
+    if a.socket_hooks {
+        let _ = writeln!(o, "socket hooks: connect4 and getpeername4 attached");
+    }
     let t = &r.flow_table;
     let _ = writeln!(
         o,

@@ -90,7 +90,9 @@ fn setup(test: &str) -> Option<Setup> {
             "[agent]\n",
             &format!("[agent]\ncgroup = \"{}\"\n", cgroup.0.display()),
             1,
-        );
+        )
+        // Every VIP in socket mode: no interface, no XDP (as on a Kubespray worker).
+        .replacen("interface = \"eth0\"\nxdp_mode = \"native\"\n", "", 1);
     std::fs::write(&c, text).unwrap();
     let agent = lab.spawn_net_only(
         &lab.client,
@@ -159,6 +161,15 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     }
     let status = lab.status(&s.config);
     assert_eq!(status["vips"][0]["mode"], "socket", "{status}");
+    // No XDP anywhere: the agent runs without an interface.
+    assert_eq!(status["agent"]["ifindex"], 0, "{status}");
+    assert_eq!(status["agent"]["xdp_mode"], "none", "{status}");
+    assert_eq!(status["agent"]["socket_hooks"], true, "{status}");
+    let links = lab.exec(&lab.client, &["ip", "-d", "link", "show"]);
+    assert!(
+        !links.contains("xdp"),
+        "no XDP program in the client: {links}"
+    );
     assert_eq!(status["vips"][0]["new_flows"], 300, "{status}");
     assert_eq!(status["counters"]["sock_connect"], 300, "{status}");
 
@@ -183,6 +194,15 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         "lb-agent restart: {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+    let log = lab.dir.join("agent-client.log");
+    wait_for(
+        Duration::from_secs(20),
+        "the restarted agent serves",
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("adopting the data plane"))
+                && lab.status(&s.config)["agent"]["restarted_by"].is_string()
+        },
     );
     let hooks = cgroup_hooks(&cg);
     assert_eq!(hooks.matches("lb_connect4").count(), 1, "{hooks}");

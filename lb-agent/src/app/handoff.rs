@@ -177,7 +177,8 @@ pub fn way(next: &Version, old: &Config, new: &Config) -> Way {
     } else if old.agent.interface != new.agent.interface {
         Some(format!(
             "agent.interface changes ({} -> {})",
-            old.agent.interface, new.agent.interface
+            old.agent.interface.as_deref().unwrap_or("none"),
+            new.agent.interface.as_deref().unwrap_or("none")
         ))
     } else if old.agent.pin_path != new.agent.pin_path {
         Some(format!(

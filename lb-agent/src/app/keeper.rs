@@ -79,6 +79,7 @@ pub struct Keeper {
     pub info: AgentInfo,
     pub vrrp: Option<vrrp::Shared>,
     pub nl: Netlink,
+    /// The XDP program's interface; 0 (and "") when every VIP is in socket mode.
     pub ifindex: u32,
     pub iface: String,
     pub reconcile_every: Duration,
@@ -175,7 +176,7 @@ impl Keeper {
                     // After a failed write, look at everything.
                     self.reconcile(true, &mut retry_at, &mut backoff);
                 }
-                _ = watchdog.tick() => {
+                _ = watchdog.tick(), if self.ifindex != 0 => {
                     match self.nl.link(self.ifindex).await {
                         Ok(l) => {
                             let now = l.xdp_prog_id.is_some();
@@ -290,6 +291,9 @@ impl Keeper {
     /// Makes VLAN_DEVS hold the VLAN devices now on the interface and logs each change;
     /// false when that failed (logged).
     async fn refresh_vlans(&mut self) -> bool {
+        if self.ifindex == 0 {
+            return true;
+        }
         // The keeper's loop waits for this: a netlink answer that never comes must not stop
         // probes, commands and heartbeats.
         let vlans = match tokio::time::timeout(VLAN_READ_TIMEOUT, self.nl.vlans(self.ifindex)).await

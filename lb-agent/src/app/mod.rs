@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     backends::Backends,
-    config::{Config, XdpModeSetting},
+    config::{Config, Mode, XdpModeSetting},
     control::{self, Access, AgentInfo, Request},
     dataplane::{
         generic,
@@ -105,6 +105,59 @@ fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
+/// The interface the XDP program serves, as the agent found it at start.
+struct Nic {
+    iface: String,
+    ifindex: u32,
+    mac: [u8; 6],
+    /// Why generic (skb) mode would corrupt checksums here (`generic::generic_hazard`).
+    generic_hazard: Option<String>,
+}
+
+impl Nic {
+    /// Reads `iface` and refuses what cannot work on it before anything is loaded, so a
+    /// refusal leaves nothing behind.
+    async fn read(nl: &Netlink, iface: &str, file: &str, xdp_mode: XdpModeSetting) -> Result<Self> {
+        let link = nl
+            .link_by_name(iface)
+            .await
+            .with_context(|| format!("{file}: agent.interface"))?;
+        let mac = link
+            .mac
+            .ok_or_else(|| anyhow!("{file}: agent.interface: {iface} has no MAC address"))?;
+        let links = nl.links().await.context("listing the links")?;
+        let generic_hazard = generic::generic_hazard(&links, link.index);
+        match (xdp_mode, &generic_hazard) {
+            (XdpModeSetting::Generic, Some(h)) => {
+                return Err(anyhow!(
+                    "{file}: agent.xdp_mode: {}",
+                    generic::refusal(iface, h)
+                ))
+            }
+            (XdpModeSetting::Generic, None) => log::warn!(
+                "agent.xdp_mode = \"generic\" on {iface}: generic (skb) mode is for testing and for NICs whose driver has no XDP support; it is much slower than native mode"
+            ),
+            _ => {}
+        }
+        Ok(Self {
+            iface: iface.to_string(),
+            ifindex: link.index,
+            mac,
+            generic_hazard,
+        })
+    }
+}
+
+/// The SNAT port ranges to keep out of the kernel's ephemeral ports: NAT VIPs' only.
+pub(crate) fn snat_ranges(config: &Config) -> Vec<(u16, u16)> {
+    config
+        .vips
+        .iter()
+        .filter(|v| v.mode.uses_snat())
+        .map(|v| v.snat_ports)
+        .collect()
+}
+
 /// Runs the agent until SIGTERM or SIGINT (Ok) or until a supervised task ends (Err).
 pub async fn run(config: Config) -> Result<()> {
     // Before anything changes on the host: a signal from here on is handled, never fatal.
@@ -121,36 +174,26 @@ pub async fn run(config: Config) -> Result<()> {
         },
     )?;
     let nl = Netlink::connect().context("opening rtnetlink")?;
-    let iface = config.agent.interface.clone();
-    let link = nl
-        .link_by_name(&iface)
-        .await
-        .with_context(|| format!("{file}: agent.interface"))?;
-    let ifindex = link.index;
-    let mac = link
-        .mac
-        .ok_or_else(|| anyhow!("{file}: agent.interface: {iface} has no MAC address"))?;
-    // Before anything is loaded: a refusal leaves nothing behind.
-    let links = nl.links().await.context("listing the links")?;
-    let generic_hazard = generic::generic_hazard(&links, ifindex);
-    match (config.agent.xdp_mode, &generic_hazard) {
-        (XdpModeSetting::Generic, Some(h)) => {
-            return Err(anyhow!(
-                "{file}: agent.xdp_mode: {}",
-                generic::refusal(&iface, h)
-            ))
-        }
-        (XdpModeSetting::Generic, None) => log::warn!(
-            "agent.xdp_mode = \"generic\" on {iface}: generic (skb) mode is for testing and for NICs whose driver has no XDP support; it is much slower than native mode"
-        ),
-        _ => {}
-    }
+    // No interface: every VIP is in socket mode, and no XDP program is attached anywhere.
+    let nic = match &config.agent.interface {
+        Some(iface) => Some(Nic::read(&nl, iface, &file, config.agent.xdp_mode).await?),
+        None => None,
+    };
+    let ifindex = nic.as_ref().map_or(0, |n| n.ifindex);
+    let iface = nic.as_ref().map_or(String::new(), |n| n.iface.clone());
     // Also when every VIP names its SNAT address: a reload may add one that does not.
-    let default_snat = nl
-        .primary_ipv4(ifindex)
-        .await?
-        .unwrap_or(Ipv4Addr::UNSPECIFIED);
-    if let Some(i) = config.vips.iter().position(|v| v.snat_address.is_none()) {
+    let default_snat = match &nic {
+        Some(n) => nl
+            .primary_ipv4(n.ifindex)
+            .await?
+            .unwrap_or(Ipv4Addr::UNSPECIFIED),
+        None => Ipv4Addr::UNSPECIFIED,
+    };
+    if let Some(i) = config
+        .vips
+        .iter()
+        .position(|v| v.mode != Mode::Socket && v.snat_address.is_none())
+    {
         if default_snat.is_unspecified() {
             return Err(anyhow!(
                 "{file}: vip[{i}].snat_address: not set, and interface {iface} has no IPv4 address to use instead"
@@ -284,9 +327,10 @@ pub async fn run(config: Config) -> Result<()> {
                 .map(|h| h.sysctls.clone())
                 .unwrap_or_default(),
         );
-        sysctls.for_dataplane(&iface)?;
-        let ranges: Vec<_> = config.vips.iter().map(|v| v.snat_ports).collect();
-        sysctls.reserve_ports(&ranges)?;
+        if nic.is_some() {
+            sysctls.for_dataplane(&iface)?;
+        }
+        sysctls.reserve_ports(&snat_ranges(&config))?;
 
         let meta = AgentMeta {
             // An adopted link keeps its mode: a crash before attach must leave it adoptable.
@@ -295,34 +339,38 @@ pub async fn run(config: Config) -> Result<()> {
             pid: std::process::id(),
             layout_version: lb_common::MAP_LAYOUT_VERSION,
             started_unix,
-            mac,
+            mac: nic.as_ref().map_or([0; 6], |n| n.mac),
             _pad2: [0; 2],
         };
         // The MAC before the program runs: it must never act on frames for other hosts.
         backends.writer().set_agent_meta(meta)?;
         // Tagged frames leave by XDP only towards VLANs the program knows of. Subscribed before
         // the first read, so a VLAN device added in between is not missed; the keeper follows.
-        let link_events = netlink::link_events().context("subscribing to link events")?;
-        let vlans = nl.vlans(ifindex).await?;
-        for change in backends
-            .writer()
-            .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
-        {
-            log::info!("VLAN devices on {iface}: {change}");
-        }
-        let mode = dp
-            .attach(&iface, config.agent.xdp_mode, generic_hazard.as_deref())
-            .map_err(|e| match e {
-                DataplaneError::GenericRefused { .. } | DataplaneError::NoFallback { .. } => {
-                    anyhow!("{file}: {e}")
+        let link_events = match &nic {
+            Some(_) => Some(netlink::link_events().context("subscribing to link events")?),
+            None => None,
+        };
+        let mode = match &nic {
+            Some(n) => {
+                let vlans = nl.vlans(ifindex).await?;
+                for change in backends
+                    .writer()
+                    .set_vlans(&keeper::vlan_devs(ifindex, &vlans))?
+                {
+                    log::info!("VLAN devices on {iface}: {change}");
                 }
-                e => anyhow::Error::new(e).context("attaching the XDP program"),
-            })?;
-        if config
-            .vips
-            .iter()
-            .any(|v| v.mode == crate::config::Mode::Socket)
-        {
+                dp.attach(&iface, config.agent.xdp_mode, n.generic_hazard.as_deref())
+                    .map_err(|e| match e {
+                        DataplaneError::GenericRefused { .. }
+                        | DataplaneError::NoFallback { .. } => {
+                            anyhow!("{file}: {e}")
+                        }
+                        e => anyhow::Error::new(e).context("attaching the XDP program"),
+                    })?
+            }
+            None => lb_common::xdp_mode::NONE,
+        };
+        if config.vips.iter().any(|v| v.mode == Mode::Socket) {
             let cgroup = config
                 .agent
                 .cgroup
@@ -357,16 +405,23 @@ pub async fn run(config: Config) -> Result<()> {
     };
     meta.xdp_mode = mode;
     backends.writer().set_agent_meta(meta)?;
-    log::info!(
-        "XDP {} {iface} in {} mode; maps pinned under {}",
-        if adopted.is_some() {
-            "program replaced in place on"
-        } else {
-            "attached to"
-        },
-        lb_common::xdp_mode::name(mode),
-        pin_path.display()
-    );
+    if nic.is_some() {
+        log::info!(
+            "XDP {} {iface} in {} mode; maps pinned under {}",
+            if adopted.is_some() {
+                "program replaced in place on"
+            } else {
+                "attached to"
+            },
+            lb_common::xdp_mode::name(mode),
+            pin_path.display()
+        );
+    } else {
+        log::info!(
+            "no XDP (every VIP is in socket mode); maps pinned under {}",
+            pin_path.display()
+        );
+    }
 
     let listener = control::bind(&socket_path, group)?;
     let access = Access {
@@ -406,12 +461,14 @@ pub async fn run(config: Config) -> Result<()> {
         backends,
         probers: Probers::new(
             probe_tx,
-            (!default_snat.is_unspecified()).then(|| LocalLink {
-                ifname: iface.clone(),
-                ifindex,
-                mac,
-                addr: default_snat,
-            }),
+            nic.as_ref()
+                .filter(|_| !default_snat.is_unspecified())
+                .map(|n| LocalLink {
+                    ifname: n.iface.clone(),
+                    ifindex: n.ifindex,
+                    mac: n.mac,
+                    addr: default_snat,
+                }),
         ),
         track: config.vrrp.as_ref().map(|v| v.track).unwrap_or_default(),
         penalty: penalty_tx,
@@ -430,7 +487,7 @@ pub async fn run(config: Config) -> Result<()> {
         nl: nl.clone(),
         ifindex,
         iface: iface.clone(),
-        link_events: Some(link_events),
+        link_events,
         reconcile_every: config.agent.reconcile_interval,
         alive: keeper_alive.clone(),
     };
@@ -461,11 +518,14 @@ pub async fn run(config: Config) -> Result<()> {
         .iter()
         .map(|v| v.name.as_str())
         .collect();
-    service::ready(&format!(
-        "serving {} on {iface} (XDP {} mode)",
-        vips.join(", "),
-        lb_common::xdp_mode::name(mode)
-    ));
+    service::ready(&match &nic {
+        Some(_) => format!(
+            "serving {} on {iface} (XDP {} mode)",
+            vips.join(", "),
+            lb_common::xdp_mode::name(mode)
+        ),
+        None => format!("serving {} (socket mode, no XDP)", vips.join(", ")),
+    });
     let ending = loop {
         tokio::select! {
             asked = signals.next() => match asked {
@@ -604,7 +664,9 @@ pub async fn run(config: Config) -> Result<()> {
     drop(dp);
     sysctls.restore();
     log::info!(
-        "detached from {iface}, pins under {} removed",
+        "detached{}, pins under {} removed",
+        nic.as_ref()
+            .map_or(String::new(), |n| format!(" from {}", n.iface)),
         pin_path.display()
     );
     if let Ending::Restart(plan) = ending {

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::keeper::Order;
 use crate::{
-    config::{diff, Config, ConfigError, VrrpConfig},
+    config::{diff, Config, ConfigError, Mode, VrrpConfig},
     host::{self, Sysctls},
 };
 
@@ -46,13 +46,17 @@ impl Serving {
         let new = host::load_checked(&path).await.map_err(|e| e.to_string())?;
         let mut changes = diff::diff(&self.config, &new).map_err(|e| e.to_string())?;
         if self.default_snat.is_unspecified() {
-            if let Some(i) = new.vips.iter().position(|v| v.snat_address.is_none()) {
+            if let Some(i) = new
+                .vips
+                .iter()
+                .position(|v| v.mode != Mode::Socket && v.snat_address.is_none())
+            {
                 return Err(ConfigError {
                     file: new.path.clone(),
                     field: format!("vip[{i}].snat_address"),
                     message: format!(
                         "not set, and interface {} had no IPv4 address when the agent started",
-                        new.agent.interface
+                        new.agent.interface.as_deref().unwrap_or_default()
                     ),
                 }
                 .to_string());
@@ -80,7 +84,7 @@ impl Serving {
                 ),
             );
         }
-        let ranges: Vec<_> = new.vips.iter().map(|v| v.snat_ports).collect();
+        let ranges = super::snat_ranges(&new);
         self.sysctls
             .reserve_ports(&ranges)
             .map_err(|e| format!("reserving the new VIPs' SNAT ports: {e}"))?;

@@ -95,8 +95,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// The `[agent]` section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
-    /// NIC the XDP program attaches to.
-    pub interface: String,
+    /// NIC the XDP program attaches to; None when every VIP is in socket mode (no XDP).
+    pub interface: Option<String>,
     /// How to attach the XDP program.
     pub xdp_mode: XdpModeSetting,
     /// bpffs directory where maps and links are pinned.
@@ -277,6 +277,11 @@ impl Mode {
     pub fn is_dsr(self) -> bool {
         matches!(self, Mode::DsrL2 | Mode::DsrIpip)
     }
+
+    /// True for the one mode whose packets take the LB's own addresses and ports (SNAT).
+    pub fn uses_snat(self) -> bool {
+        self == Mode::Nat
+    }
 }
 
 /// Default `ipip_source`: private addresses no LB or backend holds, as Katran uses. Only
@@ -385,6 +390,9 @@ impl Config {
     pub fn check_port_ranges(&self, ephemeral: (u16, u16)) -> Result<(), ConfigError> {
         let (e_lo, e_hi) = ephemeral;
         for (i, vip) in self.vips.iter().enumerate() {
+            if !vip.mode.uses_snat() {
+                continue;
+            }
             let (lo, hi) = vip.snat_ports;
             // The kernel picks source ports for the host's own sockets from the
             // ephemeral range without knowing about our NAT state, so a shared
@@ -456,7 +464,7 @@ struct RawConfig {
     vrrp: Option<RawVrrp>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, expecting = "an [agent] table")]
 struct RawAgent {
     interface: Option<String>,
@@ -631,16 +639,26 @@ fn validate(raw: RawConfig) -> Result<(AgentConfig, Vec<VipConfig>), Issue> {
         }
         vips.push(vip);
     }
+    if agent.interface.is_none() {
+        if let Some(i) = vips.iter().position(|v| v.mode != Mode::Socket) {
+            return Err(issue(
+                "agent.interface",
+                format!(
+                    "required: vip[{i}] is in {} mode (only a config whose every VIP has mode = \"socket\" runs without XDP and an interface)",
+                    vips[i].mode.as_str()
+                ),
+            ));
+        }
+    }
     Ok((agent, vips))
 }
 
 fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
-    let Some(raw) = raw else {
-        return Err(issue("agent.interface", "required"));
-    };
+    // `validate` checks that only an all-socket config leaves the interface out.
+    let raw = raw.unwrap_or_default();
     let interface = match raw.interface {
-        None => return Err(issue("agent.interface", "required")),
-        Some(s) => validate_ifname(s).map_err(|m| issue("agent.interface", m))?,
+        None => None,
+        Some(s) => Some(validate_ifname(s).map_err(|m| issue("agent.interface", m))?),
     };
     let xdp_mode = match raw.xdp_mode.as_deref() {
         None | Some("auto") => XdpModeSetting::Auto,
@@ -1415,7 +1433,7 @@ port = 8132
         assert_eq!(
             cfg.agent,
             AgentConfig {
-                interface: "eth0".into(),
+                interface: Some("eth0".into()),
                 xdp_mode: XdpModeSetting::Native,
                 pin_path: "/sys/fs/bpf/lb-test".into(),
                 control_socket: "/run/lb-test.sock".into(),
@@ -1466,7 +1484,7 @@ port = 8132
     #[test]
     fn defaults_are_applied() {
         let cfg = parse(&minimal("", "")).expect("valid config");
-        assert_eq!(cfg.agent.interface, "eth0");
+        assert_eq!(cfg.agent.interface.as_deref(), Some("eth0"));
         assert_eq!(cfg.agent.xdp_mode, XdpModeSetting::Auto);
         assert_eq!(cfg.agent.pin_path, PathBuf::from("/sys/fs/bpf/lb"));
         assert_eq!(
@@ -1797,10 +1815,30 @@ port = 8132
         let err = assert_err(&text, "agent.interface", "required");
         assert_eq!(
             err.to_string(),
-            "/etc/lb/lb.toml: agent.interface: required"
+            "/etc/lb/lb.toml: agent.interface: required: vip[0] is in nat mode (only a config whose every VIP has mode = \"socket\" runs without XDP and an interface)"
         );
         let text = minimal("", "").replace(MINIMAL_AGENT, "");
         assert_err(&text, "agent.interface", "required");
+    }
+
+    #[test]
+    fn socket_mode_alone_needs_no_interface() {
+        // Kubespray's shape: no [agent] section at all.
+        let text = minimal("mode = \"socket\"", "").replace(MINIMAL_AGENT, "");
+        let cfg = parse(&text).expect("an all-socket config without an interface");
+        assert_eq!(cfg.agent.interface, None);
+        // One VIP of another mode needs the interface back.
+        let text = format!(
+            "{text}\n[[vip]]\nname = \"b\"\naddress = \"198.18.0.101\"\nport = 6443\nmode = \"dsr-l2\"\n\
+             [[vip.backend]]\nname = \"m\"\naddress = \"198.18.0.11\"\n"
+        );
+        assert_err(&text, "agent.interface", "vip[1] is in dsr-l2 mode");
+        // VRRP moves addresses the XDP program serves: none here.
+        let text = format!(
+            "{}[vrrp]\nvirtual_router_id = 1\nvirtual_addresses = [\"198.18.0.200\"]\n",
+            minimal("mode = \"socket\"", "").replace(MINIMAL_AGENT, "")
+        );
+        assert_err(&text, "vrrp", "needs agent.interface");
     }
 
     #[test]

@@ -138,8 +138,15 @@ pub(super) fn validate_vrrp(
     vips: &[VipConfig],
 ) -> Result<VrrpConfig, Issue> {
     let at = |f: &str| format!("vrrp.{f}");
+    // VRRP moves addresses that the XDP program serves: with no XDP there is nothing to move.
+    let Some(agent_interface) = &agent.interface else {
+        return Err(issue(
+            "vrrp",
+            "needs agent.interface: every VIP is in socket mode, served on this host alone, with no address to move",
+        ));
+    };
     let interface = match raw.interface {
-        None => agent.interface.clone(),
+        None => agent_interface.clone(),
         Some(i) => validate_ifname(i).map_err(|m| issue(at("interface"), m))?,
     };
     let virtual_router_id = match raw.virtual_router_id {

@@ -13,7 +13,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    map, tail, xdp_mode, AgentMeta, LINK_PIN, MAP_LAYOUT_VERSION, PROGS_PIN, PROG_LB, PROG_NEW_FLOW,
+    map, tail, xdp_mode, AgentMeta, LINK_CONNECT4_PIN, LINK_PIN, MAP_LAYOUT_VERSION, PROGS_PIN,
+    PROG_LB, PROG_NEW_FLOW,
 };
 
 use super::{generic, sock_hooks, sys, tc_local, DataplaneError, OBJECT};
@@ -161,7 +162,9 @@ fn prepare_pin_dir(pin_path: &Path) -> Result<(), DataplaneError> {
 
 /// A pinned data plane that passed every check, held open.
 struct Adoptable {
-    link: OwnedFd,
+    /// The XDP link; None for a socket-mode-only data plane (no interface).
+    link: Option<OwnedFd>,
+    /// The XDP link's, or for a socket-mode-only data plane the connect4 hook's.
     link_info: sys::LinkInfo,
     meta: AgentMeta,
     /// Each pinned map's id as checked: the maps the loader must reuse.
@@ -255,6 +258,27 @@ fn adoptable(dir: &Path, max_flows: u32, ifindex: u32) -> Result<Adoptable, Stri
     // Sizes checked: now AGENT_META is this agent's AgentMeta.
     // SAFETY: AgentMeta is plain old data and raw holds exactly one (value size checked).
     let meta: AgentMeta = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
+    if ifindex == 0 {
+        // Socket mode only: no XDP; the connect4 hook's link is what must still be attached.
+        let path = dir.join(LINK_CONNECT4_PIN);
+        let link = sys::obj_get(&path, 0)
+            .map_err(|e| format!("no cgroup hook pinned at {}: {e}", path.display()))?;
+        let link_info = sys::link_info(link.as_fd())
+            .map_err(|e| format!("{}: BPF_OBJ_GET_INFO_BY_FD: {e}", path.display()))?;
+        if link_info.link_type != sys::BPF_LINK_TYPE_CGROUP {
+            return Err(format!(
+                "{} is not a cgroup link (link type {})",
+                path.display(),
+                link_info.link_type
+            ));
+        }
+        return Ok(Adoptable {
+            link: None,
+            link_info,
+            meta,
+            map_ids,
+        });
+    }
     if !matches!(meta.xdp_mode, xdp_mode::NATIVE | xdp_mode::GENERIC) {
         return Err(format!(
             "AGENT_META says the program is not attached (xdp_mode {})",
@@ -289,7 +313,7 @@ fn adoptable(dir: &Path, max_flows: u32, ifindex: u32) -> Result<Adoptable, Stri
         });
     }
     Ok(Adoptable {
-        link,
+        link: Some(link),
         link_info,
         meta,
         map_ids,
@@ -333,7 +357,7 @@ impl Dataplane {
     /// pinned there is removed first.
     pub fn load_with(pin_path: &Path, max_flows: u32) -> Result<Self, DataplaneError> {
         prepare_pin_dir(pin_path)?;
-        let (dp, stale) = Self::load_fresh(pin_path, max_flows)?;
+        let (dp, stale) = Self::load_fresh(pin_path, max_flows, true)?;
         if stale > 0 {
             log::warn!(
                 "removed {stale} stale pins under {} (an earlier agent did not shut down)",
@@ -357,13 +381,13 @@ impl Dataplane {
     ) -> Result<(Self, Start), DataplaneError> {
         prepare_pin_dir(pin_path)?;
         if !pin_names().any(|n| pin_path.join(n).exists()) {
-            let (dp, _) = Self::load_fresh(pin_path, max_flows)?;
+            let (dp, _) = Self::load_fresh(pin_path, max_flows, ifindex != 0)?;
             return Ok((dp, Start::Fresh));
         }
         match adoptable(pin_path, max_flows, ifindex) {
-            Ok(a) => Self::adopt(pin_path, max_flows, a),
+            Ok(a) => Self::adopt(pin_path, max_flows, a, ifindex != 0),
             Err(why) => {
-                let (dp, pins_removed) = Self::load_fresh(pin_path, max_flows)?;
+                let (dp, pins_removed) = Self::load_fresh(pin_path, max_flows, ifindex != 0)?;
                 Ok((dp, Start::Replaced { why, pins_removed }))
             }
         }
@@ -376,16 +400,20 @@ impl Dataplane {
         adoptable(pin_path, max_flows, ifindex).map(|_| ())
     }
 
-    /// Removes lb's pins, loads the object with new maps and pins them; returns how many
-    /// pins were removed.
-    fn load_fresh(pin_path: &Path, max_flows: u32) -> Result<(Self, usize), DataplaneError> {
+    /// Removes lb's pins, loads the object with new maps and pins them (and, with `xdp`,
+    /// the XDP programs into the verifier); returns how many pins were removed.
+    fn load_fresh(
+        pin_path: &Path,
+        max_flows: u32,
+        xdp: bool,
+    ) -> Result<(Self, usize), DataplaneError> {
         let stale = remove_pins(pin_path)?;
         let ebpf = EbpfLoader::new()
             .map_max_entries(map::FLOWS, max_flows.saturating_mul(2))
             .map_max_entries(map::DSR_FLOWS, max_flows)
             .load(OBJECT)
             .map_err(DataplaneError::Load)?;
-        let dp = Self::with_program(ebpf, pin_path, None, xdp_mode::NONE)?;
+        let dp = Self::with_program(ebpf, pin_path, None, xdp_mode::NONE, xdp)?;
         for name in map::ALL {
             let m = dp.ebpf.map(name).ok_or(DataplaneError::MissingMap(name))?;
             let path = pin_path.join(name);
@@ -400,6 +428,7 @@ impl Dataplane {
         pin_path: &Path,
         max_flows: u32,
         a: Adoptable,
+        xdp: bool,
     ) -> Result<(Self, Start), DataplaneError> {
         let paths: Vec<(&'static str, PathBuf)> =
             map::ALL.iter().map(|n| (*n, pin_path.join(n))).collect();
@@ -422,12 +451,12 @@ impl Dataplane {
                 return Err(DataplaneError::AdoptRace { name, path });
             }
         }
-        let link = Link {
-            fd: a.link,
+        let link = a.link.map(|fd| Link {
+            fd,
             ifindex: a.link_info.ifindex,
             ours: false,
-        };
-        let dp = Self::with_program(ebpf, pin_path, Some(link), a.meta.xdp_mode)?;
+        });
+        let dp = Self::with_program(ebpf, pin_path, link, a.meta.xdp_mode, xdp)?;
         let adopted = Adopted {
             link_id: a.link_info.id,
             prog_id: a.link_info.prog_id,
@@ -437,13 +466,35 @@ impl Dataplane {
         Ok((dp, Start::Adopted(adopted)))
     }
 
-    /// Loads the LB program into the verifier and makes sure the pin directory exists.
+    /// Loads the LB programs into the verifier (unless `xdp` is false: every VIP is in
+    /// socket mode and the XDP programs would never run) and makes sure the pin directory
+    /// exists.
     fn with_program(
         mut ebpf: Ebpf,
         pin_path: &Path,
         link: Option<Link>,
         mode: u32,
+        xdp: bool,
     ) -> Result<Self, DataplaneError> {
+        if xdp {
+            Self::load_xdp(&mut ebpf)?;
+        }
+        std::fs::create_dir_all(pin_path).map_err(|source| DataplaneError::Io {
+            path: pin_path.to_path_buf(),
+            source,
+        })?;
+        check_pin_dir(pin_path)?;
+        Ok(Self {
+            ebpf,
+            pin_path: pin_path.to_path_buf(),
+            link,
+            mode,
+            left: false,
+        })
+    }
+
+    /// Loads lb_xdp and the programs it tail-calls into the verifier.
+    fn load_xdp(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         let prog: &mut Xdp = ebpf
             .program_mut(PROG_LB)
             .ok_or(DataplaneError::Program {
@@ -459,19 +510,7 @@ impl Dataplane {
             name: PROG_LB,
             source,
         })?;
-        fill_progs(&mut ebpf)?;
-        std::fs::create_dir_all(pin_path).map_err(|source| DataplaneError::Io {
-            path: pin_path.to_path_buf(),
-            source,
-        })?;
-        check_pin_dir(pin_path)?;
-        Ok(Self {
-            ebpf,
-            pin_path: pin_path.to_path_buf(),
-            link,
-            mode,
-            left: false,
-        })
+        fill_progs(ebpf)
     }
 
     /// Gives group `gid` read access to the pins (0750 directory, 0640 maps), so its members

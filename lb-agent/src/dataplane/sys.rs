@@ -25,6 +25,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `enum bpf_attach_type`'s BPF_XDP.
 const BPF_XDP: u32 = 37;
+/// `enum bpf_link_type`'s BPF_LINK_TYPE_CGROUP.
+pub(crate) const BPF_LINK_TYPE_CGROUP: u32 = 3;
 /// `enum bpf_link_type`'s BPF_LINK_TYPE_XDP.
 pub(crate) const BPF_LINK_TYPE_XDP: u32 = 6;
 /// XDP_FLAGS_SKB_MODE: generic mode.
