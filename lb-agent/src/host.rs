@@ -403,6 +403,36 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
     Ok(())
 }
 
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE, Linux 5.14): the
+/// socket-mode hooks compare it with bpf_get_netns_cookie() of the connecting socket.
+pub fn netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket(2); the fd is owned from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let s = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket, and a buffer of the size given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 /// The root of the cgroup v2 hierarchy: /sys/fs/cgroup, or /sys/fs/cgroup/unified on hosts
 /// that mount v1 controllers there (hybrid mode).
 pub fn root_cgroup() -> std::path::PathBuf {

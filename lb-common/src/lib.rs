@@ -420,8 +420,11 @@ pub mod reason {
     pub const SOCK_CONNECT: u32 = 35;
     /// A connect() to a socket-mode VIP without a backend up: failed with ECONNREFUSED.
     pub const SOCK_REFUSED: u32 = 36;
+    /// A connect() to a socket-mode VIP from another network namespace than the agent's
+    /// (a pod's own loopback): left alone.
+    pub const SOCK_OTHER_NETNS: u32 = 37;
     /// Number of reasons.
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 38;
 
     /// Names as status prints them, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -462,6 +465,7 @@ pub mod reason {
         "local_adopted",
         "sock_connect",
         "sock_refused",
+        "sock_other_netns",
     ];
 }
 
@@ -717,7 +721,7 @@ impl Default for BackendMeta {
 /// the set of pinned maps (`map::ALL`). A change to an unpinned map alone needs no bump. A new
 /// agent adopts a running data plane only at the same version: it compares the maps' sizes
 /// too, but a field whose meaning changes at the same size only the version tells.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// The single element of AGENT_META.
 #[repr(C)]
@@ -739,6 +743,10 @@ pub struct AgentMeta {
     /// in promiscuous mode) are left to the kernel, which drops them. Zero: no check.
     pub mac: [u8; 6],
     pub _pad2: [u8; 2],
+    /// The network namespace whose sockets the socket-mode hooks serve (its cookie): the
+    /// agent's. A cgroup holds processes of many namespaces, and a pod's 127.0.0.1 is its
+    /// own. Zero: every namespace.
+    pub netns_cookie: u64,
 }
 
 /// Copies `s` into a NUL-padded name field, truncating at NAME_LEN bytes.
@@ -791,7 +799,7 @@ const _: () = {
     assert!(core::mem::size_of::<TrafficStats>() == 40);
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);
-    assert!(core::mem::size_of::<AgentMeta>() == 32);
+    assert!(core::mem::size_of::<AgentMeta>() == 40);
     // Where every lb-agent looks for the layout version: it must never move.
     assert!(core::mem::offset_of!(AgentMeta, layout_version) == 12);
     assert!(MAX_VIPS * 2 * MAX_MAGLEV_SIZE < u32::MAX);

@@ -5,12 +5,12 @@
 //! Sockets already connected are never touched: the hook runs only on connect().
 
 use aya_ebpf::{
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{mode, reason, FlowKey, SockRevNat, VipKey, IPPROTO_TCP};
 
-use crate::{flow, stats, SOCK_REVNAT, VIPS};
+use crate::{flow, stats, AGENT_META, SOCK_REVNAT, VIPS};
 
 /// Go on with the call (a cgroup sock_addr program's verdict).
 const ALLOW: i32 = 1;
@@ -38,6 +38,15 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     };
     if vip.mode != mode::SOCKET {
         return ALLOW;
+    }
+    // The agent's network namespace only: elsewhere (a pod) 127.0.0.1 is another host's.
+    if let Some(meta) = AGENT_META.get(0) {
+        if meta.netns_cookie != 0
+            && meta.netns_cookie != unsafe { bpf_get_netns_cookie(ctx.sock_addr as *mut _) }
+        {
+            stats::reason(reason::SOCK_OTHER_NETNS);
+            return ALLOW;
+        }
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut _) };
     // The cookie is unique per socket: one process's connections spread like any client's.

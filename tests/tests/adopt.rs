@@ -94,6 +94,7 @@ impl Setup {
             started_unix: 1_790_000_000,
             mac: LB_MAC,
             _pad2: [0; 2],
+            netns_cookie: 0,
         }
     }
 

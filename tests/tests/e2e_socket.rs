@@ -10,7 +10,8 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{assert_spread, backend_name, backend_status, bin, wait_for, Lab, Proc, CLIENT},
+    lab::{assert_spread, backend_name, backend_status, bin, wait_for, Host, Lab, Proc, CLIENT},
+    systemd::setpriv_as_unit,
     vrrp_lab::VRRP_HEALTH,
 };
 
@@ -26,13 +27,18 @@ impl Drop for Cgroup {
 /// Runs `cmd` with sh in the client's network namespace, inside `cgroup` if given; returns
 /// (success, stdout, stderr).
 fn client_sh(lab: &Lab, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
+    sh_in(&lab.client, cgroup, cmd)
+}
+
+/// Runs `cmd` with sh in `host`'s network namespace, inside `cgroup` if given.
+fn sh_in(host: &Host, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
     let enter = match cgroup {
         Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.display()),
         None => String::new(),
     };
     // nsenter, not `ip netns exec`: that remounts /sys, and the cgroup tree with it.
     let out = Command::new("nsenter")
-        .arg(format!("--net={}", lab.client.ns.path().display()))
+        .arg(format!("--net={}", host.ns.path().display()))
         .args(["sh", "-c", &format!("{enter}{cmd}")])
         .output()
         .expect("nsenter");
@@ -94,16 +100,19 @@ fn setup(test: &str) -> Option<Setup> {
         // Every VIP in socket mode: no interface, no XDP (as on a Kubespray worker).
         .replacen("interface = \"eth0\"\nxdp_mode = \"native\"\n", "", 1);
     std::fs::write(&c, text).unwrap();
-    let agent = lab.spawn_net_only(
-        &lab.client,
-        "agent-client",
-        &[
+    // With only the capabilities the systemd unit grants, as on a worker.
+    let mut argv = setpriv_as_unit();
+    argv.extend(
+        [
             bin("lb-agent").to_str().unwrap(),
             "run",
             "--config",
             c.to_str().unwrap(),
-        ],
+        ]
+        .map(String::from),
     );
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let agent = lab.spawn_net_only(&lab.client, "agent-client", &argv);
     let up = |s: &serde_json::Value| {
         (0..3).all(|i| backend_status(s, &backend_name(i))["state"] == "up")
     };
@@ -213,6 +222,22 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     // Outside the cgroup nothing changes: nothing listens on 127.0.0.1:6443 there.
     let report = loadgen(lab, None, 5);
     assert_eq!(report["ok"], 0, "{report}");
+
+    // In the cgroup but in another network namespace (a pod's), 127.0.0.1:6443 is that
+    // namespace's own: its listener gets the connection.
+    let (ok, out, err) = sh_in(
+        &lab.lbs[0],
+        Some(&cg),
+        "python3 -c 'import socket\n\
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+l.bind((\"127.0.0.1\", 6443)); l.listen(); l.settimeout(3)\n\
+c = socket.create_connection((\"127.0.0.1\", 6443), timeout=3)\n\
+a, peer = l.accept(); print(c.getpeername()[0], peer[0])'",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "127.0.0.1 127.0.0.1");
+    let status = lab.status(&s.config);
+    assert_eq!(status["counters"]["sock_other_netns"], 1, "{status}");
 
     // A backend killed: new connections avoid it within interval x fall + timeout + 1 s.
     drop(s.stubs.remove(0));

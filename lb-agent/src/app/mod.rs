@@ -303,6 +303,17 @@ pub async fn run(config: Config) -> Result<()> {
         }
     };
     let started_unix = unix_seconds(SystemTime::now());
+    let netns_cookie = match host::netns_cookie() {
+        Ok(c) => c,
+        Err(e) => {
+            if config.vips.iter().any(|v| v.mode == Mode::Socket) {
+                log::warn!(
+                    "reading this network namespace's cookie (SO_NETNS_COOKIE, Linux 5.14): {e}; the socket-mode hooks serve every namespace"
+                );
+            }
+            0
+        }
+    };
     // Until the program is attached (or the adopted one replaced), a failure must leave an
     // adopted data plane forwarding, as it was, rather than tear it down.
     let prepared = async {
@@ -341,6 +352,7 @@ pub async fn run(config: Config) -> Result<()> {
             started_unix,
             mac: nic.as_ref().map_or([0; 6], |n| n.mac),
             _pad2: [0; 2],
+            netns_cookie,
         };
         // The MAC before the program runs: it must never act on frames for other hosts.
         backends.writer().set_agent_meta(meta)?;
