@@ -594,17 +594,26 @@ impl Backends {
             }
             Health::Unknown => String::new(),
         };
-        log::info!(
+        let why = match &tr.to {
+            Health::Down(f) => f.to_string(),
+            _ => String::new(),
+        };
+        // One event per change, with fields a log shipper can filter on.
+        tracing::info!(
+            event = "backend_state",
+            vip = %vip.name,
+            backend = %be.name,
+            address = %rt.address,
+            from = health_word(&tr.from),
+            to = health_word(&tr.to),
+            reason = %why,
             "VIP {} backend {} ({}): {} -> {}{}; {effect}",
             vip.name,
             be.name,
             rt.address,
             health_word(&tr.from),
             health_word(&tr.to),
-            match &tr.to {
-                Health::Down(f) => format!(" ({f})"),
-                _ => String::new(),
-            }
+            if why.is_empty() { String::new() } else { format!(" ({why})") }
         );
         self.apply(v);
     }
@@ -719,7 +728,14 @@ impl Backends {
         let failures = self.writer.write_failures;
         self.apply(v);
         let word = if drain { "drained" } else { "undrained" };
-        log::info!("VIP {vip} backend {backend}: {word} by {peer}");
+        tracing::info!(
+            event = "backend_drain",
+            vip,
+            backend,
+            to = word,
+            by = %peer,
+            "VIP {vip} backend {backend}: {word} by {peer}"
+        );
         let pending = if self.writer.write_failures != failures {
             " (the map write failed; the agent retries it)"
         } else {

@@ -46,6 +46,8 @@ pub enum Request {
         #[serde(default)]
         config: Option<String>,
     },
+    /// Change the log level (a level or a tracing filter) until the next restart.
+    LogLevel { level: String },
 }
 
 impl Request {
@@ -367,6 +369,16 @@ async fn handle(line: &str, peer: Peer, access: Access, routes: &Routes) -> Resp
     }
     if let Request::Failpoint { name, actions } = &req {
         return failpoint(name, actions, &peer);
+    }
+    // Process-wide, no task owns it: answered here.
+    if let Request::LogLevel { level } = &req {
+        return match crate::logging::set_level(level) {
+            Ok(m) => {
+                log::info!("{m} (asked by {peer})");
+                Response::done(m)
+            }
+            Err(e) => Response::error(e),
+        };
     }
     let (tx, rx) = oneshot::channel();
     let to = if req.for_agent() {

@@ -6,7 +6,8 @@
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
 //! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
-//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes).
+//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes),
+//! `logging` (tracing: text or JSON lines, the level changed at runtime).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -21,6 +22,7 @@ pub mod dataplane;
 pub mod health;
 pub mod heartbeat;
 pub mod host;
+pub mod logging;
 pub mod maglev;
 /// `lb-agent manifest static-pod`: the agent as a Kubernetes static pod (YAML).
 pub mod manifest;

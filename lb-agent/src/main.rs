@@ -9,7 +9,7 @@ use lb_agent::{
     app, backend_setup,
     config::{self, Config},
     control::{self, Request},
-    manifest, status,
+    logging, manifest, status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
 
@@ -20,6 +20,10 @@ use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
     about = "lb's agent: an XDP load balancer for kube-apiservers"
 )]
 struct Cli {
+    /// How the agent writes its log on stderr: text, or one JSON object per line (default:
+    /// the config's agent.log_format, else text).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -101,6 +105,15 @@ enum Cmd {
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Change the running agent's log level until it restarts, e.g. `lb-agent log-level
+    /// debug` or `lb-agent log-level info,lb_agent::health=debug`.
+    LogLevel {
+        /// A level (error, warn, info, debug, trace) or a tracing filter (RUST_LOG syntax).
+        level: String,
+        /// Config file, for its control socket (default: /etc/lb/lb.toml's, else /run/lb-agent.sock).
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
 }
 
@@ -270,10 +283,21 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
-        .format_target(false)
-        .init();
     let cli = Cli::parse();
+    if let Some(f) = cli.log_format {
+        logging::set_format_from_cli(f);
+    }
+    // `run` logs as its config says: read it first (a broken file is reported by `run`).
+    let agent = match &cli.cmd {
+        Cmd::Run { config } => Config::load(config).ok().map(|c| c.agent),
+        _ => None,
+    };
+    logging::init(
+        cli.log_format
+            .or(agent.as_ref().map(|a| a.log_format))
+            .unwrap_or_default(),
+        agent.as_ref().and_then(|a| a.log_level.as_deref()),
+    );
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let rt = match runtime(1) {
@@ -371,6 +395,7 @@ fn main() -> ExitCode {
             backend,
             config,
         } => drain(config, Request::Undrain { vip, backend }),
+        Cmd::LogLevel { level, config } => drain(config, Request::LogLevel { level }),
         Cmd::Status { config, json } => {
             let (pin, sock) = match paths(config) {
                 Ok(p) => p,

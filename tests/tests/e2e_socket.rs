@@ -105,6 +105,8 @@ fn setup(test: &str) -> Option<Setup> {
     argv.extend(
         [
             bin("lb-agent").to_str().unwrap(),
+            "--log-format",
+            "json",
             "run",
             "--config",
             c.to_str().unwrap(),
@@ -282,4 +284,22 @@ a, peer = l.accept(); print(c.getpeername()[0], peer[0])'",
     assert!(!hooks.contains("lb_connect4"), "{hooks}");
     let pin = lab.pin_path(0);
     assert!(!pin.join(lb_common::LINK_CONNECT4_PIN).exists());
+
+    // `--log-format json`, kept through the restart: one JSON object per line, and the
+    // killed backend's change is one event with its fields.
+    let log = std::fs::read_to_string(lab.dir.join("agent-client.log")).unwrap();
+    let events: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(events.len() > 5, "{log}");
+    assert!(
+        events.iter().any(|e| e["event"] == "backend_state"
+            && e["vip"] == "kube-apiserver"
+            && e["backend"] == "master01"
+            && e["from"] == "up"
+            && e["to"] == "down"
+            && e["level"] == "INFO"),
+        "{log}"
+    );
 }

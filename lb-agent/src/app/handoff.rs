@@ -202,11 +202,12 @@ pub fn way(next: &Version, old: &Config, new: &Config) -> Way {
 /// Replaces this process with `exe run --config config`; returns only if that failed.
 pub fn exec(exe: &Path, config: &Path) -> std::io::Error {
     use std::os::unix::process::CommandExt;
-    Command::new(exe)
-        .arg("run")
-        .arg("--config")
-        .arg(config)
-        .exec()
+    let mut cmd = Command::new(exe);
+    // A format given on the command line stays: the service's log shipper expects it.
+    if let Some(f) = crate::logging::format_from_cli() {
+        cmd.arg("--log-format").arg(f.as_str());
+    }
+    cmd.arg("run").arg("--config").arg(config).exec()
 }
 
 #[cfg(test)]

@@ -217,9 +217,10 @@ impl Keeper {
             Request::Undrain { vip, backend } => {
                 answer(self.backends.set_drain(&vip, &backend, false, peer))
             }
-            Request::Failpoint { .. } | Request::Reload { .. } | Request::Restart { .. } => {
-                Response::error("not the keeper's to answer")
-            }
+            Request::Failpoint { .. }
+            | Request::Reload { .. }
+            | Request::Restart { .. }
+            | Request::LogLevel { .. } => Response::error("not the keeper's to answer"),
         }
     }
 

@@ -93,10 +93,15 @@ fn log_reload(r: &Result<Vec<String>, String>) {
     match r {
         Ok(lines) => {
             for l in lines {
-                log::info!("reload: {l}");
+                tracing::info!(event = "config_reload", result = "ok", change = %l, "reload: {l}");
             }
         }
-        Err(e) => log::error!("reload refused, the agent keeps its config: {e}"),
+        Err(e) => tracing::error!(
+            event = "config_reload",
+            result = "refused",
+            error = %e,
+            "reload refused, the agent keeps its config: {e}"
+        ),
     }
 }
 

@@ -106,6 +106,16 @@ impl Serving {
                 changed
             });
         }
+        if new.agent.log_level != self.config.agent.log_level && !crate::logging::level_from_env() {
+            let level = new
+                .agent
+                .log_level
+                .as_deref()
+                .unwrap_or(crate::logging::DEFAULT_LEVEL);
+            if let Err(e) = crate::logging::set_level(level) {
+                log::error!("agent.log_level: {e}");
+            }
+        }
         self.config = new;
         changes.extend(notes);
         if changes.is_empty() {

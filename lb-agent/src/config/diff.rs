@@ -35,6 +35,7 @@ pub fn diff(old: &Config, new: &Config) -> Result<Vec<String>, ConfigError> {
     )?;
     fixed(&refuse, "agent.max_flows", &a.max_flows, &b.max_flows)?;
     fixed(&refuse, "agent.cgroup", &a.cgroup, &b.cgroup)?;
+    fixed(&refuse, "agent.log_format", &a.log_format, &b.log_format)?;
     // The socket-mode hooks are attached at start, where some VIP needs them.
     let socket = |c: &Config| c.vips.iter().any(|v| v.mode == super::Mode::Socket);
     if socket(new) && !socket(old) {
@@ -50,6 +51,22 @@ pub fn diff(old: &Config, new: &Config) -> Result<Vec<String>, ConfigError> {
             "agent.reconcile_interval: {} -> {}",
             humantime::format_duration(a.reconcile_interval),
             humantime::format_duration(b.reconcile_interval)
+        ));
+    }
+    if a.log_level != b.log_level {
+        let show = |l: &Option<String>| {
+            l.clone()
+                .unwrap_or_else(|| crate::logging::DEFAULT_LEVEL.to_string())
+        };
+        out.push(format!(
+            "agent.log_level: {} -> {}{}",
+            show(&a.log_level),
+            show(&b.log_level),
+            if crate::logging::level_from_env() {
+                " (RUST_LOG is set and wins: not applied)"
+            } else {
+                ""
+            }
         ));
     }
     if a.removed_backends != b.removed_backends {
@@ -405,6 +422,11 @@ mod tests {
                 "vrrp.virtual_router_id",
             ),
             ("priority = 150", "priority = 255", "vrrp.priority"),
+            (
+                "interface = \"eth0\"\n",
+                "interface = \"eth0\"\nlog_format = \"json\"\n",
+                "agent.log_format",
+            ),
         ] {
             let new = BASE.replacen(from, to, 1);
             assert_ne!(new, BASE, "{from}");
@@ -413,6 +435,20 @@ mod tests {
             assert!(e.message.contains("cannot change in place"), "{e}");
             assert_eq!(e.to_string().lines().count(), 1);
         }
+    }
+
+    #[test]
+    fn the_log_level_changes_in_place() {
+        let new = BASE.replacen(
+            "interface = \"eth0\"\n",
+            "interface = \"eth0\"\nlog_level = \"debug\"\n",
+            1,
+        );
+        let lines = diff(&parse(BASE), &parse(&new)).unwrap();
+        assert!(
+            lines[0].starts_with("agent.log_level: info -> debug"),
+            "{lines:?}"
+        );
     }
 
     #[test]

@@ -113,6 +113,10 @@ pub struct AgentConfig {
     pub removed_backends: RemovedBackends,
     /// The cgroup (v2) whose processes socket-mode VIPs serve; None: the root cgroup.
     pub cgroup: Option<PathBuf>,
+    /// `log_level`: a level or tracing filter; RUST_LOG wins over it. None: info.
+    pub log_level: Option<String>,
+    /// `log_format`: text, or JSON lines; `--log-format` wins over it.
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// `agent.removed_backends`: what happens to the connections of a backend that a reload
@@ -476,6 +480,8 @@ struct RawAgent {
     max_flows: Option<i64>,
     removed_backends: Option<String>,
     cgroup: Option<String>,
+    log_level: Option<String>,
+    log_format: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -739,7 +745,26 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
             ))
         }
     };
+    let log_level = match raw.log_level {
+        None => None,
+        Some(l) => {
+            crate::logging::parse_level(&l).map_err(|m| issue("agent.log_level", m))?;
+            Some(l)
+        }
+    };
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => crate::logging::LogFormat::Text,
+        Some("json") => crate::logging::LogFormat::Json,
+        Some(other) => {
+            return Err(issue(
+                "agent.log_format",
+                format!("{other:?}: valid values: \"text\", \"json\""),
+            ))
+        }
+    };
     Ok(AgentConfig {
+        log_level,
+        log_format,
         interface,
         xdp_mode,
         pin_path,
@@ -1442,6 +1467,8 @@ port = 8132
                 max_flows: 100_000,
                 removed_backends: RemovedBackends::Drain,
                 cgroup: None,
+                log_level: None,
+                log_format: crate::logging::LogFormat::Text,
             }
         );
         assert_eq!(cfg.vips.len(), 2);

@@ -240,6 +240,7 @@ impl Writer {
     /// reading, flips. The live half is read from the map, not assumed: after a repair the
     /// two can differ, and writing the live half would show the program a half-written table.
     pub fn publish(&mut self, vip: &mut VipPlan) -> Result<(), DataplaneError> {
+        let _span = tracing::info_span!("publish", vip = %vip.name).entered();
         let r = self.publish_inner(vip);
         self.failed(r)
     }

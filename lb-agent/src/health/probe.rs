@@ -243,6 +243,7 @@ impl Target {
 }
 
 /// Runs one probe against `t`.
+#[tracing::instrument(level = "debug", name = "probe", skip_all, fields(addr = %t.addr))]
 pub async fn probe(t: &Target) -> Outcome {
     let start = Instant::now();
     // One deadline for the whole probe, so the timeout keeps its meaning, but each phase

@@ -643,20 +643,29 @@ impl Instance {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
-        log::info!(
-            "VRRP VRID {}: {} -> {} (priority {}, master {}){}",
+        let master = self
+            .machine
+            .master_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let fault = match &self.fault {
+            Some(f) if to == State::Fault => f.words(),
+            _ => String::new(),
+        };
+        tracing::info!(
+            event = "vrrp_state",
+            vrid = self.cfg.virtual_router_id,
+            from = state_word(from),
+            to = state_word(to),
+            priority = self.effective_priority(),
+            master = %master,
+            reason = %fault,
+            "VRRP VRID {}: {} -> {} (priority {}, master {master}){}",
             self.cfg.virtual_router_id,
             state_word(from),
             state_word(to),
             self.effective_priority(),
-            self.machine
-                .master_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "unknown".into()),
-            match &self.fault {
-                Some(f) if to == State::Fault => format!(": {}", f.words()),
-                _ => String::new(),
-            }
+            if fault.is_empty() { String::new() } else { format!(": {fault}") }
         );
         {
             let mut st = lock(&self.status);
@@ -684,6 +693,15 @@ impl Instance {
     }
 
     fn perform(&mut self, actions: Vec<Action>, from: State) {
+        // Only a change of state gets a span: a master's adverts come every interval.
+        let _span = (self.machine.state() != from).then(|| {
+            tracing::info_span!(
+                "vrrp_transition",
+                vrid = self.cfg.virtual_router_id,
+                from = state_word(from)
+            )
+            .entered()
+        });
         for a in actions {
             match a {
                 Action::SendAdvert { priority } => self.send_advert(priority),
