@@ -80,6 +80,15 @@ pub struct BackendHealth {
     /// Taken out of the config by a reload; kept, drained, until its connections end.
     #[serde(default)]
     pub removed: bool,
+    /// Health changes since the agent started.
+    #[serde(default)]
+    pub transitions: u64,
+    /// Failed probes by reason since the agent started.
+    #[serde(default)]
+    pub probe_failures: std::collections::BTreeMap<String, u64>,
+    /// How long its probes took since the agent started (None before the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_latency: Option<crate::health::tracker::LatencyHistogram>,
 }
 
 /// Per-VIP health for status.
@@ -840,6 +849,15 @@ impl Backends {
                             },
                             served_in_panic: panic.serves(i),
                             removed: rt.removed,
+                            transitions: t.stats.transitions,
+                            probe_failures: t
+                                .stats
+                                .failures
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), *v))
+                                .collect(),
+                            probe_latency: (t.stats.latency.count > 0)
+                                .then(|| t.stats.latency.clone()),
                         }
                     })
                     .collect(),

@@ -7,7 +7,8 @@
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
 //! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
 //! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes),
-//! `logging` (tracing: text or JSON lines, the level changed at runtime).
+//! `logging` (tracing: text or JSON lines, the level changed at runtime), `metrics` (the
+//! Prometheus endpoint).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod maglev;
 /// `lb-agent manifest static-pod`: the agent as a Kubernetes static pod (YAML).
 pub mod manifest;
+pub mod metrics;
 pub mod netlink;
 pub mod sock;
 pub mod status;

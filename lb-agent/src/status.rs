@@ -195,7 +195,20 @@ fn sum(values: &[TrafficStats]) -> TrafficStats {
 
 /// Reads the pinned maps under `pin_path` and asks the agent at `control_socket`.
 pub fn gather(pin_path: &Path, control_socket: &Path) -> Result<Report, StatusError> {
-    let answer = control::request(control_socket, &Request::Status);
+    gather_from(
+        pin_path,
+        control_socket,
+        control::request(control_socket, &Request::Status),
+    )
+}
+
+/// As `gather`, with the agent's answer already in hand (the agent's own metrics endpoint
+/// asks its keeper directly).
+pub fn gather_from(
+    pin_path: &Path,
+    control_socket: &Path,
+    answer: Result<control::Response, control::ControlError>,
+) -> Result<Report, StatusError> {
     if !PinnedMaps::present(pin_path) {
         let agent = match &answer {
             Ok(_) => format!(" (but an agent answers on {})", control_socket.display()),

@@ -92,16 +92,20 @@ impl Drop for InstanceLock {
 fn log_reload(r: &Result<Vec<String>, String>) {
     match r {
         Ok(lines) => {
+            crate::metrics::record_reload(true, unix_seconds(SystemTime::now()));
             for l in lines {
                 tracing::info!(event = "config_reload", result = "ok", change = %l, "reload: {l}");
             }
         }
-        Err(e) => tracing::error!(
+        Err(e) => {
+            crate::metrics::record_reload(false, 0);
+            tracing::error!(
             event = "config_reload",
             result = "refused",
             error = %e,
             "reload refused, the agent keeps its config: {e}"
-        ),
+            )
+        }
     }
 }
 
@@ -452,13 +456,34 @@ pub async fn run(config: Config) -> Result<()> {
     let (agent_call_tx, mut agent_calls) = mpsc::channel::<control::Call>(8);
     let routes = control::Routes {
         agent: agent_call_tx,
-        keeper: call_tx,
+        keeper: call_tx.clone(),
     };
     let stop = stop_rx.clone();
     sup.spawn("control socket", async move {
         control::serve(listener, routes, access, stop).await;
         Ok(())
     });
+
+    if let Some(m) = &config.metrics {
+        let listener = crate::metrics::bind(m.listen)
+            .await
+            .with_context(|| format!("{file}: metrics.listen: binding {}", m.listen))?;
+        crate::metrics::set_loaded(source.map_or(started_unix, |s| unix_seconds(s.loaded)));
+        let src = crate::metrics::Source {
+            pin_path: pin_path.clone(),
+            control_socket: socket_path.clone(),
+            keeper: call_tx.clone(),
+        };
+        let stop = stop_rx.clone();
+        log::info!(
+            "metrics on http://{}/metrics (and /healthz, /readyz)",
+            m.listen
+        );
+        sup.spawn("metrics", async move {
+            crate::metrics::serve(listener, src, stop).await;
+            Ok(())
+        });
+    }
 
     let (probe_tx, probes) = mpsc::channel(1024);
     for vip in &config.vips {

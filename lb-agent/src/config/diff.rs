@@ -36,6 +36,12 @@ pub fn diff(old: &Config, new: &Config) -> Result<Vec<String>, ConfigError> {
     fixed(&refuse, "agent.max_flows", &a.max_flows, &b.max_flows)?;
     fixed(&refuse, "agent.cgroup", &a.cgroup, &b.cgroup)?;
     fixed(&refuse, "agent.log_format", &a.log_format, &b.log_format)?;
+    fixed(
+        &refuse,
+        "metrics.listen",
+        &old.metrics.as_ref().map(|m| m.listen),
+        &new.metrics.as_ref().map(|m| m.listen),
+    )?;
     // The socket-mode hooks are attached at start, where some VIP needs them.
     let socket = |c: &Config| c.vips.iter().any(|v| v.mode == super::Mode::Socket);
     if socket(new) && !socket(old) {

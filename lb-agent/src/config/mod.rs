@@ -52,6 +52,8 @@ pub struct Config {
     pub vips: Vec<VipConfig>,
     /// The `[vrrp]` section; None = the VIP addresses are placed by other means.
     pub vrrp: Option<VrrpConfig>,
+    /// The `[metrics]` section; None = no metrics endpoint.
+    pub metrics: Option<MetricsConfig>,
     /// Which file, and which version of it, this config was read from (`load` only).
     pub source: Option<ConfigSource>,
 }
@@ -375,8 +377,16 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw = deserialize(text).map_err(|i| i.into_error(path))?;
         let raw_vrrp = raw.vrrp;
-        let (agent, vips) =
-            validate(RawConfig { vrrp: None, ..raw }).map_err(|i| i.into_error(path))?;
+        let metrics = match raw.metrics {
+            None => None,
+            Some(m) => Some(validate_metrics(m).map_err(|i| i.into_error(path))?),
+        };
+        let (agent, vips) = validate(RawConfig {
+            vrrp: None,
+            metrics: None,
+            ..raw
+        })
+        .map_err(|i| i.into_error(path))?;
         let vrrp = match raw_vrrp {
             None => None,
             Some(v) => Some(validate_vrrp(v, &agent, &vips).map_err(|i| i.into_error(path))?),
@@ -386,6 +396,7 @@ impl Config {
             agent,
             vips,
             vrrp,
+            metrics,
             source: None,
         })
     }
@@ -466,6 +477,41 @@ struct RawConfig {
     #[serde(default)]
     vip: Vec<RawVip>,
     vrrp: Option<RawVrrp>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [metrics] table")]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+/// The `[metrics]` section: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub listen: std::net::SocketAddr,
+}
+
+fn validate_metrics(raw: RawMetrics) -> Result<MetricsConfig, Issue> {
+    let port = crate::metrics::DEFAULT_PORT;
+    let listen = match raw.listen.as_deref() {
+        None => std::net::SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+        Some(s) => match s.parse::<std::net::SocketAddr>() {
+            Ok(a) => a,
+            // An address alone gets the default port.
+            Err(_) => match s.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+                Ok(ip) => std::net::SocketAddr::new(ip, port),
+                Err(_) => {
+                    return Err(issue(
+                        "metrics.listen",
+                        format!("{s:?} is not an address and port like \"0.0.0.0:{port}\""),
+                    ))
+                }
+            },
+        },
+    };
+    Ok(MetricsConfig { listen })
 }
 
 #[derive(Deserialize, Default)]

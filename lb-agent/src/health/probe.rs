@@ -118,6 +118,26 @@ impl Failure {
         }
     }
 
+    /// A short word for metrics labels: one per kind, never a message (bounded cardinality).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Failure::Refused => "refused",
+            Failure::ConnectTimeout => "connect_timeout",
+            Failure::Connect(_) => "connect",
+            Failure::Handshake(_) => "handshake",
+            Failure::CertNotTrusted(_) => "cert_not_trusted",
+            Failure::ClientCertRejected(_) => "client_cert_rejected",
+            Failure::TimeoutAfterConnect(_) => "timeout",
+            Failure::Io(_) => "io",
+            Failure::Protocol(_) => "protocol",
+            Failure::Status(_) => "status",
+            Failure::Mixed(_) => "mixed",
+            Failure::Inherited => "inherited",
+            Failure::NoVipPath(_) => "no_vip_path",
+            Failure::VipPathLocal(_) => "vip_path_local",
+        }
+    }
+
     /// True unless the backend is unreachable, i.e. its flows are kept: not ready in the
     /// wide sense, LB side included. Prefer `class()`.
     pub fn is_not_ready(&self) -> bool {

@@ -5,7 +5,12 @@
 //! class. One odd result (a probe that hit a full accept queue, a reset) must not move
 //! every watch on an apiserver, which is what turning unreachable does.
 
-use std::{collections::VecDeque, time::Duration};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
 
 use tokio::time::Instant;
 
@@ -28,6 +33,57 @@ pub struct Transition {
     pub to: Health,
 }
 
+/// Upper bounds (seconds) of the probe-latency histogram's buckets; +Inf follows.
+pub const LATENCY_BOUNDS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// How long a backend's probes took, since the agent started: a Prometheus histogram.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyHistogram {
+    pub sum_seconds: f64,
+    pub count: u64,
+    /// Probes per bucket of `LATENCY_BOUNDS` (not cumulative), then the +Inf bucket.
+    pub buckets: Vec<u64>,
+}
+
+impl LatencyHistogram {
+    fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        if self.buckets.is_empty() {
+            self.buckets = vec![0; LATENCY_BOUNDS.len() + 1];
+        }
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.buckets[i] += 1;
+        self.sum_seconds += s;
+        self.count += 1;
+    }
+
+    /// (upper bound, probes in that bucket alone), the +Inf bucket last as f64::MAX (how
+    /// prometheus-client, which adds them up, marks it).
+    pub fn per_bucket(&self) -> Vec<(f64, u64)> {
+        LATENCY_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(self.buckets.iter().copied().chain(std::iter::repeat(0)))
+            .collect()
+    }
+}
+
+/// What a backend's probes did since the agent started, for the metrics endpoint.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeStats {
+    pub latency: LatencyHistogram,
+    /// Failed probes by `Failure::reason`.
+    pub failures: BTreeMap<&'static str, u64>,
+    /// Health changes.
+    pub transitions: u64,
+}
+
 /// Rise/fall counters and the last result of one backend.
 #[derive(Debug, Clone)]
 pub struct Tracker {
@@ -43,6 +99,7 @@ pub struct Tracker {
     recent: VecDeque<Failure>,
     /// Until the first transition one result is enough, so a fresh LB serves at once.
     started: bool,
+    pub stats: ProbeStats,
 }
 
 impl Tracker {
@@ -60,6 +117,7 @@ impl Tracker {
             last_change: None,
             recent: VecDeque::with_capacity(fall as usize),
             started: false,
+            stats: ProbeStats::default(),
         }
     }
 
@@ -85,6 +143,10 @@ impl Tracker {
     /// Records a probe outcome; returns the transition it caused, if any.
     pub fn record(&mut self, now: Instant, outcome: Outcome) -> Option<Transition> {
         let result = outcome.result.clone();
+        self.stats.latency.observe(outcome.latency);
+        if let Err(f) = &result {
+            *self.stats.failures.entry(f.reason()).or_default() += 1;
+        }
         self.last = Some(outcome);
         let next = match result {
             Ok(()) => {
@@ -119,6 +181,7 @@ impl Tracker {
             }
         };
         let to = next?;
+        self.stats.transitions += 1;
         let from = std::mem::replace(&mut self.health, to.clone());
         self.last_change = Some(now);
         self.started = true;
