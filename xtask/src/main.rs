@@ -22,6 +22,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("keepalived", "keepalived"),
     // `systemd-analyze verify` checks packaging/systemd/lb-agent.service (tests/tests/systemd_unit.rs).
     ("systemd-analyze", "systemd"),
+    // A real Prometheus scrapes the agent, and promtool checks the exposition and the alert
+    // rules (tests/tests/e2e_metrics.rs).
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
 ];
 
 fn root() -> PathBuf {

@@ -25,6 +25,52 @@ pub use families::registry;
 /// range (9100-9999, all allocated) and kube-vip's 2112, MetalLB's 7472 and HAProxy's 8404.
 pub const DEFAULT_PORT: u16 = 8297;
 
+/// Every family `/metrics` can show (VRRP's only with `[vrrp]`), with its type: the names
+/// dashboards and alert rules may use (tests check both against this list, and the
+/// exposition against it).
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("lb_build", "info"),
+    ("lb_backend_up", "gauge"),
+    ("lb_backend_state", "gauge"),
+    ("lb_backend_flows", "gauge"),
+    ("lb_backend_packets", "counter"),
+    ("lb_backend_bytes", "counter"),
+    ("lb_backend_new_flows", "counter"),
+    ("lb_backend_probe_duration_seconds", "histogram"),
+    ("lb_backend_probe_failures", "counter"),
+    ("lb_backend_transitions", "counter"),
+    ("lb_flows", "gauge"),
+    ("lb_flow_table_capacity", "gauge"),
+    ("lb_snat_ports_in_use", "gauge"),
+    ("lb_snat_ports", "gauge"),
+    ("lb_dataplane_packets", "counter"),
+    ("lb_vrrp_state", "gauge"),
+    ("lb_vrrp_priority", "gauge"),
+    ("lb_vrrp_transitions", "counter"),
+    ("lb_vrrp_adverts_sent", "counter"),
+    ("lb_vrrp_adverts_received", "counter"),
+    ("lb_vrrp_bad_adverts", "counter"),
+    ("lb_config_reloads", "counter"),
+    ("lb_config_last_reload_timestamp_seconds", "gauge"),
+];
+
+/// The names samples of `FAMILIES` carry (what PromQL selects): `_total` for counters,
+/// `_info` for infos, `_bucket`, `_sum` and `_count` for histograms.
+pub fn sample_names() -> Vec<String> {
+    FAMILIES
+        .iter()
+        .flat_map(|(n, k)| match *k {
+            "counter" => vec![format!("{n}_total")],
+            "info" => vec![format!("{n}_info")],
+            "histogram" => ["_bucket", "_sum", "_count"]
+                .iter()
+                .map(|s| format!("{n}{s}"))
+                .collect(),
+            _ => vec![n.to_string()],
+        })
+        .collect()
+}
+
 /// Config reloads counted for `lb_config_reloads_total`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Reloads {
@@ -351,31 +397,11 @@ mod tests {
     fn every_family_the_issue_names_is_there_with_its_type_and_labels() {
         let om = render(&report(3));
         let t = types(&om);
-        for (name, kind) in [
-            ("lb_build", "info"),
-            ("lb_backend_up", "gauge"),
-            ("lb_backend_state", "gauge"),
-            ("lb_backend_packets", "counter"),
-            ("lb_backend_bytes", "counter"),
-            ("lb_backend_new_flows", "counter"),
-            ("lb_backend_probe_duration_seconds", "histogram"),
-            ("lb_backend_probe_failures", "counter"),
-            ("lb_backend_transitions", "counter"),
-            ("lb_flows", "gauge"),
-            ("lb_flow_table_capacity", "gauge"),
-            ("lb_snat_ports_in_use", "gauge"),
-            ("lb_dataplane_packets", "counter"),
-            ("lb_vrrp_state", "gauge"),
-            ("lb_vrrp_priority", "gauge"),
-            ("lb_vrrp_transitions", "counter"),
-            ("lb_vrrp_adverts_sent", "counter"),
-            ("lb_vrrp_adverts_received", "counter"),
-            ("lb_vrrp_bad_adverts", "counter"),
-            ("lb_config_reloads", "counter"),
-            ("lb_config_last_reload_timestamp_seconds", "gauge"),
-        ] {
-            assert_eq!(t.get(name).map(String::as_str), Some(kind), "{name}\n{om}");
-        }
+        let want: HashMap<String, String> = FAMILIES
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect();
+        assert_eq!(t, want, "{om}");
         for sample in [
             format!("lb_build_info{{version=\"{}\"}} 1", crate::VERSION),
             "lb_backend_up{vip=\"api\",backend=\"m1\"} 1".into(),
