@@ -14,7 +14,10 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 pub mod diff;
+mod discovery;
 mod vrrp;
+pub use discovery::{check_backends, DiscoveryConfig, DEFAULT_KUBECONFIG};
+use discovery::{validate_discovery, RawDiscovery};
 use vrrp::{validate_vrrp, RawVrrp};
 pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
 
@@ -166,6 +169,9 @@ pub struct VipConfig {
     pub backends: Vec<BackendConfig>,
     /// The `[vip.health]` section (defaults when absent).
     pub health: HealthConfig,
+    /// `[vip.discovery]` with `kubernetes = true`: the backends above are a seed, replaced
+    /// by the apiservers the `kubernetes` EndpointSlice lists (`crate::discovery`).
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 /// How the agent probes a VIP's backends (`[vip.health]`).
@@ -492,6 +498,7 @@ struct RawVip {
     mss_clamp: Option<i64>,
     ipip_source: Option<String>,
     health: Option<RawHealth>,
+    discovery: Option<RawDiscovery>,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -979,6 +986,10 @@ fn validate_vip(
         None => HealthConfig::default(),
         Some(h) => validate_health(i, h)?,
     };
+    let discovery = match raw.discovery {
+        None => None,
+        Some(d) => validate_discovery(i, d)?,
+    };
     if mode.is_dsr() && health.kind == HealthKind::None {
         // XDP cannot ask for a neighbour's MAC, and a DSR packet must not go to the
         // kernel, which holds the VIP: the probes' own traffic keeps the MACs resolved.
@@ -1004,6 +1015,7 @@ fn validate_vip(
         ipip_source,
         backends,
         health,
+        discovery,
     })
 }
 
@@ -1473,6 +1485,7 @@ port = 8132
                     },
                 ],
                 health: HealthConfig::default(),
+                discovery: None,
             }
         );
         // Same address, different port: a distinct VIP. Backend names are per VIP.
