@@ -6,7 +6,8 @@
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
 //! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
-//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes).
+//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes),
+//! `discovery` (following the `kubernetes` EndpointSlice for a VIP's backends).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -18,6 +19,7 @@ pub mod backends;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod heartbeat;
 pub mod host;

@@ -30,7 +30,8 @@ use lb_common::{
 const MAX_IFNAME_LEN: usize = 15;
 /// Weights are relative; the cap keeps the Maglev fill loop short (see maglev.rs).
 const MAX_WEIGHT: i64 = 10_000;
-const DEFAULT_WEIGHT: u32 = 100;
+/// A backend's weight when the config (or discovery) gives none.
+pub const DEFAULT_WEIGHT: u32 = 100;
 /// The Maglev paper keeps every backend within ~1% of its fair share with M >= 100 N.
 const SLOTS_PER_BACKEND: u64 = 100;
 const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
