@@ -8,6 +8,7 @@ pub mod http;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod socket_lab;
 pub mod systemd;
 pub mod tls;
 pub mod vrrp_lab;
