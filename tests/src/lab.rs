@@ -652,11 +652,23 @@ impl Lab {
     }
 
     /// Waits until the agent `p` (using `config`) answers status.
-    fn wait_agent(&self, mut p: Proc, config: &Path) -> Proc {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait_agent(&self, p: Proc, config: &Path) -> Proc {
+        self.wait_agent_until(p, config, Duration::from_secs(30), |_| true)
+    }
+
+    /// Waits up to `timeout` until the agent `p` (using `config`) answers status and the
+    /// answer satisfies `ready`.
+    pub fn wait_agent_until(
+        &self,
+        mut p: Proc,
+        config: &Path,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Proc {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(s) = self.try_status(config) {
-                if s["agent"]["running"] == true {
+                if s["agent"]["running"] == true && ready(&s) {
                     return p;
                 }
             }
@@ -683,7 +695,8 @@ impl Lab {
         self.spawn_net_only(&self.lbs[i], &format!("agent-lb{}", i + 1), &args)
     }
 
-    fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {
+    /// `lb-agent status --json` for the agent using `config`, or why it did not answer.
+    pub fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {
         let out = Command::new(bin("lb-agent"))
             .args(["status", "--json", "--config"])
             .arg(config)

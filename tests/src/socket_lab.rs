@@ -7,7 +7,7 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use crate::lab::{bin, Lab, Proc, VIP};
@@ -96,16 +96,6 @@ pub fn config(
     c
 }
 
-/// `lb-agent status --json` for `config`, None while it does not answer.
-pub fn try_status(config: &Path) -> Option<serde_json::Value> {
-    let out = Command::new(bin("lb-agent"))
-        .args(["status", "--json", "--config"])
-        .arg(config)
-        .output()
-        .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
-}
-
 /// Starts lb-agent with `config` in the client's namespace (log: agent-client.log) and
 /// waits up to `timeout` until its status answers and satisfies `ready`.
 pub fn start_agent(
@@ -124,18 +114,5 @@ pub fn start_agent(
             config.to_str().unwrap(),
         ],
     );
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(s) = try_status(config) {
-            if s["agent"]["running"] == true && ready(&s) {
-                return agent;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not come up: {}",
-            agent.output()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    lab.wait_agent_until(agent, config, timeout, ready)
 }

@@ -42,10 +42,6 @@ fn up(status: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
-fn status(config: &std::path::Path) -> serde_json::Value {
-    socket_lab::try_status(config).expect("lb-agent status answers")
-}
-
 #[test]
 fn discovery_follows_the_kubernetes_endpointslice() {
     let Some(lab) = Lab::new("e2e_discovery", 1, 3) else {
@@ -118,7 +114,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     let joined = t0.elapsed();
     eprintln!("the third apiserver took new connections {joined:?} after the agent started");
     assert!(joined < Duration::from_secs(10), "{joined:?}");
-    let s = status(&config);
+    let s = lab.status(&config);
     let third = addr(2).to_string();
     assert_eq!(
         backends(&s),
@@ -172,13 +168,13 @@ fn discovery_follows_the_kubernetes_endpointslice() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(up(&status(&config)).len(), 3, "after a reload");
+    assert_eq!(up(&lab.status(&config)).len(), 3, "after a reload");
 
     // The slice drops master02: it is removed, and new connections avoid it.
     let t1 = Instant::now();
     lab.set_endpointslice(&[addr(0), addr(2)]);
     wait_for(Duration::from_secs(5), "master02 to leave", || {
-        !up(&status(&config)).contains(&backend_name(1))
+        !up(&lab.status(&config)).contains(&backend_name(1))
     });
     let left = t1.elapsed();
     eprintln!("master02 took no new connections {left:?} after the slice dropped it");
@@ -187,21 +183,21 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     assert!(report["backends"][backend_name(1)].is_null(), "{report}");
     // Socket mode keeps no flows: the removed backend goes at the next reconcile.
     wait_for(Duration::from_secs(10), "master02 to be gone", || {
-        backends(&status(&config))
+        backends(&lab.status(&config))
             .iter()
             .all(|(n, _, _)| *n != backend_name(1))
     });
 
     // The slice goes empty: nothing changes, and status says why.
-    let before = backends(&status(&config));
+    let before = backends(&lab.status(&config));
     lab.set_endpointslice(&[] as &[Ipv4Addr]);
     wait_for(Duration::from_secs(5), "the empty slice to be seen", || {
-        status(&config)["vips"][0]["discovery"]["held"]
+        lab.status(&config)["vips"][0]["discovery"]["held"]
             .as_str()
             .is_some_and(|h| h.contains("no ready IPv4 apiserver"))
     });
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(backends(&status(&config)), before);
+    assert_eq!(backends(&lab.status(&config)), before);
     let report = loadgen(&lab, Some(&cgroup.0), 60);
     assert_eq!(report["ok"], 60, "{report}");
     assert!(report["backends"][backend_name(1)].is_null(), "{report}");
