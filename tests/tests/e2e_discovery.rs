@@ -170,6 +170,32 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     );
     assert_eq!(up(&lab.status(&config)).len(), 3, "after a reload");
 
+    // `lb-agent restart` hands what was found to the new agent: no step back to the seed.
+    let out = Command::new(bin("lb-agent"))
+        .args(["restart", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(20), "the restarted agent", || {
+        lab.try_status(&config)
+            .is_ok_and(|s| s["agent"]["restarted_by"].is_string())
+    });
+    let s = lab.status(&config);
+    assert_eq!(up(&s).len(), 3, "after a restart: {s}");
+    assert_eq!(s["vips"][0]["discovery"]["source"], "endpointslice", "{s}");
+    assert!(
+        agent
+            .output()
+            .contains("serving the 3 apiservers the previous agent found"),
+        "{}",
+        agent.output()
+    );
+
     // The slice drops master02: it is removed, and new connections avoid it.
     let t1 = Instant::now();
     lab.set_endpointslice(&[addr(0), addr(2)]);
