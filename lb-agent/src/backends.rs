@@ -810,6 +810,30 @@ impl Backends {
         })
     }
 
+    /// Per VIP, the addresses of the backends its health checks report up (all of them
+    /// without probes); removed backends and VIPs left out: the apiservers discovery may ask.
+    pub fn reachable(&self) -> crate::discovery::Reachable {
+        self.vips
+            .iter()
+            .zip(&self.runtime)
+            .zip(&self.health)
+            .filter(|((v, _), _)| !v.removed)
+            .map(|((v, rts), h)| {
+                let up = v
+                    .backends
+                    .iter()
+                    .zip(rts)
+                    .filter(|(_, rt)| {
+                        !rt.removed
+                            && (h.kind == HealthKind::None || rt.tracker.health == Health::Up)
+                    })
+                    .map(|(b, _)| SocketAddr::from((b.addr, b.port)))
+                    .collect();
+                (v.name.clone(), up)
+            })
+            .collect()
+    }
+
     /// Health of every backend, for status.
     pub fn report(&self) -> Vec<VipHealth> {
         self.vips

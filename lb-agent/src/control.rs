@@ -200,6 +200,9 @@ pub struct Response {
     pub health: Option<Vec<crate::backends::VipHealth>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vrrp: Option<crate::vrrp::VrrpStatus>,
+    /// Where each VIP that follows the `kubernetes` EndpointSlice has its backends from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<Vec<crate::discovery::DiscoveryStatus>>,
     /// What a command did, in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,

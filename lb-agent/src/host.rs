@@ -318,6 +318,32 @@ pub async fn check_config(cfg: &crate::config::Config) -> Result<(), crate::conf
             ));
         }
     }
+    for (i, v) in cfg.vips.iter().enumerate() {
+        let Some(d) = &v.discovery else { continue };
+        let field = format!("vip[{i}].discovery.kubeconfig");
+        if !d.kubeconfig.exists() {
+            // A node that has not joined yet: discovery waits for the file.
+            log::warn!(
+                "{}: {field}: {} does not exist (yet); the configured backends serve until it does",
+                cfg.path.display(),
+                d.kubeconfig.display()
+            );
+            continue;
+        }
+        let creds = crate::discovery::kubeconfig::load(&d.kubeconfig)
+            .map_err(|e| error(field.clone(), format!("{}: {e}", d.kubeconfig.display())))?;
+        // Discovery verifies the apiservers as the probes do, whatever their kind.
+        crate::health::client_config(&v.health, creds.identity).map_err(|e| match e.field {
+            "ca_file" => error(
+                format!("vip[{i}].health.ca_file"),
+                format!("{} (discovery verifies the apiservers with it)", e.message),
+            ),
+            _ => error(
+                field.clone(),
+                format!("{}: {}", d.kubeconfig.display(), e.message),
+            ),
+        })?;
+    }
     let index = match &cfg.agent.interface {
         None => None,
         Some(iface) => Some(ifindex(iface).map_err(|_| {

@@ -8,7 +8,8 @@
 //! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
 //! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes),
 //! `logging` (tracing: text or JSON lines, the level changed at runtime), `metrics` (the
-//! Prometheus endpoint).
+//! Prometheus endpoint), `discovery` (following the `kubernetes` EndpointSlice for a VIP's
+//! backends).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -20,6 +21,7 @@ pub mod backends;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod discovery;
 pub mod health;
 pub mod heartbeat;
 pub mod host;

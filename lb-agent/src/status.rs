@@ -17,6 +17,7 @@ use crate::{
     backends::BackendHealth,
     control::{self, Request},
     dataplane::{map_err, pinned::PinnedMaps, DataplaneError},
+    discovery::DiscoveryStatus,
     vrrp::VrrpStatus,
 };
 
@@ -143,6 +144,10 @@ pub struct VipStatus {
     pub probe: Option<String>,
     /// Panic mode: why backends whose probes fail are served anyway (from the agent).
     pub health_panic: Option<String>,
+    /// With `[vip.discovery]`: where the backend list comes from, the kubernetes
+    /// EndpointSlice or the configured seed (from the agent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery: Option<DiscoveryStatus>,
     pub flows: u64,
     pub packets: u64,
     pub bytes: u64,
@@ -238,13 +243,14 @@ pub fn gather_from(
         .agent_meta
         .get(&0, 0)
         .map_err(map_err(lb_common::map::AGENT_META))?;
-    let (running, info, control_error, health, vrrp) = match answer {
+    let (running, info, control_error, health, vrrp, discovery) = match answer {
         Ok(r) => (
             true,
             r.agent.unwrap_or_default(),
             None,
             r.health.unwrap_or_default(),
             r.vrrp,
+            r.discovery.unwrap_or_default(),
         ),
         Err(e) => (
             false,
@@ -252,6 +258,7 @@ pub fn gather_from(
             Some(e.to_string()),
             Vec::new(),
             None,
+            Vec::new(),
         ),
     };
     let now = std::time::SystemTime::now()
@@ -358,6 +365,7 @@ pub fn gather_from(
         let vh = health.iter().find(|h| h.name == vs.name);
         vs.probe = vh.map(|h| h.probe.clone());
         vs.health_panic = vh.and_then(|h| h.panic.clone());
+        vs.discovery = discovery.iter().find(|d| d.vip == vs.name).cloned();
         for i in 0..MAX_BACKENDS {
             let Ok(bm) = maps.backend_meta.get(&i, 0) else {
                 continue;
@@ -613,6 +621,9 @@ pub fn render(r: &Report) -> String {
         if let Some(p) = &v.health_panic {
             let _ = writeln!(o, "  PANIC MODE: {p}");
         }
+        if let Some(d) = &v.discovery {
+            let _ = writeln!(o, "  backends: {}", d.line());
+        }
         let _ = writeln!(
             o,
             "  {:<16} {:<21} {:<6} {:>6} {:>6} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10}",
@@ -780,6 +791,38 @@ mod tests {
                 "version:   lb-agent unknown (not answering); config unknown; map layout {MAP_LAYOUT_VERSION}"
             )
         );
+    }
+
+    #[test]
+    fn a_discovering_vip_says_where_its_backends_come_from() {
+        let mut r = report(true, MAP_LAYOUT_VERSION);
+        r.vips.push(VipStatus {
+            name: "kube-apiserver".into(),
+            discovery: Some(DiscoveryStatus {
+                vip: "kube-apiserver".into(),
+                source: "endpointslice".into(),
+                resource_version: Some("42".into()),
+                updated_unix: Some(1_795_000_000),
+                listed: vec!["192.0.2.11:6443".into()],
+                state: "watching via 192.0.2.11:6443".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        r.vips.push(VipStatus {
+            name: "plain".into(),
+            ..Default::default()
+        });
+        let text = render(&r);
+        assert_eq!(
+            line(&text, "  backends:"),
+            "  backends: discovered from the kubernetes EndpointSlice (rv 42, at 2026-11-18T11:06:40Z); watching via 192.0.2.11:6443"
+        );
+        assert_eq!(text.matches("  backends:").count(), 1, "{text}");
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(v["vips"][0]["discovery"]["source"], "endpointslice");
+        assert_eq!(v["vips"][0]["discovery"]["resource_version"], "42");
+        assert!(v["vips"][1].get("discovery").is_none(), "{v}");
     }
 
     #[test]

@@ -468,30 +468,43 @@ impl Lab {
 
     /// Starts the stub on backend `i` listening on `addr`:VIP_PORT; waits until it answers.
     pub fn start_stub_on(&self, i: usize, addr: Ipv4Addr) -> Proc {
+        self.start_stub_with(i, addr, &[])
+    }
+
+    /// Starts one stub per backend (on its own address) with `extra` arguments, e.g.
+    /// `--api-client-ca`; waits until each answers.
+    pub fn start_stubs_with(&self, extra: &[&str]) -> Vec<Proc> {
+        self.certs();
+        (0..self.backends.len())
+            .map(|i| self.start_stub_with(i, self.backends[i].addr, extra))
+            .collect()
+    }
+
+    /// Like `start_stub_on`, with `extra` arguments to `lb-stub serve`.
+    pub fn start_stub_with(&self, i: usize, addr: Ipv4Addr, extra: &[&str]) -> Proc {
         let pki = self.dir.join("pki");
         let cert = pki.join("server.crt");
         let key = pki.join("server.key");
         let stub = bin("lb-stub");
         let h = &self.backends[i];
         let listen = format!("{addr}:{VIP_PORT}");
-        let p = self.spawn(
-            h,
-            &backend_name(i),
-            &[
-                stub.to_str().unwrap(),
-                "serve",
-                "--listen",
-                &listen,
-                "--name",
-                &backend_name(i),
-                "--cert",
-                cert.to_str().unwrap(),
-                "--key",
-                key.to_str().unwrap(),
-                "--admin-listen",
-                STUB_ADMIN,
-            ],
-        );
+        let name = backend_name(i);
+        let mut args = vec![
+            stub.to_str().unwrap(),
+            "serve",
+            "--listen",
+            &listen,
+            "--name",
+            &name,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+            "--admin-listen",
+            STUB_ADMIN,
+        ];
+        args.extend_from_slice(extra);
+        let p = self.spawn(h, &name, &args);
         wait_for(
             Duration::from_secs(10),
             &format!("stub {}", backend_name(i)),
@@ -505,6 +518,21 @@ impl Lab {
         self.backends[i].ns.sh(&format!(
             "curl -sf --max-time 2 'http://{STUB_ADMIN}{path}'"
         ))
+    }
+
+    /// Makes every stub's `kubernetes` EndpointSlice list `addrs` (at VIP_PORT), as one
+    /// cluster's apiservers all would; a watch event each.
+    pub fn set_endpointslice(&self, addrs: &[Ipv4Addr]) {
+        let list: Vec<String> = addrs.iter().map(Ipv4Addr::to_string).collect();
+        for i in 0..self.backends.len() {
+            self.stub_admin(
+                i,
+                &format!(
+                    "/endpointslice?addresses={}&port={VIP_PORT}",
+                    list.join(",")
+                ),
+            );
+        }
     }
 
     fn try_stub_stats(&self, i: usize) -> Option<serde_json::Value> {
@@ -624,11 +652,23 @@ impl Lab {
     }
 
     /// Waits until the agent `p` (using `config`) answers status.
-    fn wait_agent(&self, mut p: Proc, config: &Path) -> Proc {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait_agent(&self, p: Proc, config: &Path) -> Proc {
+        self.wait_agent_until(p, config, Duration::from_secs(30), |_| true)
+    }
+
+    /// Waits up to `timeout` until the agent `p` (using `config`) answers status and the
+    /// answer satisfies `ready`.
+    pub fn wait_agent_until(
+        &self,
+        mut p: Proc,
+        config: &Path,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Proc {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Ok(s) = self.try_status(config) {
-                if s["agent"]["running"] == true {
+                if s["agent"]["running"] == true && ready(&s) {
                     return p;
                 }
             }
@@ -655,7 +695,8 @@ impl Lab {
         self.spawn_net_only(&self.lbs[i], &format!("agent-lb{}", i + 1), &args)
     }
 
-    fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {
+    /// `lb-agent status --json` for the agent using `config`, or why it did not answer.
+    pub fn try_status(&self, config: &Path) -> Result<serde_json::Value, String> {
         let out = Command::new(bin("lb-agent"))
             .args(["status", "--json", "--config"])
             .arg(config)

@@ -135,6 +135,11 @@ pub struct Pki {
     pub server_key: String,
     /// Certificate of a second, unrelated CA (a "wrong CA" for negative tests).
     pub other_ca_cert: String,
+    /// A client certificate signed by the CA, as kubelet has one (CN `system:node:lb-test`,
+    /// O `system:nodes`).
+    pub client_cert: String,
+    /// Its private key.
+    pub client_key: String,
 }
 
 fn ca_params(common_name: &str) -> Result<CertificateParams> {
@@ -189,17 +194,33 @@ pub fn generate_pki(sans: &[String]) -> Result<Pki> {
     let server_key = KeyPair::generate()?;
     let server = params.signed_by(&server_key, &ca, &ca_key)?;
 
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "system:node:lb-test");
+    dn.push(DnType::OrganizationName, "system:nodes");
+    params.distinguished_name = dn;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    let client_key = KeyPair::generate()?;
+    let client = params.signed_by(&client_key, &ca, &ca_key)?;
+
     Ok(Pki {
         ca_cert: ca.pem(),
         ca_key: ca_key.serialize_pem(),
         server_cert: server.pem(),
         server_key: server_key.serialize_pem(),
         other_ca_cert: other.pem(),
+        client_cert: client.pem(),
+        client_key: client_key.serialize_pem(),
     })
 }
 
-/// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key` and `other-ca.crt` into `dir`,
-/// overwriting existing files.
+/// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key`, `other-ca.crt`, `client.crt` and
+/// `client.key` into `dir`, overwriting existing files.
 pub fn write_pki(dir: &Path, sans: &[String]) -> Result<()> {
     let pki = generate_pki(sans)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -209,6 +230,8 @@ pub fn write_pki(dir: &Path, sans: &[String]) -> Result<()> {
         ("server.crt", &pki.server_cert),
         ("server.key", &pki.server_key),
         ("other-ca.crt", &pki.other_ca_cert),
+        ("client.crt", &pki.client_cert),
+        ("client.key", &pki.client_key),
     ] {
         let path = dir.join(file);
         std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;

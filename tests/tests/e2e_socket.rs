@@ -10,55 +10,10 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{assert_spread, backend_name, backend_status, bin, wait_for, Host, Lab, Proc, CLIENT},
-    systemd::setpriv_as_unit,
+    lab::{assert_spread, backend_name, backend_status, bin, wait_for, Lab, Proc, CLIENT},
+    socket_lab::{self, client_sh, loadgen, sh_in, Cgroup},
     vrrp_lab::VRRP_HEALTH,
 };
-
-/// A cgroup of the test's, removed when dropped (its processes have ended by then).
-struct Cgroup(PathBuf);
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// Runs `cmd` with sh in the client's network namespace, inside `cgroup` if given; returns
-/// (success, stdout, stderr).
-fn client_sh(lab: &Lab, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
-    sh_in(&lab.client, cgroup, cmd)
-}
-
-/// Runs `cmd` with sh in `host`'s network namespace, inside `cgroup` if given.
-fn sh_in(host: &Host, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
-    let enter = match cgroup {
-        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.display()),
-        None => String::new(),
-    };
-    // nsenter, not `ip netns exec`: that remounts /sys, and the cgroup tree with it.
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", host.ns.path().display()))
-        .args(["sh", "-c", &format!("{enter}{cmd}")])
-        .output()
-        .expect("nsenter");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// lb-loadgen against https://127.0.0.1:6443/version from the client (in `cgroup` if given).
-fn loadgen(lab: &Lab, cgroup: Option<&Path>, n: u32) -> serde_json::Value {
-    let cmd = format!(
-        "exec {} --url https://127.0.0.1:6443/version --ca {} --count {n} --concurrency 4 --timeout 1s",
-        bin("lb-loadgen").display(),
-        lab.dir.join("pki/ca.crt").display()
-    );
-    let (_, out, err) = client_sh(lab, cgroup, &cmd);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("loadgen {out:?} {err}: {e}"))
-}
 
 /// `bpftool cgroup show CGROUP`: the programs attached there, by name.
 fn cgroup_hooks(cg: &Path) -> String {
@@ -82,61 +37,20 @@ fn setup(test: &str) -> Option<Setup> {
     // One LB host, unused but for its pin path, which the lab cleans up.
     let lab = Lab::new(test, 1, 3)?;
     let stubs = lab.start_stubs();
-    let cgroup = Cgroup(lb_agent::host::root_cgroup().join(format!("lb-{}-socket", lab.id)));
-    std::fs::create_dir(&cgroup.0).expect("create the test's cgroup");
-    let c = lab.agent_config(0, "mode = \"socket\"", VRRP_HEALTH);
-    let text = std::fs::read_to_string(&c)
-        .unwrap()
-        .replacen(
-            &format!("address = \"{}\"", lb_tests::lab::VIP),
-            "address = \"127.0.0.1\"",
-            1,
-        )
-        .replacen(
-            "[agent]\n",
-            &format!("[agent]\ncgroup = \"{}\"\n", cgroup.0.display()),
-            1,
-        )
-        // Every VIP in socket mode: no interface, no XDP (as on a Kubespray worker).
-        .replacen("interface = \"eth0\"\nxdp_mode = \"native\"\n", "", 1);
-    std::fs::write(&c, text).unwrap();
-    // With only the capabilities the systemd unit grants, as on a worker.
-    let mut argv = setpriv_as_unit();
-    argv.extend(
-        [
-            bin("lb-agent").to_str().unwrap(),
-            "--log-format",
-            "json",
-            "run",
-            "--config",
-            c.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
-    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let agent = lab.spawn_net_only(&lab.client, "agent-client", &argv);
-    let up = |s: &serde_json::Value| {
+    let cgroup = Cgroup::new(&lab, "socket");
+    let backends: Vec<_> = (0..3)
+        .map(|i| {
+            (
+                backend_name(i),
+                lab.backends[i].addr,
+                lb_tests::lab::VIP_PORT,
+            )
+        })
+        .collect();
+    let c = socket_lab::config(&lab, &cgroup, "", VRRP_HEALTH, &backends);
+    let agent = socket_lab::start_agent(&lab, &c, Duration::from_secs(20), |s| {
         (0..3).all(|i| backend_status(s, &backend_name(i))["state"] == "up")
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new(bin("lb-agent"))
-            .args(["status", "--json", "--config"])
-            .arg(&c)
-            .output()
-            .unwrap();
-        if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            if s["agent"]["running"] == true && up(&s) {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not come up: {}",
-            std::fs::read_to_string(lab.dir.join("agent-client.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     Some(Setup {
         config: c,
         agent,

@@ -117,6 +117,11 @@ fn gen_certs(dir: &Path) {
 /// Starts a stub on free loopback ports; retries because another process may grab a port
 /// between our probe and the stub's bind.
 fn start_stub(test: &str, name: &str) -> Stub {
+    start_stub_with(test, name, &[])
+}
+
+/// Like `start_stub`, with `extra` arguments to `lb-stub serve`.
+fn start_stub_with(test: &str, name: &str, extra: &[&str]) -> Stub {
     let dir = TempDir(std::env::temp_dir().join(format!("lb-stub-{test}-{}", std::process::id())));
     gen_certs(&dir.0);
     for _ in 0..5 {
@@ -131,6 +136,7 @@ fn start_stub(test: &str, name: &str) -> Stub {
                 .arg(dir.0.join("server.crt"))
                 .arg("--key")
                 .arg(dir.0.join("server.key"))
+                .args(extra)
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap(),
@@ -448,4 +454,114 @@ fn bad_arguments_exit_nonzero() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+}
+
+/// lb-agent's discovery against the stub's EndpointSlice API with a bearer token (e2e_discovery
+/// uses a client certificate): the list, each change as a watch event, and a refusal.
+#[test]
+fn discovery_follows_the_stubs_endpointslice_with_a_token() {
+    use lb_agent::{
+        config::{DiscoveryConfig, HealthConfig},
+        discovery::{self, Follow, Found},
+    };
+    use tokio::sync::{mpsc, watch};
+
+    let stub = start_stub_with("slices", "master01", &["--api-token", "s3cret"]);
+    let kubeconfig = |token: &str| {
+        let path = stub.dir.0.join(format!("kubeconfig-{token}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\ncontexts:\n- name: c\n  context:\n    user: u\n\
+                 users:\n- name: u\n  user:\n    token: {token}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let (status, _) =
+        stub.admin_get("/endpointslice?addresses=198.18.0.11,198.18.0.12,198.18.0.13");
+    assert_eq!(status, 200);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let follow = |token: &str| Follow {
+        vip: "api".into(),
+        discovery: DiscoveryConfig {
+            kubeconfig: kubeconfig(token),
+        },
+        health: HealthConfig {
+            ca_file: stub.dir.0.join("ca.crt"),
+            ..Default::default()
+        },
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", stub.port).parse().unwrap();
+    let (specs, specs_rx) = watch::channel(vec![follow("s3cret")]);
+    let (_reachable, reachable_rx) = watch::channel(discovery::Reachable::from([(
+        "api".to_string(),
+        vec![addr],
+    )]));
+    let (found_tx, mut found) = mpsc::channel::<Found>(16);
+    let shared = discovery::Shared::default();
+    let (_stop, stop_rx) = watch::channel(false);
+    let task = rt.spawn(discovery::run(
+        specs_rx,
+        reachable_rx,
+        found_tx,
+        shared.clone(),
+        stop_rx,
+    ));
+    let next = |found: &mut mpsc::Receiver<Found>| {
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), found.recv())
+                .await
+                .expect("discovery finds something in time")
+                .unwrap()
+        })
+    };
+    let listed = |f: &Found| -> Vec<String> { f.backends.iter().map(|a| a.to_string()).collect() };
+    let f = next(&mut found);
+    assert_eq!(
+        listed(&f),
+        ["198.18.0.11:6443", "198.18.0.12:6443", "198.18.0.13:6443"]
+    );
+    assert_eq!(f.resource_version, "2");
+    assert_eq!(f.via, addr.to_string());
+    // A change is a watch event.
+    stub.admin_get("/endpointslice?addresses=198.18.0.11,198.18.0.13");
+    let f = next(&mut found);
+    assert_eq!(listed(&f), ["198.18.0.11:6443", "198.18.0.13:6443"]);
+    assert_eq!(f.resource_version, "3");
+    stub.admin_get("/endpointslice?addresses=");
+    assert!(next(&mut found).backends.is_empty());
+    let st = shared.lock().unwrap()["api"].clone();
+    assert!(st.state.starts_with("watching via 127.0.0.1:"), "{st:?}");
+    let stats = stub.stats();
+    assert_eq!(
+        stats["requests"]["/apis/discovery.k8s.io/v1/namespaces/default/endpointslices"], 2,
+        "one list, one watch: {stats}"
+    );
+
+    // The wrong token: refused, said in the status.
+    specs.send_replace(vec![follow("wrong")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = shared
+            .lock()
+            .unwrap()
+            .get("api")
+            .cloned()
+            .unwrap_or_default();
+        if st
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("status 401"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no 401 in {st:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    task.abort();
 }

@@ -5,10 +5,11 @@
 //! The maps and the pinned link carry the data plane and every backend's state (a start
 //! adopts them, as after a crash); the hand-off file carries only what the maps do not:
 //! whether this host was VRRP master (the successor then resumes as master at once, before
-//! the peer's Master_Down_Interval and the addresses' lifetime run out) and the sysctls'
-//! original values.
+//! the peer's Master_Down_Interval and the addresses' lifetime run out), the sysctls'
+//! original values, and the apiservers discovery found.
 
 use std::{
+    collections::BTreeMap,
     io::Write,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
@@ -18,7 +19,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::{config::Config, discovery::Found};
 
 /// A hand-off older than this is a leftover, not ours.
 const MAX_AGE: Duration = Duration::from_secs(60);
@@ -35,6 +36,10 @@ pub struct Handoff {
     pub vrrp_master: bool,
     /// Sysctls to restore when the agent finally stops (`host::Sysctls`).
     pub sysctls: Vec<(PathBuf, String)>,
+    /// The apiservers discovery found, by VIP: the successor serves them at once rather
+    /// than the seed until it has listed them again.
+    #[serde(default)]
+    pub discovered: BTreeMap<String, Found>,
 }
 
 fn now_ms() -> u64 {
@@ -59,7 +64,14 @@ impl Handoff {
             written_unix_ms: now_ms(),
             vrrp_master,
             sysctls,
+            discovered: BTreeMap::new(),
         }
+    }
+
+    /// With what discovery found.
+    pub fn with_discovered(mut self, discovered: BTreeMap<String, Found>) -> Self {
+        self.discovered = discovered;
+        self
     }
 
     /// Writes it for the agent with control socket `socket` (0600: it is root's business).
@@ -251,7 +263,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("lb-handoff-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let sock = dir.join("lb.sock");
-        let h = Handoff::new("t1".into(), true, vec![("/proc/sys/x".into(), "0".into())]);
+        let found = Found {
+            vip: "api".into(),
+            backends: ["198.18.0.13:6443".parse().unwrap()].into(),
+            resource_version: "7".into(),
+            via: "198.18.0.11:6443".into(),
+            at_unix: 1,
+        };
+        let h = Handoff::new("t1".into(), true, vec![("/proc/sys/x".into(), "0".into())])
+            .with_discovered([("api".to_string(), found)].into());
         h.write(&sock).unwrap();
         assert_eq!(Handoff::take(&sock), Some(h.clone()));
         assert_eq!(Handoff::take(&sock), None, "taken once");

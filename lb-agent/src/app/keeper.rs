@@ -17,6 +17,7 @@ use crate::{
     backends::Backends,
     config::{Config, TrackConfig},
     control::{AgentInfo, Call, Request, Response},
+    discovery,
     health::{probers::Probers, ProbeEvent},
     heartbeat::Heartbeat,
     netlink::{Events, Netlink},
@@ -87,6 +88,10 @@ pub struct Keeper {
     pub alive: Heartbeat,
     /// Link events (`netlink::link_events`): any of them re-reads the VLAN devices.
     pub link_events: Option<Events>,
+    /// Where the keeper publishes which backends are up, for discovery to ask.
+    pub reachable: watch::Sender<discovery::Reachable>,
+    /// Discovery's status, shown by status.
+    pub discovery: discovery::Shared,
 }
 
 impl Keeper {
@@ -198,6 +203,14 @@ impl Keeper {
             if self.backends.take_write_failed() && retry_at.is_none() {
                 retry_at = Some(Instant::now() + backoff);
             }
+            let up = self.backends.reachable();
+            self.reachable.send_if_modified(|r| {
+                let changed = *r != up;
+                if changed {
+                    *r = up;
+                }
+                changed
+            });
         }
     }
 
@@ -209,6 +222,14 @@ impl Keeper {
                 agent: Some(self.agent_info()),
                 health: Some(self.backends.report()),
                 vrrp: self.vrrp.as_ref().map(|v| vrrp::lock(v).clone()),
+                discovery: Some(
+                    self.discovery
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .values()
+                        .cloned()
+                        .collect(),
+                ),
                 ..Default::default()
             },
             Request::Drain { vip, backend } => {

@@ -38,6 +38,7 @@ use crate::{
         writer::Writer,
         DataplaneError,
     },
+    discovery,
     health::{probe::LocalLink, probers::Probers},
     heartbeat::Heartbeat,
     host::{self, Sysctls},
@@ -237,6 +238,29 @@ pub async fn run(config: Config) -> Result<()> {
             }
         );
     }
+    // The apiservers the previous agent had found, for the VIPs that still follow them.
+    let (applied, discovered) = {
+        let found: std::collections::BTreeMap<String, discovery::Found> = handed
+            .as_ref()
+            .map(|h| h.discovered.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(vip, _)| {
+                config
+                    .vips
+                    .iter()
+                    .any(|v| &v.name == vip && v.discovery.is_some())
+            })
+            .collect();
+        let applied = discovery::effective(&config, &found);
+        match crate::config::check_backends(&applied) {
+            Ok(()) => (applied, found),
+            Err(e) => {
+                log::warn!("the apiservers the previous agent found do not fit this config ({e}): serving the configured backends until discovery lists them again");
+                (config.clone(), Default::default())
+            }
+        }
+    };
     let (penalty_tx, penalty_rx) = watch::channel(0u8);
     let vrrp_status: vrrp::Shared = Default::default();
     let keeper_alive = Heartbeat::default();
@@ -333,13 +357,13 @@ pub async fn run(config: Config) -> Result<()> {
         let writer = Writer::new(PinnedMaps::open(&pin_path).context("opening the pinned maps")?);
         let mut backends = if adopted.is_some() {
             let (b, notes) =
-                Backends::adopt(&config, writer, default_snat).context("taking over the maps")?;
+                Backends::adopt(&applied, writer, default_snat).context("taking over the maps")?;
             for n in notes {
                 log::info!("adoption: {n}");
             }
             b
         } else {
-            Backends::install(&config, writer, default_snat).context("writing the maps")?
+            Backends::install(&applied, writer, default_snat).context("writing the maps")?
         };
         let mut sysctls = Sysctls::inherit(
             handed
@@ -486,7 +510,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let (probe_tx, probes) = mpsc::channel(1024);
-    for vip in &config.vips {
+    for vip in &applied.vips {
         log::info!(
             "serving VIP {} {}:{} with {} backends; probes: {:?} every {}",
             vip.name,
@@ -499,6 +523,35 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let (order_tx, orders) = mpsc::channel::<keeper::Order>(64);
+    // Discovery: the keeper says which backends are up, the followers ask them for the
+    // apiservers, and the main loop serves what they find (`reload::Serving::discovered`).
+    let (reachable_tx, reachable_rx) = watch::channel(discovery::Reachable::new());
+    let discovery_status = discovery::Shared::default();
+    for (vip, f) in &discovered {
+        log::info!(
+            "VIP {vip}: serving the {} apiservers the previous agent found (EndpointSlice rv {})",
+            f.backends.len(),
+            f.resource_version
+        );
+        discovery::set_status(&discovery_status, vip, |s| {
+            s.source = "endpointslice".into();
+            s.resource_version = Some(f.resource_version.clone());
+            s.updated_unix = Some(f.at_unix);
+            s.listed = f.backends.iter().map(|a| a.to_string()).collect();
+        });
+    }
+    let (follow_tx, follow_rx) = watch::channel(discovery::follows(&config));
+    let (found_tx, mut found_rx) = mpsc::channel::<discovery::Found>(64);
+    sup.spawn(
+        "discovery",
+        discovery::run(
+            follow_rx,
+            reachable_rx,
+            found_tx,
+            discovery_status.clone(),
+            stop_rx.clone(),
+        ),
+    );
     let keeper = keeper::Keeper {
         backends,
         probers: Probers::new(
@@ -532,6 +585,8 @@ pub async fn run(config: Config) -> Result<()> {
         link_events,
         reconcile_every: config.agent.reconcile_interval,
         alive: keeper_alive.clone(),
+        reachable: reachable_tx,
+        discovery: discovery_status.clone(),
     };
     let stop = stop_rx.clone();
     sup.spawn("keeper", keeper.run(probes, calls, orders, stop));
@@ -548,7 +603,11 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     let mut serving = reload::Serving {
+        applied,
         config,
+        discovered,
+        follow: follow_tx,
+        discovery: discovery_status,
         sysctls,
         keeper: order_tx,
         vrrp: election.as_ref().map(|e| e.settings.clone()),
@@ -583,6 +642,7 @@ pub async fn run(config: Config) -> Result<()> {
                     service::ready(&format!("serving; reloaded {}", serving.path().display()));
                 }
             },
+            Some(found) = found_rx.recv() => serving.discovered(found).await,
             exit = sup.next_exit() => {
                 let exit = exit.unwrap_or(Exit { name: "all".into(), how: "ended".into() });
                 service::stopping(&format!("{exit}: giving up the VIP, detaching, exiting non-zero"));
@@ -649,7 +709,11 @@ pub async fn run(config: Config) -> Result<()> {
             },
         }
     };
-    let reload::Serving { mut sysctls, .. } = serving;
+    let reload::Serving {
+        mut sysctls,
+        discovered,
+        ..
+    } = serving;
     if let Ending::Restart(plan) = &ending {
         if plan.way == handoff::Way::Keep {
             // Everything stays as it is for the successor: the program forwards, VRRP is
@@ -666,7 +730,8 @@ pub async fn run(config: Config) -> Result<()> {
             if !stuck.is_empty() {
                 log::warn!("tasks that did not stop in time: {}", stuck.join(", "));
             }
-            let h = handoff::Handoff::new(plan.token.clone(), master, sysctls.hand_over());
+            let h = handoff::Handoff::new(plan.token.clone(), master, sysctls.hand_over())
+                .with_discovered(discovered);
             h.write(&socket_path)
                 .with_context(|| format!("writing {}", handoff::file(&socket_path).display()))?;
             dp.leave();
@@ -714,7 +779,8 @@ pub async fn run(config: Config) -> Result<()> {
     if let Ending::Restart(plan) = ending {
         // The safe path: the VIP went to the peer, the data plane is gone; the new binary
         // starts afresh in this process.
-        let h = handoff::Handoff::new(plan.token.clone(), false, Vec::new());
+        let h = handoff::Handoff::new(plan.token.clone(), false, Vec::new())
+            .with_discovered(discovered);
         h.write(&socket_path)
             .with_context(|| format!("writing {}", handoff::file(&socket_path).display()))?;
         log::info!(

@@ -175,6 +175,23 @@ fn vip(
             show(v.mss_clamp)
         ));
     }
+    if o.discovery != v.discovery {
+        let show = |d: &Option<super::DiscoveryConfig>| match d {
+            None => "off".to_string(),
+            Some(d) => format!("kubernetes (kubeconfig {})", d.kubeconfig.display()),
+        };
+        out.push(format!(
+            "VIP {name}: discovery {} -> {}{}",
+            show(&o.discovery),
+            show(&v.discovery),
+            match (&o.discovery, &v.discovery) {
+                (Some(_), None) => ": the configured backends apply again",
+                (None, Some(_)) =>
+                    ": the configured backends are the seed until an apiserver answers",
+                _ => "",
+            }
+        ));
+    }
     let h = health(&o.health, &v.health);
     if !h.is_empty() {
         out.push(format!(
@@ -387,6 +404,24 @@ mod tests {
         assert_eq!(
             diff(&parse(BASE), &parse(BASE)).unwrap(),
             Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn discovery_may_change_in_place() {
+        let on = BASE.replace(
+            "port = 6443\n",
+            "port = 6443\n[vip.discovery]\nkubernetes = true\n",
+        );
+        let d = diff(&parse(BASE), &parse(&on)).unwrap();
+        assert_eq!(
+            d,
+            ["VIP api: discovery off -> kubernetes (kubeconfig /etc/kubernetes/kubelet.conf): the configured backends are the seed until an apiserver answers"]
+        );
+        let d = diff(&parse(&on), &parse(BASE)).unwrap();
+        assert_eq!(
+            d,
+            ["VIP api: discovery kubernetes (kubeconfig /etc/kubernetes/kubelet.conf) -> off: the configured backends apply again"]
         );
     }
 

@@ -14,7 +14,10 @@ use std::time::{Duration, SystemTime};
 use serde::Deserialize;
 
 pub mod diff;
+mod discovery;
 mod vrrp;
+pub use discovery::{check_backends, DiscoveryConfig, DEFAULT_KUBECONFIG};
+use discovery::{validate_discovery, RawDiscovery};
 use vrrp::{validate_vrrp, RawVrrp};
 pub use vrrp::{NotifyConfig, TrackConfig, VrrpConfig};
 
@@ -27,7 +30,8 @@ use lb_common::{
 const MAX_IFNAME_LEN: usize = 15;
 /// Weights are relative; the cap keeps the Maglev fill loop short (see maglev.rs).
 const MAX_WEIGHT: i64 = 10_000;
-const DEFAULT_WEIGHT: u32 = 100;
+/// A backend's weight when the config (or discovery) gives none.
+pub const DEFAULT_WEIGHT: u32 = 100;
 /// The Maglev paper keeps every backend within ~1% of its fair share with M >= 100 N.
 const SLOTS_PER_BACKEND: u64 = 100;
 const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
@@ -172,6 +176,9 @@ pub struct VipConfig {
     pub backends: Vec<BackendConfig>,
     /// The `[vip.health]` section (defaults when absent).
     pub health: HealthConfig,
+    /// `[vip.discovery]` with `kubernetes = true`: the backends above are a seed, replaced
+    /// by the apiservers the `kubernetes` EndpointSlice lists (`crate::discovery`).
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 /// How the agent probes a VIP's backends (`[vip.health]`).
@@ -544,6 +551,7 @@ struct RawVip {
     mss_clamp: Option<i64>,
     ipip_source: Option<String>,
     health: Option<RawHealth>,
+    discovery: Option<RawDiscovery>,
     #[serde(default)]
     backend: Vec<RawBackend>,
 }
@@ -1050,6 +1058,10 @@ fn validate_vip(
         None => HealthConfig::default(),
         Some(h) => validate_health(i, h)?,
     };
+    let discovery = match raw.discovery {
+        None => None,
+        Some(d) => validate_discovery(i, d)?,
+    };
     if mode.is_dsr() && health.kind == HealthKind::None {
         // XDP cannot ask for a neighbour's MAC, and a DSR packet must not go to the
         // kernel, which holds the VIP: the probes' own traffic keeps the MACs resolved.
@@ -1075,6 +1087,7 @@ fn validate_vip(
         ipip_source,
         backends,
         health,
+        discovery,
     })
 }
 
@@ -1546,6 +1559,7 @@ port = 8132
                     },
                 ],
                 health: HealthConfig::default(),
+                discovery: None,
             }
         );
         // Same address, different port: a distinct VIP. Backend names are per VIP.

@@ -45,11 +45,35 @@ fn read_certs(field: &'static str, path: &Path) -> Result<Vec<CertificateDer<'st
     Ok(certs)
 }
 
+/// A client certificate chain and its key, presented in TLS handshakes.
+pub type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
 /// The rustls client config for a VIP's https probes (None for other kinds).
 pub fn tls_config(cfg: &HealthConfig) -> Result<Option<Arc<ClientConfig>>, TlsError> {
     if cfg.kind != HealthKind::Https {
         return Ok(None);
     }
+    let identity = match (&cfg.client_cert, &cfg.client_key) {
+        (Some(cert), Some(key)) => {
+            let certs = read_certs("client_cert", cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError {
+                field: "client_key",
+                message: format!("{}: {e}", key.display()),
+            })?;
+            Some((certs, key))
+        }
+        _ => None,
+    };
+    client_config(cfg, identity).map(Some)
+}
+
+/// A rustls client config that verifies servers as `cfg` says (`ca_file`, or
+/// `insecure_skip_verify`), whatever its probe kind, and presents `identity` when given:
+/// the probes' own (`client_cert`) or another (discovery's, from a kubeconfig).
+pub fn client_config(
+    cfg: &HealthConfig,
+    identity: Option<Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -71,25 +95,18 @@ pub fn tls_config(cfg: &HealthConfig) -> Result<Option<Arc<ClientConfig>>, TlsEr
         }
         builder.with_root_certificates(roots)
     };
-    let mut config = match (&cfg.client_cert, &cfg.client_key) {
-        (Some(cert), Some(key)) => {
-            let certs = read_certs("client_cert", cert)?;
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError {
+    let mut config = match identity {
+        Some((certs, key)) => builder
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| TlsError {
                 field: "client_key",
-                message: format!("{}: {e}", key.display()),
-            })?;
-            builder
-                .with_client_auth_cert(certs, key)
-                .map_err(|e| TlsError {
-                    field: "client_key",
-                    message: e.to_string(),
-                })?
-        }
-        _ => builder.with_no_client_auth(),
+                message: e.to_string(),
+            })?,
+        None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Session resumption (on by default) keeps repeated probes cheap for the agent.
-    Ok(Some(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// `insecure_skip_verify = true`: any certificate, any signature.

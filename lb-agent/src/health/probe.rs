@@ -227,12 +227,7 @@ impl Target {
         cfg: &HealthConfig,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Self {
-        let host = cfg
-            .server_name
-            .clone()
-            .unwrap_or_else(|| addr.ip().to_string());
-        let server_name = ServerName::try_from(host.clone())
-            .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+        let (host, server_name) = server_name(cfg, addr);
         Self {
             addr,
             kind: cfg.kind,
@@ -260,6 +255,18 @@ impl Target {
             None => self.tls.clone(),
         }
     }
+}
+
+/// The Host header and the TLS server name (SNI, and the name verified) for a backend at
+/// `addr`: `health.server_name`, or the address.
+pub fn server_name(cfg: &HealthConfig, addr: SocketAddr) -> (String, ServerName<'static>) {
+    let host = cfg
+        .server_name
+        .clone()
+        .unwrap_or_else(|| addr.ip().to_string());
+    let name = ServerName::try_from(host.clone())
+        .unwrap_or_else(|_| ServerName::IpAddress(addr.ip().into()));
+    (host, name)
 }
 
 /// Runs one probe against `t`.
@@ -303,7 +310,7 @@ async fn run(t: &Target, deadline: tokio::time::Instant) -> Result<(), Failure> 
     }
 }
 
-fn connect_failure(e: &io::Error) -> Failure {
+pub(crate) fn connect_failure(e: &io::Error) -> Failure {
     match e.raw_os_error() {
         _ if e.kind() == io::ErrorKind::ConnectionRefused => Failure::Refused,
         // The route lookup for a blackhole route fails with EINVAL, which says nothing.
@@ -352,7 +359,7 @@ fn rejects_client_cert(a: AlertDescription) -> bool {
     )
 }
 
-fn handshake_failure(e: &io::Error) -> Failure {
+pub(crate) fn handshake_failure(e: &io::Error) -> Failure {
     if let Some(r) = rustls_error(e) {
         return tls_failure(r).unwrap_or_else(|| Failure::Handshake(r.to_string()));
     }
@@ -365,7 +372,7 @@ fn handshake_failure(e: &io::Error) -> Failure {
 /// An I/O error once TLS is up. With TLS 1.3 the client finishes its handshake before
 /// the server has checked the client certificate, so a rejection arrives here, as an
 /// alert on the first read.
-fn io_failure(what: &str, e: &io::Error) -> Failure {
+pub(crate) fn io_failure(what: &str, e: &io::Error) -> Failure {
     rustls_error(e)
         .and_then(tls_failure)
         .unwrap_or_else(|| Failure::Io(format!("{what}: {e}")))
@@ -396,10 +403,7 @@ async fn http_get<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Sends the GET and reads the answer's status.
 async fn status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, t: &Target) -> Result<u16, Failure> {
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: lb-agent\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-        t.path, t.host
-    );
+    let req = get_request(&t.path, &t.host, "*/*", &[]);
     s.write_all(req.as_bytes())
         .await
         .map_err(|e| io_failure("write", &e))?;
@@ -425,7 +429,26 @@ async fn status<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, t: &Target) -> Res
         .ok_or_else(|| Failure::Protocol(line.lines().next().unwrap_or("").to_string()))
 }
 
-fn parse_status(line: &str) -> Option<u16> {
+/// An HTTP/1.1 GET of `target` (path and query) with `Connection: close` and `extra`
+/// headers.
+pub(crate) fn get_request(
+    target: &str,
+    host: &str,
+    accept: &str,
+    extra: &[(&str, &str)],
+) -> String {
+    let mut req = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-agent\r\nAccept: {accept}\r\n"
+    );
+    for (k, v) in extra {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    req
+}
+
+/// The status of an HTTP/1.x status line.
+pub(crate) fn parse_status(line: &str) -> Option<u16> {
     let mut it = line.split_whitespace();
     let version = it.next()?;
     if !version.starts_with("HTTP/1.") {

@@ -155,12 +155,12 @@ pub async fn watch_tls(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs;
 
     /// A self-signed test CA (EC P-256, valid until 2126) and its key; test use only.
-    const CERT: &str = "-----BEGIN CERTIFICATE-----
+    pub(crate) const CERT: &str = "-----BEGIN CERTIFICATE-----
 MIIBjzCCATWgAwIBAgIUN/Ivtznq5Esn8ZQhwjdHpONAXuQwCgYIKoZIzj0EAwIw
 HDEaMBgGA1UEAwwRbGIgdGxzX3dhdGNoIHRlc3QwIBcNMjYxMTIzMTg0NzU4WhgP
 MjEyNjEwMzAxODQ3NThaMBwxGjAYBgNVBAMMEWxiIHRsc193YXRjaCB0ZXN0MFkw
@@ -172,7 +172,7 @@ AIJuDu6Aw4ygYo7EYwirJwXohD/hGGdNMacwgcMAaop1AiB0rmDJMmKIimIPGihV
 FtDcnZn7Q5FfG7Ia3OjlAPmu2w==
 -----END CERTIFICATE-----
 ";
-    const KEY: &str = "-----BEGIN PRIVATE KEY-----
+    pub(crate) const KEY: &str = "-----BEGIN PRIVATE KEY-----
 MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgw8wl/SCSerRzijZz
 PofVkNvaiYatjOWYtQ8AHP6xorOhRANCAAQSnOoTAkxzTIjHygfFuHuc2AfOYFOg
 JQ9IBPOx26EHgV0FMwzdhzTvGaijpKrXE7ppXHWkWp6R+qC9qnrT+9AI
@@ -180,9 +180,9 @@ JQ9IBPOx26EHgV0FMwzdhzTvGaijpKrXE7ppXHWkWp6R+qC9qnrT+9AI
 ";
 
     /// A scratch directory removed on drop.
-    struct Dir(PathBuf);
+    pub(crate) struct Dir(pub(crate) PathBuf);
     impl Dir {
-        fn new(name: &str) -> Self {
+        pub(crate) fn new(name: &str) -> Self {
             let d =
                 std::env::temp_dir().join(format!("lb-tls-watch-{}-{name}", std::process::id()));
             let _ = fs::remove_dir_all(&d);

@@ -4,6 +4,13 @@
 //! Bulk transfers for path MTU tests: `GET /bytes?n=N` answers N bytes of
 //! `lb_tests::http::pattern` (N up to 64 MiB); `POST /upload` reads a body of up to 16 MiB and
 //! answers `{"received": LEN, "fnv1a64": "HEX"}` (`lb_tests::http::fnv1a64` of the body).
+//!
+//! The `kubernetes` Service's EndpointSlice (`lb_tests::endpointslice`): listed and watched
+//! at `/apis/discovery.k8s.io/v1/namespaces/default/endpointslices`, set with the admin
+//! port's `/endpointslice?addresses=A,B,C[&port=P]` (each change is a watch event). With
+//! `--api-client-ca` or `--api-token` it answers only clients that present a certificate
+//! from that CA or that bearer token (401 otherwise), as an apiserver does; /readyz and the
+//! rest stay open.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -15,6 +22,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use lb_tests::endpointslice::{self, Slice};
 use lb_tests::http::{self, Request};
 use lb_tests::tls;
 use serde_json::json;
@@ -46,7 +54,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write ca.crt, ca.key, server.crt, server.key and other-ca.crt into DIR.
+    /// Write ca.crt, ca.key, server.crt, server.key, other-ca.crt, client.crt and client.key
+    /// into DIR.
     GenCerts {
         /// Output directory (created if missing; files are overwritten).
         #[arg(long)]
@@ -91,6 +100,14 @@ struct ServeArgs {
     /// --client-ca-file does for clients that present one.
     #[arg(long, value_name = "PEM")]
     client_ca: Option<PathBuf>,
+    /// The EndpointSlice API answers only clients with a certificate from this CA (PEM) or
+    /// with `--api-token`; a certificate is asked for, not required, on every connection.
+    #[arg(long, value_name = "PEM", conflicts_with = "client_ca")]
+    api_client_ca: Option<PathBuf>,
+    /// The EndpointSlice API answers only this bearer token (or an `--api-client-ca`
+    /// certificate).
+    #[arg(long, value_name = "TOKEN")]
+    api_token: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -169,6 +186,12 @@ enum Reply {
     Hang,
     /// Stream watch bookmarks at this interval until the connection dies.
     Watch(Duration),
+    /// Watch the EndpointSlice from version `from` for `timeout`, with BOOKMARKs if asked.
+    SliceWatch {
+        from: u64,
+        timeout: Duration,
+        bookmarks: bool,
+    },
 }
 
 impl Reply {
@@ -210,7 +233,21 @@ struct Stub {
     readyz_delay_ms: AtomicU64,
     /// Bumped by /close-all; every client connection task watches it and drops its socket.
     close_gen: watch::Sender<u64>,
+    /// The `kubernetes` Service's EndpointSlice.
+    slices: endpointslice::Store,
+    /// Whom the EndpointSlice API answers: None, everybody; else a client certificate (when
+    /// asked for one) or this token.
+    api_auth: Option<ApiAuth>,
 }
+
+/// The EndpointSlice API's credentials.
+struct ApiAuth {
+    certificates: bool,
+    token: Option<String>,
+}
+
+/// How often a watch that asked for them gets a BOOKMARK.
+const BOOKMARK_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps `active_connections` exact however a connection task ends (including cancellation).
 struct ActiveGuard(Arc<Stub>);
@@ -261,10 +298,50 @@ impl Stub {
         *map.entry(key.to_string()).or_default() += 1;
     }
 
-    fn api_route(&self, req: &Request, body: &[u8]) -> Reply {
+    /// The EndpointSlice API: a list, or a watch; refused without the credentials asked for.
+    fn slice_route(&self, req: &Request, cert: bool) -> Reply {
+        if let Some(a) = &self.api_auth {
+            let bearer = req
+                .header("authorization")
+                .and_then(|h| h.strip_prefix("Bearer "));
+            let ok =
+                (a.certificates && cert) || (a.token.is_some() && bearer == a.token.as_deref());
+            if !ok {
+                return Reply::json(
+                    401,
+                    endpointslice::status(401, "Unauthorized", "Unauthorized"),
+                );
+            }
+        }
+        if !matches!(req.query_param("watch"), Some("1" | "true")) {
+            return Reply::json(200, self.slices.list());
+        }
+        let from = match req.query_param("resourceVersion").map(str::parse::<u64>) {
+            Some(Ok(rv)) => rv,
+            None => self.slices.get().0,
+            Some(Err(_)) => {
+                return Reply::json(
+                    400,
+                    endpointslice::status(400, "BadRequest", "bad resourceVersion"),
+                )
+            }
+        };
+        let timeout = match req.query_param("timeoutSeconds").map(str::parse::<u64>) {
+            Some(Ok(s)) => Duration::from_secs(s),
+            _ => Duration::from_secs(1800),
+        };
+        Reply::SliceWatch {
+            from,
+            timeout,
+            bookmarks: req.query_param("allowWatchBookmarks") == Some("true"),
+        }
+    }
+
+    fn api_route(&self, req: &Request, body: &[u8], cert: bool) -> Reply {
         let path = req.path();
         self.count_request(path);
         match path {
+            endpointslice::PATH => self.slice_route(req, cert),
             "/readyz" => match self.readyz_mode() {
                 ReadyzMode::Ok => Reply::text(200, "ok"),
                 ReadyzMode::Unavailable => Reply::text(
@@ -374,6 +451,30 @@ impl Stub {
                 eprintln!("lb-stub {}: mode {}", self.name, self.modes_json());
                 Reply::json(200, self.modes_json())
             }
+            "/endpointslice" => {
+                if let Some(a) = req.query_param("addresses") {
+                    let addresses = match endpointslice::parse_addresses(a) {
+                        Ok(a) => a,
+                        Err(e) => return Reply::json(400, json!({"error": e})),
+                    };
+                    let port = match req.query_param("port").map(str::parse::<u16>) {
+                        None => self.slices.get().1.port,
+                        Some(Ok(p)) => p,
+                        Some(Err(_)) => return Reply::json(400, json!({"error": "bad port"})),
+                    };
+                    let rv = self.slices.set(Slice { addresses, port });
+                    eprintln!(
+                        "lb-stub {}: EndpointSlice at rv {rv}: {a:?} port {port}",
+                        self.name
+                    );
+                }
+                let (rv, slice) = self.slices.get();
+                Reply::json(
+                    200,
+                    json!({"resourceVersion": rv.to_string(), "port": slice.port,
+                        "addresses": slice.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>()}),
+                )
+            }
             "/close-all" => {
                 let active = self.active.load(Ordering::Relaxed);
                 self.close_gen.send_modify(|g| *g += 1);
@@ -399,6 +500,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
     stub: &Stub,
     stream: S,
     admin: bool,
+    cert: bool,
 ) -> io::Result<()> {
     // BufReader passes writes through to the stream, so one value serves both directions.
     let mut conn = BufReader::new(stream);
@@ -428,7 +530,7 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            stub.api_route(&req, &body)
+            stub.api_route(&req, &body, cert)
         };
         match reply {
             Reply::Full {
@@ -473,6 +575,46 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 return Ok(());
             }
+            Reply::SliceWatch {
+                from,
+                timeout,
+                bookmarks,
+            } => {
+                let head = http::response_head(
+                    200,
+                    &[("Content-Type", "application/json"), ("X-Backend", name)],
+                    None,
+                );
+                conn.write_all(head.as_bytes()).await?;
+                let mut changed = stub.slices.subscribe();
+                let end = tokio::time::Instant::now() + timeout;
+                let mut bookmark = tokio::time::interval_at(
+                    tokio::time::Instant::now() + BOOKMARK_EVERY,
+                    BOOKMARK_EVERY,
+                );
+                let mut sent = from;
+                loop {
+                    for (rv, line) in stub.slices.events_after(sent) {
+                        conn.write_all(&http::encode_chunk(format!("{line}\n").as_bytes()))
+                            .await?;
+                        sent = rv;
+                    }
+                    conn.flush().await?;
+                    tokio::select! {
+                        _ = changed.changed() => {}
+                        _ = bookmark.tick(), if bookmarks => {
+                            let line = format!("{}\n", stub.slices.bookmark());
+                            conn.write_all(&http::encode_chunk(line.as_bytes())).await?;
+                        }
+                        _ = tokio::time::sleep_until(end) => {
+                            conn.write_all(http::LAST_CHUNK).await?;
+                            conn.flush().await?;
+                            conn.shutdown().await?;
+                            return Ok(());
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -489,7 +631,13 @@ async fn handle_client(stub: &Stub, acceptor: TlsAcceptor, sock: TcpStream) {
         _ => return,
     };
     stub.tls_handshakes.fetch_add(1, Ordering::Relaxed);
-    let _ = serve_http(stub, tls, false).await;
+    // Verified by the server config's verifier when present.
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .is_some_and(|c| !c.is_empty());
+    let _ = serve_http(stub, tls, false, cert).await;
 }
 
 async fn accept_loop(stub: Arc<Stub>, listener: TcpListener, acceptor: TlsAcceptor) {
@@ -533,15 +681,18 @@ async fn admin_loop(stub: Arc<Stub>, listener: TcpListener) {
         };
         let stub = stub.clone();
         tokio::spawn(async move {
-            let _ = serve_http(&stub, sock, true).await;
+            let _ = serve_http(&stub, sock, true, false).await;
         });
     }
 }
 
-/// The server config; with `--client-ca` a client certificate from that CA is required.
+/// The server config; with `--client-ca` a client certificate from that CA is required,
+/// with `--api-client-ca` one is asked for (and verified when presented).
 fn server_config(args: &ServeArgs) -> Result<Arc<ServerConfig>> {
-    let Some(ca) = &args.client_ca else {
-        return tls::server_config(&args.cert, &args.key);
+    let (ca, required) = match (&args.client_ca, &args.api_client_ca) {
+        (Some(ca), _) => (ca, true),
+        (None, Some(ca)) => (ca, false),
+        (None, None) => return tls::server_config(&args.cert, &args.key),
     };
     let mut roots = RootCertStore::empty();
     for c in tls::load_certs(ca)? {
@@ -549,9 +700,13 @@ fn server_config(args: &ServeArgs) -> Result<Arc<ServerConfig>> {
             .add(c)
             .with_context(|| format!("adding client CA from {}", ca.display()))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
-        .build()
-        .context("client certificate verifier")?;
+    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider());
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    let verifier = builder.build().context("client certificate verifier")?;
     let mut cfg = ServerConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -591,6 +746,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
         readyz: AtomicU8::new(args.readyz as u8),
         readyz_delay_ms: AtomicU64::new(args.readyz_delay_ms),
         close_gen: watch::channel(0).0,
+        slices: endpointslice::Store::new(Slice {
+            addresses: Vec::new(),
+            port: 6443,
+        }),
+        api_auth: (args.api_client_ca.is_some() || args.api_token.is_some()).then(|| ApiAuth {
+            certificates: args.api_client_ca.is_some(),
+            token: args.api_token.clone(),
+        }),
     });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
