@@ -58,9 +58,15 @@ pub mod map {
     /// new flow (a SYN) and the refresh of an established one copy it instead of asking the
     /// FIB. A cache the data plane fills itself; not pinned, not in ALL.
     pub const NEXT_HOP: &str = "NEXT_HOP";
+    /// Ring buffer of DataplaneEvent: the rare events the agent logs (`event::emits`), at
+    /// most one per reason per CPU per second. Pinned: a program left running after the
+    /// agent ends goes on writing where the next agent reads.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU array of EventRate, indexed by reason: the events' rate limit. Not pinned.
+    pub const EVENT_RATE: &str = "EVENT_RATE";
 
     /// Every map the agent pins, in the order status reads them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         VIPS,
         BACKENDS,
         MAGLEV,
@@ -77,7 +83,73 @@ pub mod map {
         AGENT_META,
         SNAT_CURSOR,
         SOCK_REVNAT,
+        EVENTS,
     ];
+}
+
+/// Data-plane events: a reason counter that moves is always counted; for the rare reasons
+/// that need an operator (no SNAT port, no room in the flow table, no route, a SYN flood, a
+/// missing program) the data plane also tells the agent, which logs it.
+pub mod event {
+    use super::reason;
+
+    /// The reasons that are events.
+    pub const REASONS: [u32; 6] = [
+        reason::DROP_SNAT_EXHAUSTED,
+        reason::DROP_FLOW_INSERT,
+        reason::DROP_FIB_UNREACHABLE,
+        reason::PASS_FIB_OTHER,
+        reason::HALF_OPEN_RECYCLED,
+        reason::DROP_TAIL_CALL,
+    ];
+
+    const MASK: u64 = {
+        let mut m = 0u64;
+        let mut i = 0;
+        while i < REASONS.len() {
+            m |= 1 << REASONS[i];
+            i += 1;
+        }
+        m
+    };
+
+    /// True when reason `r` is an event. Constant-folded where `r` is a constant, so the
+    /// call sites of other reasons (the healthy fast path) carry no trace of it.
+    #[inline(always)]
+    pub const fn emits(r: u32) -> bool {
+        r < 64 && MASK & (1 << r) != 0
+    }
+
+    /// Nanoseconds between two events of one reason on one CPU.
+    pub const INTERVAL_NS: u64 = 1_000_000_000;
+
+    /// EVENTS' size in bytes (a power of two, a multiple of the page size).
+    pub const RING_BYTES: u32 = 64 * 1024;
+}
+
+/// An element of EVENTS.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneEvent {
+    /// `reason::*`.
+    pub reason: u32,
+    /// The CPU it happened on.
+    pub cpu: u32,
+    /// Times it happened on that CPU since the previous event of the reason, unreported
+    /// (the rate limit).
+    pub suppressed: u64,
+    /// bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
+}
+
+/// An element of EVENT_RATE.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    /// When the last event of the reason went out on this CPU (0: never).
+    pub last_ns: u64,
+    /// Occurrences since then.
+    pub suppressed: u64,
 }
 
 /// Name of the load-balancing XDP program in the object.
@@ -786,6 +858,8 @@ mod pod {
     unsafe impl aya::Pod for VipMeta {}
     unsafe impl aya::Pod for BackendMeta {}
     unsafe impl aya::Pod for AgentMeta {}
+    unsafe impl aya::Pod for DataplaneEvent {}
+    unsafe impl aya::Pod for EventRate {}
 }
 
 // Layouts are part of the kernel ABI between the two sides: pin them.
@@ -800,6 +874,8 @@ const _: () = {
     assert!(core::mem::size_of::<VipMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<BackendMeta>() == NAME_LEN + 8);
     assert!(core::mem::size_of::<AgentMeta>() == 40);
+    assert!(core::mem::size_of::<DataplaneEvent>() == 24);
+    assert!(core::mem::size_of::<EventRate>() == 16);
     // Where every lb-agent looks for the layout version: it must never move.
     assert!(core::mem::offset_of!(AgentMeta, layout_version) == 12);
     assert!(MAX_VIPS * 2 * MAX_MAGLEV_SIZE < u32::MAX);

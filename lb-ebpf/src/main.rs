@@ -22,6 +22,7 @@
 mod csum;
 mod decap;
 mod dsr;
+mod events;
 mod fib;
 mod flow;
 mod icmp;
@@ -35,13 +36,14 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::XdpContext,
 };
 use lb_common::{
-    reason, tail, AgentMeta, BackendInfo, BackendMeta, Flow, FlowKey, NextHop, SockRevNat,
-    TickClock, TrafficStats, VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE, MAX_BACKENDS,
-    MAX_FLOWS, MAX_HALF_OPEN, MAX_MAGLEV_SIZE, MAX_SOCK_REVNAT, MAX_VIPS, MAX_VLAN_DEVS,
+    reason, tail, AgentMeta, BackendInfo, BackendMeta, EventRate, Flow, FlowKey, NextHop,
+    SockRevNat, TickClock, TrafficStats, VipInfo, VipKey, VipMeta, VlanDev, ADDR_FILTER_SIZE,
+    MAX_BACKENDS, MAX_FLOWS, MAX_HALF_OPEN, MAX_MAGLEV_SIZE, MAX_SOCK_REVNAT, MAX_VIPS,
+    MAX_VLAN_DEVS,
 };
 
 // Map statics are named exactly as lb_common::map's constants; the agent finds them by name.
@@ -82,6 +84,10 @@ static VIP_META: Array<VipMeta> = Array::with_max_entries(MAX_VIPS, 0);
 static BACKEND_META: Array<BackendMeta> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 static AGENT_META: Array<AgentMeta> = Array::with_max_entries(1, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(lb_common::event::RING_BYTES, 0);
+#[map]
+static EVENT_RATE: PerCpuArray<EventRate> = PerCpuArray::with_max_entries(reason::COUNT, 0);
 // Filled by the agent with this object's programs; pinned apart from the maps (PROGS_PIN).
 #[map]
 static PROGS: ProgramArray = ProgramArray::with_max_entries(tail::COUNT, 0);

@@ -7,6 +7,9 @@ pub fn reason(r: u32) {
     if let Some(c) = STATS_REASON.get_ptr_mut(r) {
         unsafe { *c += 1 };
     }
+    if lb_common::event::emits(r) {
+        crate::events::note(r);
+    }
 }
 
 /// Counts a packet from a client to a backend.

@@ -680,6 +680,33 @@ fn a_syn_flood_recycles_half_open_ports_and_never_touches_established_flows() {
         assert_eq!((back.dst, back.dport), (CLIENT, *port), "its replies too");
     }
     assert_eq!(f.writer.maps.flows.keys().count(), 6);
+
+    // The flood reached the agent's log as events, a few rather than hundreds: at most one
+    // per CPU per second, each saying how many it stands for.
+    let recycled = f.reason(reason::HALF_OPEN_RECYCLED);
+    let mut ring = lb_agent::dataplane::events::open(f.pin_path()).expect("EVENTS");
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        events.push(lb_agent::dataplane::events::decode(&item).expect("an event"));
+    }
+    let flood: Vec<_> = events
+        .iter()
+        .filter(|e| e.reason == reason::HALF_OPEN_RECYCLED)
+        .collect();
+    let cpus = std::thread::available_parallelism().map_or(64, |n| n.get()) as usize;
+    assert!(
+        !flood.is_empty() && flood.len() <= 2 * cpus,
+        "{} events for {recycled} recycled entries: {events:?}",
+        flood.len()
+    );
+    let told: u64 = flood.iter().map(|e| 1 + e.suppressed).sum();
+    assert!(told <= recycled, "{told} told, {recycled} counted");
+    assert!(
+        events
+            .iter()
+            .all(|e| lb_common::event::emits(e.reason) && e.ktime_ns > 0),
+        "{events:?}"
+    );
 }
 
 #[test]

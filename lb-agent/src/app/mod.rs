@@ -488,6 +488,22 @@ pub async fn run(config: Config) -> Result<()> {
         Ok(())
     });
 
+    // The data plane's rare events. Diagnostics only: a failure here is logged, and the
+    // agent goes on serving.
+    let mut stop = stop_rx.clone();
+    let events_pin = pin_path.clone();
+    sup.spawn("data-plane events", async move {
+        let r = match crate::dataplane::events::open(&events_pin) {
+            Ok(ring) => crate::dataplane::events::follow(ring, stop.clone()).await,
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = r {
+            log::warn!("data-plane events are not logged: {e}");
+            let _ = stop.wait_for(|s| *s).await;
+        }
+        Ok(())
+    });
+
     if let Some(m) = &config.metrics {
         let listener = crate::metrics::bind(m.listen)
             .await

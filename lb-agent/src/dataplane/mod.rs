@@ -7,6 +7,7 @@
 //! map contents, publishing Maglev tables atomically; `tc_local` attaches the TC egress
 //! program local backends' replies need; `sys` issues the bpf(2) commands aya does not.
 
+pub mod events;
 pub mod generic;
 pub mod loader;
 pub mod pinned;
