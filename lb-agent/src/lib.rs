@@ -6,7 +6,8 @@
 //! privileges), `control` (the agent's Unix socket), `status` (what `lb-agent status`
 //! prints), `app` (`lb-agent run`: wiring and shutdown), `backend_setup` (`lb-agent
 //! backend-setup`, run on the apiserver hosts of DSR VIPs), `sock` (raw and packet sockets),
-//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes).
+//! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes), `import`
+//! (`lb-agent import`: an lb.toml from HAProxy and keepalived configs).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -21,6 +22,8 @@ pub mod dataplane;
 pub mod health;
 pub mod heartbeat;
 pub mod host;
+/// `lb-agent import`: an lb.toml from an haproxy.cfg and a keepalived.conf.
+pub mod import;
 pub mod maglev;
 /// `lb-agent manifest static-pod`: the agent as a Kubernetes static pod (YAML).
 pub mod manifest;
