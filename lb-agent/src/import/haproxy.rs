@@ -1193,45 +1193,6 @@ fn health(
     let mut before = Vec::new();
     let mut fields = Vec::new();
     let tls = p.check_ssl == Some(true) || s.connect_ssl.is_some();
-    let ca_placeholder = || {
-        Field::commented(
-            "ca_file",
-            tstr(crate::config::DEFAULT_CA_FILE),
-            Some(
-                "FILL IN: the CA of the apiservers' certificates; then drop insecure_skip_verify"
-                    .into(),
-            ),
-        )
-    };
-    let verify_fields = |fields: &mut Vec<Field>, tls_says: Option<String>| {
-        match (&p.ca_file, p.verify.as_deref()) {
-            (Some(ca), v) if v != Some("none") => fields.push(Field::new(
-                "ca_file",
-                tstr(ca),
-                Some(format!("ca-file (line {})", first.line)),
-            )),
-            _ => {
-                fields.push(Field::new(
-                    "insecure_skip_verify",
-                    "true".into(),
-                    tls_says.or_else(|| {
-                        Some(format!(
-                            "verify none (line {}): HAProxy verified no certificate",
-                            first.line
-                        ))
-                    }),
-                ));
-                fields.push(ca_placeholder());
-            }
-        }
-        if let Some(sni) = p.sni.clone().or_else(|| s.connect_sni.clone()) {
-            fields.push(Field::new(
-                "server_name",
-                tstr(&sni),
-                Some("check-sni".into()),
-            ));
-        }
-    };
     let readyz = |fields: &mut Vec<Field>| {
         fields.push(Field::new("kind", tstr("https"), None));
         fields.push(Field::new(
@@ -1243,10 +1204,12 @@ fn health(
     match &s.check {
         Some(CheckOpt::SslHello(l)) => {
             readyz(&mut fields);
-            verify_fields(
-                &mut fields,
+            fields.extend(verify_fields(
+                p,
+                s,
+                first.line,
                 Some("HAProxy's TLS hello verified no certificate".into()),
-            );
+            ));
             let httpchk = s.overridden.iter().rev().find_map(|c| match c {
                 CheckOpt::HttpChk { written, line, .. } => Some((written.clone(), *line)),
                 _ => None,
@@ -1331,7 +1294,7 @@ fn health(
                 ),
             }
             if tls {
-                verify_fields(&mut fields, None);
+                fields.extend(verify_fields(p, s, first.line, None));
             }
         }
         Some(CheckOpt::TcpCheck(l)) if !tls => {
@@ -1345,7 +1308,7 @@ fn health(
         other => {
             if tls {
                 readyz(&mut fields);
-                verify_fields(&mut fields, None);
+                fields.extend(verify_fields(p, s, first.line, None));
                 notes.add(
                     src,
                     first.line,
@@ -1366,6 +1329,20 @@ fn health(
             }
         }
     }
+    timing(src, s, p, first, notes, &mut fields)?;
+    Ok((before, fields))
+}
+
+/// interval, timeout, rise and fall: HAProxy's inter, timeout connect + timeout check (at
+/// most the interval), rise and fall, or HAProxy's defaults for them.
+fn timing(
+    src: &Source,
+    s: &Settings,
+    p: &Params,
+    first: &RawServer,
+    notes: &mut Notes,
+    fields: &mut Vec<Field>,
+) -> Result<(), ImportError> {
     let inter = p.inter_ms.unwrap_or(2000);
     if !(10..=3_600_000).contains(&inter) {
         return Err(src.at(
@@ -1431,7 +1408,45 @@ fn health(
             "HAProxy's default; lb's 2".into()
         }),
     ));
-    Ok((before, fields))
+    Ok(())
+}
+
+/// How the probe checks the certificate: the server's ca-file, or (verify none, or a TLS
+/// hello that checked nothing) no verification, with the CA to fill in.
+fn verify_fields(p: &Params, s: &Settings, line: usize, tls_says: Option<String>) -> Vec<Field> {
+    let mut fields = Vec::new();
+    match (&p.ca_file, p.verify.as_deref()) {
+        (Some(ca), v) if v != Some("none") => fields.push(Field::new(
+            "ca_file",
+            tstr(ca),
+            Some(format!("ca-file (line {line})")),
+        )),
+        _ => {
+            fields.push(Field::new(
+                "insecure_skip_verify",
+                "true".into(),
+                Some(tls_says.unwrap_or_else(|| {
+                    format!("verify none (line {line}): HAProxy verified no certificate")
+                })),
+            ));
+            fields.push(Field::commented(
+                "ca_file",
+                tstr(crate::config::DEFAULT_CA_FILE),
+                Some(
+                    "FILL IN: the CA of the apiservers' certificates; then drop insecure_skip_verify"
+                        .into(),
+                ),
+            ));
+        }
+    }
+    if let Some(sni) = p.sni.clone().or_else(|| s.connect_sni.clone()) {
+        fields.push(Field::new(
+            "server_name",
+            tstr(&sni),
+            Some("check-sni".into()),
+        ));
+    }
+    fields
 }
 
 #[cfg(test)]

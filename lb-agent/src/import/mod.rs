@@ -439,6 +439,25 @@ fn resolve_vips(
             } else {
                 s.name.clone()
             };
+            if name.len() > lb_common::NAME_LEN - 1 {
+                return Err(src.at(
+                    s.origin.1,
+                    format!(
+                        "{}: lb's VIP names are at most {} bytes ({name:?})",
+                        s.origin.0,
+                        lb_common::NAME_LEN - 1
+                    ),
+                ));
+            }
+            if let Some(other) = out.iter().find(|v| v.name == name) {
+                return Err(src.at(
+                    s.origin.1,
+                    format!(
+                        "{}: its VIP would be named {name:?}, as the one from {} is; rename one",
+                        s.origin.0, services[other.service].origin.0
+                    ),
+                ));
+            }
             out.push(Vip {
                 name,
                 service: si,

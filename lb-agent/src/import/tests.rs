@@ -486,6 +486,11 @@ fn broken_inputs_name_file_and_line() {
             "placeholder",
         ),
         (with_ha(Source::new("h.cfg", "    bind *:6443\n")), "h.cfg:1: ", "outside any section"),
+        (
+            with_ha(Source::new("h.cfg", "listen api\n    bind 198.18.0.100:6443,198.18.0.101:6443\n    server m1 198.18.0.11:6443\nlisten api-2\n    bind 198.18.0.102:6443\n    server m1 198.18.0.11:6443\n")),
+            "h.cfg:4: ",
+            "as the one from listen api is",
+        ),
         (with_ha(Source::new("h.cfg", "userlist admins\n")), "h.cfg:1: ", "userlist section"),
     ];
     for (inputs, prefix, needle) in cases {
