@@ -9,7 +9,7 @@
 //! `manifest` (`lb-agent manifest`: a static pod for Kubernetes control-plane nodes),
 //! `logging` (tracing: text or JSON lines, the level changed at runtime), `metrics` (the
 //! Prometheus endpoint), `discovery` (following the `kubernetes` EndpointSlice for a VIP's
-//! backends).
+//! backends), `import` (`lb-agent import`: an lb.toml from HAProxy and keepalived configs).
 
 /// This lb-agent's version (the crate's; the build records no git commit).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -25,6 +25,8 @@ pub mod discovery;
 pub mod health;
 pub mod heartbeat;
 pub mod host;
+/// `lb-agent import`: an lb.toml from an haproxy.cfg and a keepalived.conf.
+pub mod import;
 pub mod logging;
 pub mod maglev;
 /// `lb-agent manifest static-pod`: the agent as a Kubernetes static pod (YAML).

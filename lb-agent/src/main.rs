@@ -1,5 +1,5 @@
 //! `lb-agent`: run | check-config | reload | status | drain | undrain | backend-setup |
-//! manifest.
+//! manifest | import.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -9,7 +9,7 @@ use lb_agent::{
     app, backend_setup,
     config::{self, Config},
     control::{self, Request},
-    logging, manifest, status,
+    import, logging, manifest, status,
 };
 use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
 
@@ -17,7 +17,15 @@ use lb_common::{DEFAULT_CONFIG, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH};
 #[command(
     name = "lb-agent",
     version,
-    about = "lb's agent: an XDP load balancer for kube-apiservers"
+    about = "lb's agent: an XDP load balancer for kube-apiservers",
+    after_help = "Examples:
+  lb-agent check-config --config /etc/lb/lb.toml
+  lb-agent run --config /etc/lb/lb.toml
+  lb-agent status
+  lb-agent drain kube-apiserver master02
+  lb-agent import --haproxy /etc/haproxy/haproxy.cfg --keepalived /etc/keepalived/keepalived.conf
+
+`lb-agent help COMMAND` (or COMMAND --help) says what each argument is."
 )]
 struct Cli {
     /// How the agent writes its log on stderr: text, or one JSON object per line (default:
@@ -31,62 +39,100 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load the XDP data plane and serve the configured VIPs until SIGTERM/SIGINT.
+    #[command(after_help = "Example:\n  lb-agent run --config /etc/lb/lb.toml")]
     Run {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        /// The config file (lb.toml) to serve.
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validate a config file against this host and exit (status 2 on a mistake).
+    #[command(after_help = "Example:\n  lb-agent check-config --config /etc/lb/lb.toml")]
     CheckConfig {
-        #[arg(long, default_value = DEFAULT_CONFIG)]
+        /// The config file (lb.toml) to check.
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Make the running agent re-read its config file (or FILE) and apply what changed in
     /// place; prints one line per change. Exits 2, and nothing changes, when the config is
     /// refused.
+    #[command(
+        after_help = "Examples:\n  lb-agent reload\n  lb-agent reload --config /etc/lb/lb.toml"
+    )]
     Reload {
-        /// The config file to load; its control socket is where the agent is asked.
-        #[arg(long)]
+        /// The config file to load (default: the running agent's); its control socket is
+        /// where the agent is asked.
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Replace the running agent with the lb-agent binary now on disk (an upgrade), in
     /// place: the data plane keeps forwarding, flows, health and VRRP mastership carry over.
     /// Waits until the new agent serves.
+    #[command(
+        after_help = "Examples:\n  lb-agent restart\n  lb-agent restart --config /etc/lb/lb.toml --timeout 2m"
+    )]
     Restart {
         /// The config file the new agent runs with (default: the running agent's); its
         /// control socket is where the agent is asked.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// How long to wait for the new agent to serve.
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        /// How long to wait for the new agent to serve (a duration: 30s, 2m).
+        #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// This binary's version and the map layout it uses.
+    #[command(after_help = "Examples:\n  lb-agent version\n  lb-agent version --json")]
     Version {
         /// One JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Stop sending new connections to a backend; its connections are kept.
+    #[command(
+        after_help = "Example (an apiserver about to be upgraded):\n  lb-agent drain kube-apiserver master02"
+    )]
     Drain {
-        /// VIP name.
+        /// The VIP's name (`name` of its [[vip]] in the config).
         vip: String,
-        /// Backend name.
+        /// The backend's name (`name` of its [[vip.backend]]).
         backend: String,
-        #[arg(long)]
+        /// The config file whose control socket the running agent listens on (default:
+        /// /run/lb-agent.sock).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
-    /// Undo `drain`.
+    /// Undo `drain`: the backend gets new connections again.
+    #[command(after_help = "Example:\n  lb-agent undrain kube-apiserver master02")]
     Undrain {
+        /// The VIP's name (`name` of its [[vip]] in the config).
         vip: String,
+        /// The backend's name (`name` of its [[vip.backend]]).
         backend: String,
-        #[arg(long)]
+        /// The config file whose control socket the running agent listens on (default:
+        /// /run/lb-agent.sock).
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Prepare this apiserver host to be a backend of a DSR VIP (run as root on it): the VIP
     /// on a local device, no ARP for it, and for dsr-ipip a way to take the LB's IPIP in.
     /// Prints one line per change; a second run changes nothing.
+    #[command(
+        after_help = "Examples:\n  lb-agent backend-setup --mode dsr-l2 --vip 198.18.0.100\n  lb-agent backend-setup --mode dsr-ipip --vip 198.18.0.100 --dry-run\n  lb-agent backend-setup --mode dsr-l2 --vip 198.18.0.100 --undo"
+    )]
     BackendSetup(backend_setup::Options),
+    /// Translate an HAProxy + keepalived setup (the kubeadm HA guide's, Kubespray's) into an
+    /// lb.toml, with a comment for everything lb does differently (each also one line on
+    /// stderr). Exits 2, naming the file and line, when something cannot be translated.
+    #[command(after_help = "Examples:
+  lb-agent import --haproxy /etc/haproxy/haproxy.cfg --keepalived /etc/keepalived/keepalived.conf \\
+      --check-script /etc/keepalived/check_apiserver.sh --output /etc/lb/lb.toml
+  lb-agent import --haproxy haproxy.cfg --interface eth0 > lb.toml
+
+Then: lb-agent check-config --config /etc/lb/lb.toml (docs/keepalived-migration.md).")]
+    Import(ImportArgs),
     /// Print a manifest that runs the agent under another supervisor than systemd.
+    #[command(
+        after_help = "Example:\n  lb-agent manifest static-pod > /etc/kubernetes/manifests/lb-agent.yaml"
+    )]
     Manifest {
         #[command(subcommand)]
         kind: ManifestKind,
@@ -98,21 +144,27 @@ enum Cmd {
         cmd: DebugCmd,
     },
     /// Show what is in the data plane's maps and what the agent says.
+    #[command(
+        after_help = "Examples:\n  lb-agent status\n  lb-agent status --json --config /etc/lb/lb.toml"
+    )]
     Status {
         /// Config file, for its pin path and control socket (defaults otherwise).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
         /// One JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Change the running agent's log level until it restarts, e.g. `lb-agent log-level
-    /// debug` or `lb-agent log-level info,lb_agent::health=debug`.
+    /// Change the running agent's log level until it restarts (or a reload changes
+    /// agent.log_level).
+    #[command(
+        after_help = "Examples:\n  lb-agent log-level debug\n  lb-agent log-level info,lb_agent::health=debug --config /etc/lb/lb.toml"
+    )]
     LogLevel {
         /// A level (error, warn, info, debug, trace) or a tracing filter (RUST_LOG syntax).
         level: String,
         /// Config file, for its control socket (default: /etc/lb/lb.toml's, else /run/lb-agent.sock).
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
 }
@@ -120,7 +172,40 @@ enum Cmd {
 #[derive(Subcommand)]
 enum ManifestKind {
     /// A Kubernetes static pod (YAML) for a control-plane node's /etc/kubernetes/manifests.
+    #[command(
+        after_help = "Example:\n  lb-agent manifest static-pod --config /etc/lb/lb.toml > /etc/kubernetes/manifests/lb-agent.yaml"
+    )]
     StaticPod(manifest::StaticPodOptions),
+}
+
+/// `lb-agent import`'s command line.
+#[derive(clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("input")
+        .required(true)
+        .multiple(true)
+        .args(["haproxy", "keepalived"])
+))]
+struct ImportArgs {
+    /// haproxy.cfg: its frontend + backend pairs and listen blocks (mode tcp) become the
+    /// VIPs, their servers the backends, their checks the probes.
+    #[arg(long, value_name = "FILE")]
+    haproxy: Option<PathBuf>,
+    /// keepalived.conf: its vrrp_instance becomes [vrrp], its virtual_ipaddress the VIPs'
+    /// addresses.
+    #[arg(long, value_name = "FILE")]
+    keepalived: Option<PathBuf>,
+    /// The script a vrrp_script runs (e.g. /etc/keepalived/check_apiserver.sh): read to
+    /// choose which of lb's own tracking stands in for it ([vrrp.track]).
+    #[arg(long, value_name = "FILE")]
+    check_script: Option<PathBuf>,
+    /// The LB host's NIC: agent.interface, where XDP attaches and VRRP runs (default:
+    /// keepalived's interface; required without --keepalived).
+    #[arg(long, value_name = "NAME")]
+    interface: Option<String>,
+    /// Write the lb.toml to FILE instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -128,9 +213,12 @@ enum DebugCmd {
     /// Configure a failpoint in the running agent (agents built with `failpoints` only),
     /// e.g. `vrrp-loop panic` or `map-write 1*return`.
     Failpoint {
+        /// The failpoint's name, e.g. vrrp-loop.
         name: String,
+        /// What it does, in the `fail` crate's syntax, e.g. panic or 1*return.
         actions: String,
-        #[arg(long)]
+        /// The config file whose control socket the running agent listens on.
+        #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
 }
@@ -267,6 +355,42 @@ fn backend_setup(opts: &backend_setup::Options) -> anyhow::Result<()> {
         .with_context(|| format!("backend-setup{}", if opts.undo { " --undo" } else { "" }))
 }
 
+/// `import`: the lb.toml on stdout (or --output), one line per difference on stderr; a
+/// translation error is one line naming the file and line, with exit status 2.
+fn import(args: &ImportArgs) -> anyhow::Result<ExitCode> {
+    let read = |p: &Option<PathBuf>| p.as_deref().map(import::Source::read).transpose();
+    let inputs = (|| {
+        Ok::<_, import::ImportError>(import::Inputs {
+            haproxy: read(&args.haproxy)?,
+            keepalived: read(&args.keepalived)?,
+            check_script: read(&args.check_script)?,
+            interface: args.interface.clone(),
+        })
+    })()
+    .and_then(|inputs| import::import(&inputs));
+    let out = match inputs {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!("lb-agent: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    for n in &out.notes {
+        eprintln!("lb-agent: note: {n}");
+    }
+    match &args.output {
+        Some(path) => std::fs::write(path, &out.toml)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => {
+            use std::io::Write as _;
+            std::io::stdout()
+                .write_all(out.toml.as_bytes())
+                .context("writing to stdout")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
     let b = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -344,6 +468,13 @@ fn main() -> ExitCode {
                 },
         } => drain(config, Request::Failpoint { name, actions }),
         Cmd::Reload { config } => reload(config),
+        Cmd::Import(args) => match import(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("lb-agent: import: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::BackendSetup(opts) => match backend_setup(&opts) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

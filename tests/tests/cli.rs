@@ -147,3 +147,133 @@ fn manifest_static_pod_prints_a_pod_running_the_given_image() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("must be an absolute path"));
 }
+
+#[test]
+fn import_translates_the_kubeadm_guide_and_check_config_accepts_the_result() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../lb-agent/src/import/testdata/kubeadm");
+    let fx = |f: &str| fixtures.join(f).to_str().unwrap().to_string();
+    let dir = std::env::temp_dir().join(format!("lb-cli-import-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("lb.toml");
+    let (haproxy, keepalived, script) = (
+        fx("haproxy-2.1.cfg"),
+        fx("keepalived.conf"),
+        fx("check_apiserver-2.1.sh"),
+    );
+    let guide = [
+        "import",
+        "--haproxy",
+        &haproxy,
+        "--keepalived",
+        &keepalived,
+        "--check-script",
+        &script,
+        "--interface",
+        "lo",
+    ];
+    let o = agent(&[&guide[..], &["--output", out.to_str().unwrap()]].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(o.stdout.is_empty(), "the file went to --output");
+    assert!(
+        err.lines().all(|l| l.starts_with("lb-agent: note: ")),
+        "one line per difference: {err}"
+    );
+    assert!(
+        err.contains("haproxy-2.1.cfg:44,47: option ssl-hello-chk overrode"),
+        "{err}"
+    );
+    // The translation is a config this host's check accepts (lo exists everywhere).
+    let o = agent(&["check-config", "--config", out.to_str().unwrap()]);
+    assert!(
+        o.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        std::fs::read_to_string(&out).unwrap()
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ok (1 VIPs, 3 backends)"));
+    // Without --output, stdout.
+    let o = agent(&guide);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("# lb.toml written by `lb-agent import`")
+    );
+
+    // What cannot be translated: one line naming the file and line, exit status 2.
+    let o = agent(&["import", "--keepalived", &keepalived, "--haproxy", &haproxy]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "lb-agent: {keepalived}:7: vrrp_script check_apiserver runs"
+        )),
+        "{err}"
+    );
+    let broken = dir.join("haproxy.cfg");
+    std::fs::write(
+        &broken,
+        "defaults\n    mode http\nfrontend api\n    bind 198.18.0.100:6443\n    default_backend b\nbackend b\n    server m1 198.18.0.11:6443 check\n",
+    )
+    .unwrap();
+    let o = agent(&[
+        "import",
+        "--haproxy",
+        broken.to_str().unwrap(),
+        "--interface",
+        "lo",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "lb-agent: {}:2: mode http applies to frontend api",
+            broken.display()
+        )),
+        "{err}"
+    );
+    let o = agent(&[
+        "import",
+        "--haproxy",
+        "/nonexistent/haproxy.cfg",
+        "--interface",
+        "lo",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/haproxy.cfg: cannot read"));
+    // Neither input: clap's usage error, also status 2.
+    assert_eq!(agent(&["import"]).status.code(), Some(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_subcommand_help_has_an_example() {
+    for cmd in [
+        "run",
+        "check-config",
+        "reload",
+        "restart",
+        "version",
+        "drain",
+        "undrain",
+        "backend-setup",
+        "import",
+        "status",
+        "manifest",
+        "log-level",
+    ] {
+        let o = agent(&[cmd, "--help"]);
+        let help = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{cmd}");
+        assert!(
+            help.contains("\nExample"),
+            "{cmd} --help has no example:\n{help}"
+        );
+        assert!(help.contains(&format!("lb-agent {cmd}")), "{cmd}: {help}");
+    }
+    let help = String::from_utf8_lossy(&agent(&["--help"]).stdout).to_string();
+    assert!(
+        help.contains("\nExamples:\n  lb-agent check-config"),
+        "{help}"
+    );
+}
