@@ -568,6 +568,27 @@ impl Lab {
         p
     }
 
+    /// An agent config for a socket-mode VIP at 127.0.0.1:VIP port (Kubespray's localhost
+    /// endpoint) whose hooks attach to `cgroup`: `agent_config`'s, with its pin path and
+    /// control socket, for an agent run in the client's namespace.
+    pub fn socket_agent_config(&self, cgroup: &Path, health: &str) -> PathBuf {
+        let c = self.agent_config(0, "mode = \"socket\"", health);
+        let text = fs::read_to_string(&c)
+            .expect("agent config")
+            .replacen(
+                &format!("address = \"{VIP}\""),
+                "address = \"127.0.0.1\"",
+                1,
+            )
+            .replacen(
+                "[agent]\n",
+                &format!("[agent]\ncgroup = \"{}\"\n", cgroup.display()),
+                1,
+            );
+        fs::write(&c, text).expect("write config");
+        c
+    }
+
     /// `lb-agent backend-setup --mode MODE --vip VIP` (and `extra`, e.g. `--undo`) on
     /// backend `i`, with a state file of the lab's; its output, or why it failed.
     pub fn backend_setup(&self, i: usize, mode: &str, extra: &[&str]) -> Result<String, String> {
@@ -766,6 +787,7 @@ impl Lab {
             id: self.id.clone(),
             bridge: self.bridge.clone(),
             pins: (0..self.lbs.len()).map(|i| self.pin_path(i)).collect(),
+            cgroups: lb_agent::host::root_cgroup(),
         }
     }
 }
@@ -818,6 +840,8 @@ pub struct Footprint {
     id: String,
     bridge: String,
     pins: Vec<PathBuf>,
+    /// The cgroup v2 root, where a lab's cgroups (`lb-<id>-...`) live.
+    cgroups: PathBuf,
 }
 
 impl Footprint {
@@ -840,6 +864,16 @@ impl Footprint {
         for p in &self.pins {
             if p.exists() {
                 left.push(format!("pin {}", p.display()));
+            }
+        }
+        if let Ok(dir) = fs::read_dir(&self.cgroups) {
+            for e in dir.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("lb-{}-", self.id))
+                {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
             }
         }
         left

@@ -4,36 +4,26 @@
 //! and reach a backend directly; processes outside it are not affected.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
 use lb_tests::{
+    cgroup::Cgroup,
     lab::{assert_spread, backend_name, backend_status, bin, wait_for, Lab, Proc, CLIENT},
     vrrp_lab::VRRP_HEALTH,
 };
 
-/// A cgroup of the test's, removed when dropped (its processes have ended by then).
-struct Cgroup(PathBuf);
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// Runs `cmd` with sh in the client's network namespace, inside `cgroup` if given; returns
 /// (success, stdout, stderr).
-fn client_sh(lab: &Lab, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
-    let enter = match cgroup {
-        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.display()),
-        None => String::new(),
-    };
+fn client_sh(lab: &Lab, cgroup: Option<&Cgroup>, cmd: &str) -> (bool, String, String) {
     // nsenter, not `ip netns exec`: that remounts /sys, and the cgroup tree with it.
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", lab.client.ns.path().display()))
-        .args(["sh", "-c", &format!("{enter}{cmd}")])
+    let mut words = lab.client.ns.nsenter_words();
+    words.extend(cgroup.map(Cgroup::enter).unwrap_or_default());
+    let out = Command::new(&words[0])
+        .args(&words[1..])
+        .args(["sh", "-c", cmd])
         .output()
         .expect("nsenter");
     (
@@ -44,7 +34,7 @@ fn client_sh(lab: &Lab, cgroup: Option<&Path>, cmd: &str) -> (bool, String, Stri
 }
 
 /// lb-loadgen against https://127.0.0.1:6443/version from the client (in `cgroup` if given).
-fn loadgen(lab: &Lab, cgroup: Option<&Path>, n: u32) -> serde_json::Value {
+fn loadgen(lab: &Lab, cgroup: Option<&Cgroup>, n: u32) -> serde_json::Value {
     let cmd = format!(
         "exec {} --url https://127.0.0.1:6443/version --ca {} --count {n} --concurrency 4 --timeout 1s",
         bin("lb-loadgen").display(),
@@ -55,10 +45,10 @@ fn loadgen(lab: &Lab, cgroup: Option<&Path>, n: u32) -> serde_json::Value {
 }
 
 /// `bpftool cgroup show CGROUP`: the programs attached there, by name.
-fn cgroup_hooks(cg: &Path) -> String {
+fn cgroup_hooks(cg: &Cgroup) -> String {
     let out = Command::new("bpftool")
         .args(["cgroup", "show"])
-        .arg(cg)
+        .arg(cg.path())
         .output()
         .expect("bpftool");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -76,22 +66,9 @@ fn setup(test: &str) -> Option<Setup> {
     // One LB host, unused but for its pin path, which the lab cleans up.
     let lab = Lab::new(test, 1, 3)?;
     let stubs = lab.start_stubs();
-    let cgroup = Cgroup(lb_agent::host::root_cgroup().join(format!("lb-{}-socket", lab.id)));
-    std::fs::create_dir(&cgroup.0).expect("create the test's cgroup");
-    let c = lab.agent_config(0, "mode = \"socket\"", VRRP_HEALTH);
-    let text = std::fs::read_to_string(&c)
-        .unwrap()
-        .replacen(
-            &format!("address = \"{}\"", lb_tests::lab::VIP),
-            "address = \"127.0.0.1\"",
-            1,
-        )
-        .replacen(
-            "[agent]\n",
-            &format!("[agent]\ncgroup = \"{}\"\n", cgroup.0.display()),
-            1,
-        );
-    std::fs::write(&c, text).unwrap();
+    let cgroup =
+        Cgroup::create(&format!("lb-{}-socket", lab.id)).expect("create the test's cgroup");
+    let c = lab.socket_agent_config(cgroup.path(), VRRP_HEALTH);
     let agent = lab.spawn_net_only(
         &lab.client,
         "agent-client",
@@ -139,10 +116,10 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         return;
     };
     let lab = &s.lab;
-    let cg = s.cgroup.0.clone();
+    let cg = &s.cgroup;
 
     // 300 connections from the cgroup: spread, and each backend sees the client itself.
-    let report = loadgen(lab, Some(&cg), 300);
+    let report = loadgen(lab, Some(cg), 300);
     assert_eq!(report["ok"], 300, "{report}");
     for (i, served) in assert_spread(&report, 300, 3).into_iter().enumerate() {
         let name = backend_name(i);
@@ -165,7 +142,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     // getpeername() reports what the process connected to.
     let (ok, out, err) = client_sh(
         lab,
-        Some(&cg),
+        Some(cg),
         "python3 -c 'import socket; s=socket.create_connection((\"127.0.0.1\", 6443)); print(s.getpeername())'",
     );
     assert!(ok, "{err}");
@@ -184,10 +161,10 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let hooks = cgroup_hooks(&cg);
+    let hooks = cgroup_hooks(cg);
     assert_eq!(hooks.matches("lb_connect4").count(), 1, "{hooks}");
     assert_eq!(hooks.matches("lb_getpeername4").count(), 1, "{hooks}");
-    let report = loadgen(lab, Some(&cg), 30);
+    let report = loadgen(lab, Some(cg), 30);
     assert_eq!(report["ok"], 30, "{report}");
 
     // Outside the cgroup nothing changes: nothing listens on 127.0.0.1:6443 there.
@@ -197,7 +174,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     // A backend killed: new connections avoid it within interval x fall + timeout + 1 s.
     drop(s.stubs.remove(0));
     std::thread::sleep(Duration::from_millis(200 * 2 + 150 + 1000));
-    let report = loadgen(lab, Some(&cg), 60);
+    let report = loadgen(lab, Some(cg), 60);
     assert_eq!(report["ok"], 60, "{report}");
     assert!(report["backends"]["master01"].is_null(), "{report}");
 
@@ -210,7 +187,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     let t0 = Instant::now();
     let (ok, _, err) = client_sh(
         lab,
-        Some(&cg),
+        Some(cg),
         "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 6443), timeout=5)'",
     );
     let took = t0.elapsed();
@@ -233,7 +210,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         s.agent.wait(Duration::from_secs(15)).is_some(),
         "the agent stops"
     );
-    let hooks = cgroup_hooks(&cg);
+    let hooks = cgroup_hooks(cg);
     assert!(!hooks.contains("lb_connect4"), "{hooks}");
     let pin = lab.pin_path(0);
     assert!(!pin.join(lb_common::LINK_CONNECT4_PIN).exists());
