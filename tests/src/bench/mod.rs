@@ -5,6 +5,7 @@
 
 pub mod e2e;
 pub mod failover;
+pub mod load;
 pub mod micro;
 pub mod parse;
 pub mod probe;
