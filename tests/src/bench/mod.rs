@@ -10,4 +10,5 @@ pub mod micro;
 pub mod parse;
 pub mod probe;
 pub mod report;
+pub mod socket;
 pub mod stats;
