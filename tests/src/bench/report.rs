@@ -10,7 +10,7 @@ use super::{
     failover::{Failover, Stack, Stop, Variant},
     micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS, FULL_TABLE_FLOWS},
     probe::ProbeCost,
-    socket::{NodePath, Socket, KUBESPRAY_COMMIT, KUBESPRAY_TEMPLATE},
+    socket::{self, NodePath, Socket, KUBESPRAY_COMMIT, KUBESPRAY_TEMPLATE},
 };
 
 /// The machine and the run.
@@ -911,11 +911,17 @@ memory of its BPF maps (`memlock` in each pinned map's fdinfo), which RSS does n
 
 const SOCKET_SHOWS: &str = "What these figures show, and what they do not:
 
-- **The hooks cost at connect() only.** `lb_connect4` runs once per connect() (a Maglev \
-lookup and one insert into the SOCK_REVNAT LRU hash); after it the socket is a plain \
-connection to the backend, and with keep-alive the socket case runs the same code as \
-direct-with-the-agent-running. nginx copies every byte through two sockets in user space \
-and makes its own connection to the backend for each client connection.
+- **The hooks' own work is small, yet the socket case cost more CPU per request than \
+direct with the agent running.** `lb_connect4` runs once per connect() (a Maglev lookup \
+and one insert into the SOCK_REVNAT LRU hash); after it the socket is a plain connection to \
+the backend. In a profile of wrk over a whole `--quick` run (`perf record -a -g`), \
+`lb_connect4` and the LRU insert took about 0.01% of the samples each. What else differs \
+between those two cases: wrk's URL (127.0.0.1:6443 or a backend's address) and how the \
+connections spread, by Maglev over each socket's cookie (uneven numbers of wrk's 30 open \
+connections per backend at any moment) or one wrk thread and its 10 connections per \
+backend; the bench does not measure these apart. nginx copies every byte through two \
+sockets in user space and makes its own connection to the backend for each client \
+connection.
 - **What the agent attaches to eth0 costs more here than on a host.** With a native XDP \
 program on a veth, every packet the veth receives takes veth's XDP path, which hands the \
 program a private copy of any packet that is cloned, paged or short of headroom (TCP \
@@ -944,36 +950,35 @@ TLS, which would make every request dearer and every proxy's share of it smaller
 here is Debian's 1.22 with the stream module loaded dynamically; Kubespray's static pod \
 runs the official image's newer nginx.\n\n";
 
-/// What the socket case's ratios say, in a sentence or two.
+/// What the socket case's ratios say, in a few sentences.
 fn socket_summary(so: &Socket) -> String {
-    let xd = |c: NodePath, m: Mode| so.get(c, m).and_then(|v| v.rps_x_direct);
+    // (keep-alive, close) of a figure of `c`.
+    let both = |c: NodePath, f: fn(&socket::Summary) -> Option<f64>| {
+        Some((f(so.get(c, Mode::KeepAlive)?)?, f(so.get(c, Mode::Close)?)?))
+    };
+    let cpu = |v: &socket::Summary| v.cpu_x_direct;
+    let rps = |v: &socket::Summary| v.rps_x_direct;
     let mut s = String::new();
-    if let (Some(sk), Some(sc)) = (
-        xd(NodePath::Socket, Mode::KeepAlive),
-        xd(NodePath::Socket, Mode::Close),
+    if let (Some((sk, sc)), Some((xk, xc)), Some((nk, nc))) = (
+        both(NodePath::Socket, cpu),
+        both(NodePath::DirectXdp, cpu),
+        both(NodePath::Nginx, cpu),
     ) {
         s.push_str(&format!(
-            "The socket mode made {sk:.2}x direct's requests/s with keep-alive and {sc:.2}x \
-             its new connections/s"
+            "Per request, the socket mode cost {sk:.2}x direct's CPU with keep-alive and \
+             {sc:.2}x with a new connection per request; direct with the agent running, no \
+             hook in the way, {xk:.2}x and {xc:.2}x; Kubespray's nginx-proxy {nk:.2}x and \
+             {nc:.2}x. "
         ));
-        if let (Some(xk), Some(xc)) = (
-            xd(NodePath::DirectXdp, Mode::KeepAlive),
-            xd(NodePath::DirectXdp, Mode::Close),
-        ) {
-            s.push_str(&format!(
-                "; with the agent running but no hook in the way, direct made {xk:.2}x and \
-                 {xc:.2}x"
-            ));
-        }
-        if let (Some(nk), Some(nc)) = (
-            xd(NodePath::Nginx, Mode::KeepAlive),
-            xd(NodePath::Nginx, Mode::Close),
-        ) {
-            s.push_str(&format!(
-                "; through Kubespray's nginx-proxy {nk:.2}x and {nc:.2}x"
-            ));
-        }
-        s.push_str(". ");
+    }
+    if let (Some((sk, sc)), Some((nk, nc))) =
+        (both(NodePath::Socket, rps), both(NodePath::Nginx, rps))
+    {
+        s.push_str(&format!(
+            "In requests/s the socket mode made {sk:.2}x and {sc:.2}x direct's, nginx-proxy \
+             {nk:.2}x and {nc:.2}x, with the CPUs other work left to each case (the share \
+             column). "
+        ));
     }
     let direct: Vec<f64> = so
         .samples
@@ -985,8 +990,8 @@ fn socket_summary(so: &Socket) -> String {
         let lo = direct.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = direct.iter().copied().fold(0.0, f64::max);
         s.push_str(&format!(
-            "How far apart runs of the same case fall on this shared VM: direct's keep-alive \
-             runs made {lo:.0} to {hi:.0} requests/s."
+            "How far apart runs of the same case fell: direct's keep-alive runs made {lo:.0} \
+             to {hi:.0} requests/s."
         ));
     }
     if !s.is_empty() {
