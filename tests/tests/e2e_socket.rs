@@ -69,7 +69,7 @@ fn setup(test: &str) -> Option<Setup> {
     let cgroup =
         Cgroup::create(&format!("lb-{}-socket", lab.id)).expect("create the test's cgroup");
     let c = lab.socket_agent_config(cgroup.path(), VRRP_HEALTH);
-    let agent = lab.spawn_net_only(
+    let mut agent = lab.spawn_net_only(
         &lab.client,
         "agent-client",
         &[
@@ -79,27 +79,8 @@ fn setup(test: &str) -> Option<Setup> {
             c.to_str().unwrap(),
         ],
     );
-    let up = |s: &serde_json::Value| {
-        (0..3).all(|i| backend_status(s, &backend_name(i))["state"] == "up")
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = Command::new(bin("lb-agent"))
-            .args(["status", "--json", "--config"])
-            .arg(&c)
-            .output()
-            .unwrap();
-        if let Ok(s) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-            if s["agent"]["running"] == true && up(&s) {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not come up: {}",
-            std::fs::read_to_string(lab.dir.join("agent-client.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(100));
+    if let Err(e) = lab.wait_backends_up(&mut agent, &c, Duration::from_secs(20)) {
+        panic!("the agent did not come up: {e}");
     }
     Some(Setup {
         config: c,

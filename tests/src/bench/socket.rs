@@ -22,8 +22,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, ensure, Context, Result};
@@ -445,7 +444,8 @@ impl<'a> Ctx<'a> {
                     if let Some(pid) = p.pid() {
                         self.cgroups.plain.add(pid)?;
                     }
-                    self.wait_backends_up(p)?;
+                    lab.wait_backends_up(p, &self.agent_config, Duration::from_secs(30))
+                        .map_err(|e| anyhow::anyhow!("{} case: {e}", c.name()))?;
                 }
                 active
             }
@@ -475,33 +475,6 @@ impl<'a> Ctx<'a> {
             }
         }
         Ok(active)
-    }
-
-    /// Polls the agent's status until every backend is up.
-    fn wait_backends_up(&self, agent: &mut Proc) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = Command::new(bin("lb-agent"))
-                .args(["status", "--json", "--config"])
-                .arg(&self.agent_config)
-                .output()?;
-            let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            let up = s["vips"][0]["backends"]
-                .as_array()
-                .map(|b| b.iter().filter(|b| b["state"] == "up").count())
-                .unwrap_or(0);
-            if up == self.lab.backends.len() {
-                return Ok(());
-            }
-            if !agent.running() || Instant::now() > deadline {
-                bail!(
-                    "socket mode: lb-agent {}, {up} backends up:\n{}",
-                    if agent.running() { "running" } else { "exited" },
-                    agent.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
     }
 
     fn measure(&mut self, c: NodePath, active: &Active, mode: Mode, run: usize) -> Result<Sample> {
