@@ -916,12 +916,13 @@ direct with the agent running.** `lb_connect4` runs once per connect() (a Maglev
 and one insert into the SOCK_REVNAT LRU hash); after it the socket is a plain connection to \
 the backend. In a profile of wrk over a whole `--quick` run (`perf record -a -g`), \
 `lb_connect4` and the LRU insert took about 0.01% of the samples each. What else differs \
-between those two cases: wrk's URL (127.0.0.1:6443 or a backend's address) and how the \
-connections spread, by Maglev over each socket's cookie (uneven numbers of wrk's 30 open \
-connections per backend at any moment) or one wrk thread and its 10 connections per \
-backend; the bench does not measure these apart. nginx copies every byte through two \
-sockets in user space and makes its own connection to the backend for each client \
-connection.
+between those two cases is how the connections spread: in the direct cases each wrk thread \
+keeps its 10 connections on one backend, so a thread and a backend's nginx wake only for \
+each other; through the socket mode (as through nginx-proxy) every thread talks to every \
+backend, and Maglev over each socket's cookie leaves the backends with uneven numbers of \
+wrk's 30 connections. The bench does not measure that apart: part of \"x direct\" may \
+come from the spreading rather than from the path. nginx copies every byte through two sockets \
+in user space and makes its own connection to the backend for each client connection.
 - **What the agent attaches to eth0 costs more here than on a host.** With a native XDP \
 program on a veth, every packet the veth receives takes veth's XDP path, which hands the \
 program a private copy of any packet that is cloned, paged or short of headroom (TCP \
