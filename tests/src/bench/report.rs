@@ -800,11 +800,11 @@ pub fn socket_ratio_table(so: &Socket) -> String {
     for (label, name) in [
         ("socket / nginx, requests/s", "socket/nginx"),
         (
-            "socket / direct-xdp, requests/s (the hooks' own cost)",
+            "socket / direct with the agent running, requests/s",
             "socket/direct-xdp",
         ),
         (
-            "socket / direct-xdp, CPU per request (the hooks' own cost)",
+            "socket / direct with the agent running, CPU per request",
             "socket/direct-xdp CPU",
         ),
     ] {
@@ -875,7 +875,8 @@ lab's client namespace is the node and the three nginx backends are the apiserve
 outside its cgroup. The agent still wants an `agent.interface` ([node-local](node-local.md)) \
 and attaches its XDP program (every packet the client receives crosses it, and passes) and \
 its TC egress program (every packet it sends) to the client's eth0: this case shows what \
-those cost, so that the socket case's difference with it is the hooks' own cost.
+those cost, so that the socket case's difference with it is what the socket mode adds \
+beyond them (the hooks, and connections spread by Maglev rather than by wrk thread).
 - **lb socket mode**: lb-agent in the client's namespace with a socket-mode VIP at \
 127.0.0.1:6443, its `connect4`/`getpeername4` hooks on a cgroup of the bench's; wrk runs \
 inside that cgroup against `http://127.0.0.1:6443/`, so each connect() goes straight to a \
