@@ -682,6 +682,42 @@ impl Lab {
         }
     }
 
+    /// Polls `lb-agent status` for `config` until the agent runs and every backend of its
+    /// first VIP is up; the reason and the agent's output when `agent` exits first or
+    /// `timeout` passes.
+    pub fn wait_backends_up(
+        &self,
+        agent: &mut Proc,
+        config: &Path,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (running, up, all) = match self.try_status(config) {
+                Ok(s) => {
+                    let b = s["vips"][0]["backends"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    let up = b.iter().filter(|b| b["state"] == "up").count();
+                    (s["agent"]["running"] == true, up, b.len())
+                }
+                Err(_) => (false, 0, 0),
+            };
+            if running && all > 0 && up == all {
+                return Ok(());
+            }
+            if !agent.running() || Instant::now() > deadline {
+                return Err(format!(
+                    "lb-agent {}, {up} of {all} backends up (waited at most {timeout:?}):\n{}",
+                    if agent.running() { "running" } else { "exited" },
+                    agent.output()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Starts lb-agent on LB `i` (behind `wrapper`) without waiting for it.
     pub fn spawn_agent(&self, i: usize, config: &Path, wrapper: &[&str]) -> Proc {
         let agent = bin("lb-agent");
@@ -807,6 +843,7 @@ impl Lab {
             id: self.id.clone(),
             bridge: self.bridge.clone(),
             pins: (0..self.lbs.len()).map(|i| self.pin_path(i)).collect(),
+            cgroups: lb_agent::host::root_cgroup(),
         }
     }
 }
@@ -859,6 +896,8 @@ pub struct Footprint {
     id: String,
     bridge: String,
     pins: Vec<PathBuf>,
+    /// The cgroup v2 root, where a lab's cgroups (`lb-<id>-...`) live.
+    cgroups: PathBuf,
 }
 
 impl Footprint {
@@ -881,6 +920,16 @@ impl Footprint {
         for p in &self.pins {
             if p.exists() {
                 left.push(format!("pin {}", p.display()));
+            }
+        }
+        if let Ok(dir) = fs::read_dir(&self.cgroups) {
+            for e in dir.flatten() {
+                if e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("lb-{}-", self.id))
+                {
+                    left.push(format!("cgroup {}", e.path().display()));
+                }
             }
         }
         left

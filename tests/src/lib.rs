@@ -1,6 +1,7 @@
 //! Test support for lb: lab harness (namespaces, veth, bridge) and helpers for end-to-end tests.
 
 pub mod bench;
+pub mod cgroup;
 pub mod endpointslice;
 pub mod fixture;
 pub mod flood;

@@ -102,6 +102,23 @@ impl Netns {
         PathBuf::from(format!("/run/netns/{}", self.name))
     }
 
+    /// The words that run a command (appended to them) inside the namespace:
+    /// `ip netns exec NAME`, which also gives it its own mount of /sys.
+    pub fn exec_words(&self) -> Vec<String> {
+        vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            self.name.clone(),
+        ]
+    }
+
+    /// Like [`Netns::exec_words`] through nsenter: the network namespace only, the host's
+    /// mounts kept (pins under /sys/fs/bpf, the cgroup tree).
+    pub fn nsenter_words(&self) -> Vec<String> {
+        vec!["nsenter".into(), format!("--net={}", self.path().display())]
+    }
+
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> NsGuard {
         let back = File::open("/proc/thread-self/ns/net").expect("own netns");

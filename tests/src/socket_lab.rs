@@ -11,38 +11,35 @@ use std::{
 };
 
 use crate::{
-    lab::{bin, Host, Lab, Proc, VIP},
+    lab::{backend_name, bin, Host, Lab, Proc, VIP, VIP_PORT},
     systemd::setpriv_as_unit,
 };
 
-/// A cgroup of the test's, removed when dropped (its processes have ended by then).
-pub struct Cgroup(pub PathBuf);
+pub use crate::cgroup::Cgroup;
 
-impl Cgroup {
-    /// Creates `lb-<lab id>-<name>` under the cgroup v2 root.
-    pub fn new(lab: &Lab, name: &str) -> Self {
-        let c = Cgroup(lb_agent::host::root_cgroup().join(format!("lb-{}-{name}", lab.id)));
-        std::fs::create_dir(&c.0).expect("create the test's cgroup");
-        c
-    }
+/// A cgroup of the test's, `lb-<lab id>-<name>` under the cgroup v2 root: the lab's
+/// footprint check finds it if it outlives the test.
+pub fn cgroup(lab: &Lab, name: &str) -> Cgroup {
+    Cgroup::create(&format!("lb-{}-{name}", lab.id)).expect("create the test's cgroup")
 }
 
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
+/// The lab's three backends as (name, address, port), as `config` takes them.
+pub fn lab_backends(lab: &Lab) -> Vec<(String, Ipv4Addr, u16)> {
+    (0..lab.backends.len())
+        .map(|i| (backend_name(i), lab.backends[i].addr, VIP_PORT))
+        .collect()
 }
 
 /// Runs `cmd` with sh in the client's network namespace, inside `cgroup` if given; returns
 /// (success, stdout, stderr).
-pub fn client_sh(lab: &Lab, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
+pub fn client_sh(lab: &Lab, cgroup: Option<&Cgroup>, cmd: &str) -> (bool, String, String) {
     sh_in(&lab.client, cgroup, cmd)
 }
 
 /// Runs `cmd` with sh in `host`'s network namespace, inside `cgroup` if given.
-pub fn sh_in(host: &Host, cgroup: Option<&Path>, cmd: &str) -> (bool, String, String) {
+pub fn sh_in(host: &Host, cgroup: Option<&Cgroup>, cmd: &str) -> (bool, String, String) {
     let enter = match cgroup {
-        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.display()),
+        Some(c) => format!("echo $$ > {}/cgroup.procs && ", c.path().display()),
         None => String::new(),
     };
     // nsenter, not `ip netns exec`: that remounts /sys, and the cgroup tree with it.
@@ -60,7 +57,7 @@ pub fn sh_in(host: &Host, cgroup: Option<&Path>, cmd: &str) -> (bool, String, St
 
 /// lb-loadgen against https://127.0.0.1:6443/version from the client (in `cgroup` if given),
 /// `n` new connections.
-pub fn loadgen(lab: &Lab, cgroup: Option<&Path>, n: u32) -> serde_json::Value {
+pub fn loadgen(lab: &Lab, cgroup: Option<&Cgroup>, n: u32) -> serde_json::Value {
     let cmd = format!(
         "exec {} --url https://127.0.0.1:6443/version --ca {} --count {n} --concurrency 4 --timeout 1s",
         bin("lb-loadgen").display(),
@@ -95,7 +92,7 @@ pub fn config(
         )
         .replacen(
             "[agent]\n",
-            &format!("[agent]\ncgroup = \"{}\"\n", cgroup.0.display()),
+            &format!("[agent]\ncgroup = \"{}\"\n", cgroup.path().display()),
             1,
         )
         // Every VIP in socket mode: no interface, no XDP (as on a Kubespray worker).

@@ -13,7 +13,7 @@ use std::{
 
 use lb_tests::{
     lab::{assert_spread, backend_name, bin, wait_for, Lab, VIP_PORT},
-    socket_lab::{self, loadgen, Cgroup},
+    socket_lab::{self, loadgen},
     vrrp_lab::VRRP_HEALTH,
 };
 
@@ -82,7 +82,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     )
     .unwrap();
 
-    let cgroup = Cgroup::new(&lab, "discovery");
+    let cgroup = socket_lab::cgroup(&lab, "discovery");
     let seed: Vec<_> = (0..2)
         .map(|i| (backend_name(i), addr(i), VIP_PORT))
         .collect();
@@ -153,7 +153,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     );
 
     // Connections spread over the three.
-    let report = loadgen(&lab, Some(&cgroup.0), 300);
+    let report = loadgen(&lab, Some(&cgroup), 300);
     assert_eq!(report["ok"], 300, "{report}");
     assert_spread(&report, 300, 3);
 
@@ -204,7 +204,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     });
     let left = t1.elapsed();
     eprintln!("master02 took no new connections {left:?} after the slice dropped it");
-    let report = loadgen(&lab, Some(&cgroup.0), 60);
+    let report = loadgen(&lab, Some(&cgroup), 60);
     assert_eq!(report["ok"], 60, "{report}");
     assert!(report["backends"][backend_name(1)].is_null(), "{report}");
     // Socket mode keeps no flows: the removed backend goes at the next reconcile.
@@ -224,7 +224,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(backends(&lab.status(&config)), before);
-    let report = loadgen(&lab, Some(&cgroup.0), 60);
+    let report = loadgen(&lab, Some(&cgroup), 60);
     assert_eq!(report["ok"], 60, "{report}");
     assert!(report["backends"][backend_name(1)].is_null(), "{report}");
 

@@ -4,7 +4,7 @@
 //! and reach a backend directly; processes outside it are not affected.
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
@@ -16,10 +16,10 @@ use lb_tests::{
 };
 
 /// `bpftool cgroup show CGROUP`: the programs attached there, by name.
-fn cgroup_hooks(cg: &Path) -> String {
+fn cgroup_hooks(cg: &Cgroup) -> String {
     let out = Command::new("bpftool")
         .args(["cgroup", "show"])
-        .arg(cg)
+        .arg(cg.path())
         .output()
         .expect("bpftool");
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -37,16 +37,8 @@ fn setup(test: &str) -> Option<Setup> {
     // One LB host, unused but for its pin path, which the lab cleans up.
     let lab = Lab::new(test, 1, 3)?;
     let stubs = lab.start_stubs();
-    let cgroup = Cgroup::new(&lab, "socket");
-    let backends: Vec<_> = (0..3)
-        .map(|i| {
-            (
-                backend_name(i),
-                lab.backends[i].addr,
-                lb_tests::lab::VIP_PORT,
-            )
-        })
-        .collect();
+    let cgroup = socket_lab::cgroup(&lab, "socket");
+    let backends = socket_lab::lab_backends(&lab);
     let c = socket_lab::config(&lab, &cgroup, "", VRRP_HEALTH, &backends);
     let agent = socket_lab::start_agent(&lab, &c, Duration::from_secs(20), |s| {
         (0..3).all(|i| backend_status(s, &backend_name(i))["state"] == "up")
@@ -66,10 +58,10 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
         return;
     };
     let lab = &s.lab;
-    let cg = s.cgroup.0.clone();
+    let cg = &s.cgroup;
 
     // 300 connections from the cgroup: spread, and each backend sees the client itself.
-    let report = loadgen(lab, Some(&cg), 300);
+    let report = loadgen(lab, Some(cg), 300);
     assert_eq!(report["ok"], 300, "{report}");
     for (i, served) in assert_spread(&report, 300, 3).into_iter().enumerate() {
         let name = backend_name(i);
@@ -101,7 +93,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     // getpeername() reports what the process connected to.
     let (ok, out, err) = client_sh(
         lab,
-        Some(&cg),
+        Some(cg),
         "python3 -c 'import socket; s=socket.create_connection((\"127.0.0.1\", 6443)); print(s.getpeername())'",
     );
     assert!(ok, "{err}");
@@ -129,10 +121,10 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
                 && lab.status(&s.config)["agent"]["restarted_by"].is_string()
         },
     );
-    let hooks = cgroup_hooks(&cg);
+    let hooks = cgroup_hooks(cg);
     assert_eq!(hooks.matches("lb_connect4").count(), 1, "{hooks}");
     assert_eq!(hooks.matches("lb_getpeername4").count(), 1, "{hooks}");
-    let report = loadgen(lab, Some(&cg), 30);
+    let report = loadgen(lab, Some(cg), 30);
     assert_eq!(report["ok"], 30, "{report}");
 
     // Outside the cgroup nothing changes: nothing listens on 127.0.0.1:6443 there.
@@ -143,7 +135,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     // namespace's own: its listener gets the connection.
     let (ok, out, err) = sh_in(
         &lab.lbs[0],
-        Some(&cg),
+        Some(cg),
         "python3 -c 'import socket\n\
 l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
 l.bind((\"127.0.0.1\", 6443)); l.listen(); l.settimeout(3)\n\
@@ -158,7 +150,7 @@ a, peer = l.accept(); print(c.getpeername()[0], peer[0])'",
     // A backend killed: new connections avoid it within interval x fall + timeout + 1 s.
     drop(s.stubs.remove(0));
     std::thread::sleep(Duration::from_millis(200 * 2 + 150 + 1000));
-    let report = loadgen(lab, Some(&cg), 60);
+    let report = loadgen(lab, Some(cg), 60);
     assert_eq!(report["ok"], 60, "{report}");
     assert!(report["backends"]["master01"].is_null(), "{report}");
 
@@ -171,7 +163,7 @@ a, peer = l.accept(); print(c.getpeername()[0], peer[0])'",
     let t0 = Instant::now();
     let (ok, _, err) = client_sh(
         lab,
-        Some(&cg),
+        Some(cg),
         "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", 6443), timeout=5)'",
     );
     let took = t0.elapsed();
@@ -194,7 +186,7 @@ a, peer = l.accept(); print(c.getpeername()[0], peer[0])'",
         s.agent.wait(Duration::from_secs(15)).is_some(),
         "the agent stops"
     );
-    let hooks = cgroup_hooks(&cg);
+    let hooks = cgroup_hooks(cg);
     assert!(!hooks.contains("lb_connect4"), "{hooks}");
     let pin = lab.pin_path(0);
     assert!(!pin.join(lb_common::LINK_CONNECT4_PIN).exists());

@@ -116,16 +116,28 @@ const BENCH_PACKAGES: &[(&str, &str)] = &[
     ("haproxy", "haproxy"),
     ("nft", "nftables"),
     ("nginx", "nginx-light"),
+    // Kubespray's nginx-proxy is a `stream` proxy; Debian builds that module apart.
+    (
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "libnginx-mod-stream",
+    ),
 ];
+
+/// Whether `what` of a (what, package) pair is there: a command on PATH, or a file when it
+/// is an absolute path.
+fn installed(what: &str) -> bool {
+    if what.starts_with('/') {
+        return std::path::Path::new(what).exists();
+    }
+    output(Command::new("sh").args(["-c", &format!("command -v {what}")])).is_some()
+}
 
 /// Debian packages the lab needs; installed with apt-get when missing.
 fn ensure_packages(extra: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = TEST_PACKAGES
         .iter()
         .chain(extra)
-        .filter(|(bin, _)| {
-            output(Command::new("sh").args(["-c", &format!("command -v {bin}")])).is_none()
-        })
+        .filter(|(what, _)| !installed(what))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -265,4 +277,17 @@ fn bench(extra: &[String]) -> Result<()> {
     let mut c = as_root(&dir.join("lb-bench"), &args);
     c.current_dir(root());
     run(&mut c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installed_takes_commands_and_files() {
+        assert!(installed("sh"));
+        assert!(!installed("no-such-command-lb"));
+        assert!(installed("/bin/sh"));
+        assert!(!installed("/usr/lib/nginx/modules/no_such_module.so"));
+    }
 }

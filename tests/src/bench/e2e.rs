@@ -4,18 +4,17 @@
 //! masquerade) standing in for IPVS, which this kernel lacks. Each run visits every path in
 //! turn (the order rotates run by run) and measures keep-alive and `Connection: close`.
 
-use std::{
-    fs,
-    path::PathBuf,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
 use super::{
-    parse::{self, CpuTicks, Wrk},
+    load::{
+        flush_time_wait, measure_wrk, sh, start_backends, wait_http, wrk, wrk_args, wrk_line,
+        CLIENT_SYSCTLS, NGINX_HEALTH,
+    },
+    parse::{self, Wrk},
     stats,
 };
 use crate::{
@@ -250,50 +249,6 @@ impl E2e {
     }
 }
 
-/// Clock ticks per second (/proc/stat and /proc/PID/stat count in these).
-pub fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
-
-/// The whole machine's CPU ticks now.
-pub fn cpu_now() -> Result<CpuTicks> {
-    parse::proc_stat(&fs::read_to_string("/proc/stat")?)
-}
-
-/// nginx for backend `i`: one process, plain HTTP on :6443, /healthz for HAProxy's check.
-fn nginx_conf(lab: &Lab, i: usize) -> String {
-    let name = backend_name(i);
-    format!(
-        "# one process: the lab has two cores for client, LB and three backends
-master_process off;
-daemon off;
-worker_processes 1;
-worker_rlimit_nofile 65536;
-pid {dir}/nginx-{name}.pid;
-error_log {dir}/nginx-{name}.log warn;
-events {{ worker_connections 16384; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    keepalive_timeout 60s;
-    server {{
-        # every address: the DSR paths deliver packets addressed to the VIP
-        listen {VIP_PORT} backlog=4096;
-        location = /healthz {{ default_type text/plain; return 200 \"ok\\n\"; }}
-        location / {{ default_type text/plain; return 200 \"ok\\n\"; }}
-    }}
-}}
-",
-        dir = lab.dir.display(),
-    )
-}
-
 /// The kubeadm HA guide's HAProxy `global` and `defaults` sections, shared by the
 /// throughput and the failover benchmarks.
 pub const HAPROXY_GUIDE_DEFAULTS: &str = "global
@@ -369,34 +324,8 @@ fn nft_rules(lab: &Lab) -> String {
     )
 }
 
-const CLIENT_SYSCTLS: &str =
-    "sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1";
-
 const NFT_SYSCTLS: &str = "sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 \
                            net.ipv4.conf.eth0.send_redirects=0";
-
-fn sh(ns: &Netns, cmd: &str) -> Result<String> {
-    ns.try_sh(cmd)
-        .map_err(|e| anyhow::anyhow!("in {}: `{cmd}`: {e}", ns.name))
-}
-
-/// Polls until `url` answers 200 from the client.
-fn wait_http(lab: &Lab, url: &str, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let r = lab
-            .client
-            .ns
-            .try_sh(&format!("curl -sf -o /dev/null --max-time 1 {url}"));
-        if r.is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{url} does not answer from the client");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// `lb-agent backend-setup --mode MODE --vip VIP` (or its `--undo`) on backend `i`.
 pub fn backend_setup(lab: &Lab, i: usize, mode: &str, undo: bool) -> Result<String> {
@@ -407,64 +336,6 @@ pub fn backend_setup(lab: &Lab, i: usize, mode: &str, undo: bool) -> Result<Stri
 
 fn xdp_on_lb(lab: &Lab) -> Result<bool> {
     Ok(sh(&lab.lbs[0].ns, "ip link show eth0")?.contains("xdp"))
-}
-
-fn wrk_args(o: &E2eOptions, mode: Mode, url: &str, d: Duration) -> Vec<String> {
-    let mut a = vec![
-        format!("-t{}", o.threads),
-        format!("-c{}", o.connections),
-        format!("-d{}s", d.as_secs().max(1)),
-        "--latency".to_string(),
-    ];
-    if mode != Mode::KeepAlive {
-        a.push("-H".into());
-        a.push("Connection: close".into());
-    }
-    a.push(url.to_string());
-    a
-}
-
-fn shell_words(args: &[String]) -> String {
-    args.iter()
-        .map(|a| {
-            if a.contains(' ') {
-                format!("'{a}'")
-            } else {
-                a.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// Runs wrk in the client namespace.
-fn wrk(lab: &Lab, args: &[String]) -> Result<Wrk> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", &lab.client.ns.name, "wrk"])
-        .args(args)
-        .output()
-        .context("running wrk")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "wrk {} failed: {}{}",
-        shell_words(args),
-        text,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse::wrk(&text)
-}
-
-/// Whoever closes first keeps the tuple in TIME_WAIT for 60 s: wrk closes as soon as it has
-/// the response, the backends close after it, HAProxy in between. The source ports of
-/// HAProxy, nftables and the client overlap, so without this a path would pay for what the
-/// path before it left behind (slow connect() on a client short of ports, SYNs dropped by
-/// PAWS on a backend). Called before a path is set up and before each close run; within a
-/// run it accumulates, as it would in production.
-fn flush_time_wait(lab: &Lab) {
-    for h in lab.backends.iter().chain(&lab.lbs).chain([&lab.client]) {
-        let _ = h.ns.try_sh("ss -K state time-wait >/dev/null 2>&1");
-    }
 }
 
 /// A path set up; undone when dropped.
@@ -542,11 +413,7 @@ impl<'a> Ctx<'a> {
                         backend_setup(lab, i, mode, false)?;
                     }
                 }
-                let config = lab.agent_config(
-                    0,
-                    &format!("mode = \"{mode}\""),
-                    "kind = \"http\"\npath = \"/healthz\"\ninterval = \"2s\"",
-                );
+                let config = lab.agent_config(0, &format!("mode = \"{mode}\""), NGINX_HEALTH);
                 if mode == "nat" {
                     self.setup.lb_agent = fs::read_to_string(&config)?;
                 }
@@ -570,8 +437,12 @@ impl<'a> Ctx<'a> {
                 active
             }
         };
-        wait_http(lab, &self.url(p), Duration::from_secs(15))
-            .with_context(|| format!("setting up the {} path", p.name()))?;
+        wait_http(
+            &lab.client.ns.exec_words(),
+            &self.url(p),
+            Duration::from_secs(15),
+        )
+        .with_context(|| format!("setting up the {} path", p.name()))?;
         Ok(active)
     }
 
@@ -653,102 +524,25 @@ impl<'a> Ctx<'a> {
         if mode != Mode::KeepAlive {
             flush_time_wait(self.lab);
         }
-        let args = wrk_args(self.o, mode, &self.url(p), d);
-        let cmd = format!(
-            "ip netns exec {} wrk {}",
-            self.lab.client.ns.name,
-            shell_words(&args)
-        );
-        if !self
-            .setup
-            .wrk
-            .iter()
-            .any(|c| c.ends_with(&shell_words(&args)))
-        {
+        let args = wrk_args(self.o, mode, &self.url(p), d, None);
+        let client = self.lab.client.ns.exec_words();
+        let cmd = wrk_line(&client, &args);
+        if !self.setup.wrk.contains(&cmd) {
             self.setup.wrk.push(cmd);
         }
-        let (syn0, paws0) = (
-            self.counter(&[&self.lab.client.ns], SYN_RETRANS),
-            self.backends_counter(PAWS_TW),
-        );
-        let before = cpu_now()?;
-        let w = wrk(self.lab, &args)?;
-        let after = cpu_now()?;
-        let (syn1, paws1) = (
-            self.counter(&[&self.lab.client.ns], SYN_RETRANS),
-            self.backends_counter(PAWS_TW),
-        );
-        let busy_ms = after.busy_since(&before) as f64 * 1000.0 / clk_tck();
-        ensure!(
-            w.requests > 0,
-            "{} {}: no request completed",
-            p.name(),
-            mode.name()
-        );
+        let m = measure_wrk(self.lab, &client, &args, &[], None)
+            .with_context(|| format!("{} {}", p.name(), mode.name()))?;
         Ok(Sample {
             path: p,
             mode,
             run,
-            cpu_ms_per_1k: busy_ms / (w.requests as f64 / 1000.0),
-            busy_ms,
-            wrk: w,
-            syn_retrans: syn1.saturating_sub(syn0),
-            paws_timewait: paws1.saturating_sub(paws0),
+            cpu_ms_per_1k: m.per_1k(m.busy_ms),
+            busy_ms: m.busy_ms,
+            wrk: m.wrk,
+            syn_retrans: m.syn_retrans,
+            paws_timewait: m.paws_timewait,
         })
     }
-
-    /// A TCP counter summed over namespaces (absent counters count 0).
-    fn counter(&self, nss: &[&Netns], name: &str) -> u64 {
-        nss.iter()
-            .filter_map(|ns| ns.try_sh("cat /proc/net/netstat /proc/net/snmp").ok())
-            .map(|t| parse::net_counters(&t).get(name).copied().unwrap_or(0))
-            .sum()
-    }
-
-    fn backends_counter(&self, name: &str) -> u64 {
-        let nss: Vec<&Netns> = self.lab.backends.iter().map(|h| &h.ns).collect();
-        self.counter(&nss, name)
-    }
-}
-
-const SYN_RETRANS: &str = "TcpExt:TCPSynRetrans";
-const PAWS_TW: &str = "TcpExt:PAWSTimewait";
-
-/// Starts nginx on every backend and waits until each answers.
-pub fn start_backends(lab: &Lab) -> Result<(Vec<Proc>, String)> {
-    let mut procs = Vec::new();
-    let mut first = String::new();
-    for i in 0..lab.backends.len() {
-        let conf = nginx_conf(lab, i);
-        if i == 0 {
-            first = conf.clone();
-        }
-        let path = lab.dir.join(format!("nginx-{}.conf", backend_name(i)));
-        fs::write(&path, conf)?;
-        let err = lab.dir.join(format!("nginx-{}.log", backend_name(i)));
-        procs.push(lab.spawn(
-            &lab.backends[i],
-            &format!("nginx-{}", backend_name(i)),
-            &[
-                "nginx",
-                "-c",
-                path.to_str().context("path")?,
-                "-e",
-                err.to_str().context("path")?,
-                "-p",
-                lab.dir.to_str().context("path")?,
-            ],
-        ));
-    }
-    for h in &lab.backends {
-        wait_http(
-            lab,
-            &format!("http://{}:{VIP_PORT}/healthz", h.addr),
-            Duration::from_secs(10),
-        )
-        .context("nginx on a backend")?;
-    }
-    Ok((procs, first))
 }
 
 /// Runs the comparison; `stop` is polled between runs (Ctrl-C), `log` gets progress.
@@ -762,8 +556,6 @@ pub fn run(
     // The VIP on the LB answers ARP for every path; lb's XDP program takes its packets
     // before the stack, HAProxy binds it, nftables translates it.
     lab.add_vip(0);
-    // The client is only the load generator: more ports, and reuse of its own TIME_WAIT
-    // tuples, so that wrk's connect() is not what limits the close runs.
     sh(&lab.client.ns, CLIENT_SYSCTLS)?;
     let mut c = Ctx {
         lab,
@@ -791,7 +583,8 @@ pub fn run(
                 bail!("interrupted");
             }
             let active = c.activate(p)?;
-            let _ = wrk(lab, &wrk_args(o, Mode::KeepAlive, &c.url(p), o.warmup))?;
+            let warmup = wrk_args(o, Mode::KeepAlive, &c.url(p), o.warmup, None);
+            let _ = wrk(&lab.client.ns.exec_words(), &warmup)?;
             for mode in Mode::ALL {
                 let s = c.measure(p, mode, run)?;
                 log(&format!(
@@ -825,12 +618,7 @@ pub fn run(
 }
 
 fn series(samples: &[Sample], p: PathKind, m: Mode, f: fn(&Sample) -> f64) -> Vec<f64> {
-    let mut v: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| s.path == p && s.mode == m)
-        .collect();
-    v.sort_by_key(|s| s.run);
-    v.into_iter().map(f).collect()
+    stats::series(samples, |s| s.path == p && s.mode == m, |s| s.run, f)
 }
 
 /// Medians, run-by-run ratios and CPU overheads from the samples.
@@ -1009,27 +797,5 @@ mod tests {
         assert!((r - 2.0 / 6.0).abs() < 1e-9);
         assert!(e.get(PathKind::Lb, Mode::Close).is_none());
         assert_eq!(e.ratio("lb/direct", Mode::Close), None);
-    }
-
-    #[test]
-    fn wrk_command_lines() {
-        let o = E2eOptions::full();
-        let a = wrk_args(&o, Mode::Close, "http://198.18.0.100:6443/", o.duration);
-        assert_eq!(
-            shell_words(&a),
-            "-t2 -c32 -d10s --latency -H 'Connection: close' http://198.18.0.100:6443/"
-        );
-        let a = wrk_args(
-            &o,
-            Mode::CloseFirstSecond,
-            "http://x/",
-            Duration::from_secs(1),
-        );
-        assert_eq!(
-            shell_words(&a),
-            "-t2 -c32 -d1s --latency -H 'Connection: close' http://x/"
-        );
-        let a = wrk_args(&o, Mode::KeepAlive, "http://x/", Duration::from_millis(300));
-        assert_eq!(shell_words(&a), "-t2 -c32 -d1s --latency http://x/");
     }
 }

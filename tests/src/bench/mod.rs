@@ -5,8 +5,10 @@
 
 pub mod e2e;
 pub mod failover;
+pub mod load;
 pub mod micro;
 pub mod parse;
 pub mod probe;
 pub mod report;
+pub mod socket;
 pub mod stats;

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::{e2e::clk_tck, parse};
+use super::{load::clk_tck, parse};
 use crate::lab::{bin, wait_for, Lab, Proc, STUB_ADMIN, VIP_PORT};
 
 /// How long to measure.

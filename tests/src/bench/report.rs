@@ -10,6 +10,7 @@ use super::{
     failover::{Failover, Stack, Stop, Variant},
     micro::{Case, Micro, Point, BASE_BACKENDS, BASE_FLOWS, FULL_TABLE_FLOWS},
     probe::ProbeCost,
+    socket::{self, NodePath, Socket, KUBESPRAY_COMMIT, KUBESPRAY_TEMPLATE},
 };
 
 /// The machine and the run.
@@ -54,6 +55,8 @@ pub struct Results {
     /// Failover: lb against keepalived + HAProxy; None: not measured.
     pub failover: Option<Failover>,
     pub probe: Vec<ProbeCost>,
+    /// Node-local: the socket mode against Kubespray's nginx-proxy; None: not measured.
+    pub socket: Option<Socket>,
     pub targets: Vec<Target>,
 }
 
@@ -660,13 +663,18 @@ pub fn markdown(r: &Results) -> String {
         s.push('\n');
     }
 
+    if let Some(so) = &r.socket {
+        s.push_str(&socket_section(so));
+    }
+
     s.push_str(WHAT_IT_SHOWS);
 
     s.push_str("## Exactly what ran\n\n");
     s.push_str(&format!("`{}` as root", e.command));
     s.push_str(
-        " (it builds the release binaries, installs wrk, haproxy, nftables, nginx-light and \
-         keepalived when missing, and runs `target/release/lb-bench`).\n\n",
+        " (it builds the release binaries, installs wrk, haproxy, nftables, nginx-light, \
+         libnginx-mod-stream and keepalived when missing, and runs \
+         `target/release/lb-bench`).\n\n",
     );
     if !e.tools.is_empty() {
         s.push_str("Tools: ");
@@ -724,10 +732,349 @@ pub fn markdown(r: &Results) -> String {
     if let Some(f) = &r.failover {
         s.push_str(&failover_setup(f));
     }
+    if let Some(so) = &r.socket {
+        s.push_str(&socket_setup(so, r.e2e.is_none()));
+    }
     if let Some(p) = r.probe.last() {
         s.push_str("lb-agent config for the 100-backend probe measurement (first backends):\n\n");
         let short: Vec<&str> = p.config.lines().take(30).collect();
         s.push_str(&code("toml", &format!("{}\n# ...", short.join("\n"))));
+        s.push('\n');
+    }
+    s
+}
+
+fn kib(k: u64) -> String {
+    mib(k as f64 * 1024.0)
+}
+
+/// The node-local table of one mode (also printed): each figure with its ratio to direct.
+pub fn socket_table(so: &Socket, mode: Mode) -> String {
+    let what = match mode {
+        Mode::KeepAlive => "requests/s",
+        Mode::CloseFirstSecond | Mode::Close => "new connections/s",
+    };
+    let mut s = format!(
+        "| case | {what} | x direct | p50 | x direct | p99 | x direct | CPU ms per 1000 req \
+         | x direct | the proxy's own CPU ms per 1000 req | the bench's share of the CPUs \
+         | wrk errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for c in NodePath::ALL {
+        let Some(v) = so.get(c, mode) else { continue };
+        let xd = |r: Option<f64>| {
+            if c == NodePath::Direct {
+                "1".to_string()
+            } else {
+                opt(r, |v| format!("{v:.3}"))
+            }
+        };
+        s.push_str(&format!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} | {} | {:.0}% | {} |\n",
+            c.label(),
+            v.rps,
+            xd(v.rps_x_direct),
+            us(v.p50_us),
+            xd(v.p50_x_direct),
+            us(v.p99_us),
+            xd(v.p99_x_direct),
+            v.cpu_ms_per_1k,
+            xd(v.cpu_x_direct),
+            if c == NodePath::Direct {
+                "-".to_string()
+            } else {
+                format!("{:.3}", v.proxy_cpu_ms_per_1k)
+            },
+            v.cpu_share * 100.0,
+            v.errors
+        ));
+    }
+    s
+}
+
+/// The socket mode against nginx and against direct-xdp (also printed).
+pub fn socket_ratio_table(so: &Socket) -> String {
+    let mut s = String::from(
+        "| ratio (median of the run-by-run ratios) | keep-alive | close |\n|---|---:|---:|\n",
+    );
+    for (label, name) in [
+        ("socket / nginx, requests/s", "socket/nginx"),
+        (
+            "socket / direct with the agent running, requests/s",
+            "socket/direct-xdp",
+        ),
+        (
+            "socket / direct with the agent running, CPU per request",
+            "socket/direct-xdp CPU",
+        ),
+    ] {
+        s.push_str(&format!(
+            "| {label} | {} | {} |\n",
+            opt(so.ratio(name, Mode::KeepAlive), |v| format!("{v:.3}")),
+            opt(so.ratio(name, Mode::Close), |v| format!("{v:.3}"))
+        ));
+    }
+    s
+}
+
+/// The maps the socket-mode hooks use (the agent loads every map of the object).
+const SOCKET_MAPS: [&str; 7] = [
+    lb_common::map::VIPS,
+    lb_common::map::MAGLEV,
+    lb_common::map::BACKENDS,
+    lb_common::map::SOCK_REVNAT,
+    lb_common::map::STATS_VIP,
+    lb_common::map::STATS_BACKEND,
+    lb_common::map::STATS_REASON,
+];
+
+/// lb-agent's memory against nginx's (also printed).
+pub fn socket_memory_table(so: &Socket) -> String {
+    let mut s = String::from(
+        "| process | RSS | PSS | peak RSS | BPF maps (kernel memory, not in RSS) |\n\
+         |---|---:|---:|---:|---:|\n",
+    );
+    let used: u64 = so
+        .agent_maps
+        .iter()
+        .filter(|m| SOCKET_MAPS.contains(&m.name.as_str()))
+        .map(|m| m.info.memlock)
+        .sum();
+    let maps = so
+        .agent_maps_bytes
+        .map(|b| {
+            format!(
+                "{} (those the hooks use: {})",
+                mib(b as f64),
+                mib(used as f64)
+            )
+        })
+        .unwrap_or_else(|| "n/a".into());
+    for (who, m, maps) in [
+        ("lb-agent, socket mode", so.agent, maps),
+        ("nginx, master + 2 workers", so.nginx, "-".to_string()),
+    ] {
+        let Some(m) = m else { continue };
+        s.push_str(&format!(
+            "| {who} | {} | {} | {} | {maps} |\n",
+            kib(m.rss_kib),
+            kib(m.pss_kib),
+            kib(m.hwm_kib)
+        ));
+    }
+    s
+}
+
+const SOCKET_INTRO: &str = "Kubespray's default way for a node to reach the apiservers is \
+an nginx static pod on every node (`nginx-proxy`) listening on 127.0.0.1:6443; lb's socket \
+mode does the same job with cgroup hooks and no proxy ([node-local](node-local.md)). Here the \
+lab's client namespace is the node and the three nginx backends are the apiservers:
+
+- **direct**: wrk straight to the backends, no proxy: the baseline.
+- **direct, lb-agent running**: the same while lb-agent runs as in the socket case, wrk \
+outside its cgroup. The agent still wants an `agent.interface` ([node-local](node-local.md)) \
+and attaches its XDP program (every packet the client receives crosses it, and passes) and \
+its TC egress program (every packet it sends) to the client's eth0: this case shows what \
+those cost, so that the socket case's difference with it is what the socket mode adds \
+beyond them (the hooks, and connections spread by Maglev rather than by wrk thread).
+- **lb socket mode**: lb-agent in the client's namespace with a socket-mode VIP at \
+127.0.0.1:6443, its `connect4`/`getpeername4` hooks on a cgroup of the bench's; wrk runs \
+inside that cgroup against `http://127.0.0.1:6443/`, so each connect() goes straight to a \
+backend Maglev picks. Nothing listens on 127.0.0.1:6443 (checked before each case).
+- **nginx**: Kubespray's nginx-proxy config (its `stream` block: `least_conn` over the \
+three backends, `proxy_connect_timeout 1s`, `proxy_timeout 10m`; two workers; its HTTP \
+healthz server on 8081), in the client's namespace on 127.0.0.1:6443; wrk runs outside the \
+cgroup and no agent runs.
+
+**Every case spreads over the three backends.** The end-to-end comparison above sends its \
+direct load to one backend; here that would compare one nginx backend against three, not \
+the paths. So wrk runs three threads, and in the direct cases a Lua script gives thread i \
+the address of backend i: the same load generator and the same three backends in every \
+case. The socket mode spreads its connections by Maglev over each socket's cookie, nginx by \
+least connections, direct by thread; each backend's share of the backends' CPU in each case \
+is listed under \"Exactly what ran\".
+
+CPU per request is the CPU time of the bench's own processes over the wrk run, divided by \
+the requests completed. Every process of this part (wrk, the backends' nginx, nginx-proxy, \
+lb-agent) runs in a cgroup of the bench's, whose `cpu.stat` (usage_usec) counts their user \
+and system time, including the kernel's network work done on their behalf; to it are added \
+the ksoftirqd threads' utime + stime, which take over softirq work under load (theirs is \
+all softirq work on the machine, the bench's and any other's). So a \
+proxy's cost shows as the difference with direct, and other work on the machine, which \
+the whole machine's /proc/stat (the end-to-end comparison's figure, kept in the JSON as \
+`machine_cpu_ms_per_1k`) would count, does not. The \
+proxy's own CPU is the utime + stime of lb-agent's process (its health probes; the hooks \
+run in the connecting process, as its system time) or of nginx's master and workers, over \
+the same run. Memory is read after each case's runs (the largest over the runs): VmRSS, \
+Pss (/proc/PID/smaps_rollup: pages shared between nginx's master and workers counted once \
+in all) and VmHWM, summed over nginx's three processes; for lb-agent also the kernel \
+memory of its BPF maps (`memlock` in each pinned map's fdinfo), which RSS does not show.\n\n";
+
+const SOCKET_SHOWS: &str = "What these figures show, and what they do not:
+
+- **The hooks' own work is small, yet the socket case cost more CPU per request than \
+direct with the agent running.** `lb_connect4` runs once per connect() (a Maglev lookup \
+and one insert into the SOCK_REVNAT LRU hash); after it the socket is a plain connection to \
+the backend. In a profile of wrk over a whole `--quick` run (`perf record -a -g`), \
+`lb_connect4` and the LRU insert took about 0.01% of the samples each. What else differs \
+between those two cases is how the connections spread: in the direct cases each wrk thread \
+keeps its 10 connections on one backend, so a thread and a backend's nginx wake only for \
+each other; through the socket mode (as through nginx-proxy) every thread talks to every \
+backend, and Maglev over each socket's cookie leaves the backends with uneven numbers of \
+wrk's 30 connections. The bench does not measure that apart: part of \"x direct\" may \
+come from the spreading rather than from the path. nginx copies every byte through two sockets \
+in user space and makes its own connection to the backend for each client connection.
+- **What the agent attaches to eth0 costs more here than on a host.** With a native XDP \
+program on a veth, every packet the veth receives takes veth's XDP path, which hands the \
+program a private copy of any packet that is cloned, paged or short of headroom (TCP \
+transmits clones of its segments); a NIC's driver runs XDP on its own receive buffers. \
+Compare direct with and without the agent for what that costs, and the socket mode with \
+direct-with-the-agent for what the hooks cost. The agent attaches its XDP and TC programs \
+because it still wants an interface ([node-local](node-local.md)); an agent with only \
+socket-mode VIPs needs neither.
+- **lb-agent's maps** are those of the whole data plane at their default sizes: the flow \
+tables (FLOWS, HALF_OPEN, DSR_FLOWS) are preallocated for NAT and DSR and take most of the \
+memory, though the socket-mode hooks never touch them. nginx's memory grows with its \
+connections (buffers per proxied connection); the agent's does not depend on them.
+- **Requests/s and latency follow the CPU the bench had; CPU per request does not.** \
+Every case saturates the machine's CPUs (wrk runs flat out), so when other work shares \
+the machine, a case's requests/s and latency depend on how much of the CPUs it left the \
+bench during that case's runs (the \"share of the CPUs\" column: 100% is the whole \
+machine). CPU per request counts only the bench's own work, and is the figure to compare \
+when the shares differ between cases. Its limit: this kernel charges CPU by ticks to \
+whatever runs (no IRQ time accounting), so network work of the bench's that the kernel does \
+in softirq context while another process is on the CPU is charged to that process; on a \
+quiet machine the whole machine's CPU per request (`machine_cpu_ms_per_1k` in the JSON) \
+checks it.
+- **One small VM.** wrk, the proxies and the backends share the same two cores; the \
+backends are nginx answering a 3-byte body over plain HTTP, not kube-apiservers behind \
+TLS, which would make every request dearer and every proxy's share of it smaller. nginx \
+here is Debian's 1.22 with the stream module loaded dynamically; Kubespray's static pod \
+runs the official image's newer nginx.\n\n";
+
+/// What the socket case's ratios say, in a few sentences.
+fn socket_summary(so: &Socket) -> String {
+    // (keep-alive, close) of a figure of `c`.
+    let both = |c: NodePath, f: fn(&socket::Summary) -> Option<f64>| {
+        Some((f(so.get(c, Mode::KeepAlive)?)?, f(so.get(c, Mode::Close)?)?))
+    };
+    let cpu = |v: &socket::Summary| v.cpu_x_direct;
+    let rps = |v: &socket::Summary| v.rps_x_direct;
+    let mut s = String::new();
+    if let (Some((sk, sc)), Some((xk, xc)), Some((nk, nc))) = (
+        both(NodePath::Socket, cpu),
+        both(NodePath::DirectXdp, cpu),
+        both(NodePath::Nginx, cpu),
+    ) {
+        s.push_str(&format!(
+            "Per request, the socket mode cost {sk:.2}x direct's CPU with keep-alive and \
+             {sc:.2}x with a new connection per request; direct with the agent running, no \
+             hook in the way, {xk:.2}x and {xc:.2}x; Kubespray's nginx-proxy {nk:.2}x and \
+             {nc:.2}x. "
+        ));
+    }
+    if let (Some((sk, sc)), Some((nk, nc))) =
+        (both(NodePath::Socket, rps), both(NodePath::Nginx, rps))
+    {
+        s.push_str(&format!(
+            "In requests/s the socket mode made {sk:.2}x and {sc:.2}x direct's, nginx-proxy \
+             {nk:.2}x and {nc:.2}x, with the CPUs other work left to each case (the share \
+             column). "
+        ));
+    }
+    let direct: Vec<f64> = so
+        .samples
+        .iter()
+        .filter(|x| x.case == NodePath::Direct && x.mode == Mode::KeepAlive)
+        .map(|x| x.wrk.rps)
+        .collect();
+    if direct.len() > 1 {
+        let lo = direct.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = direct.iter().copied().fold(0.0, f64::max);
+        s.push_str(&format!(
+            "How far apart runs of the same case fell: direct's keep-alive runs made {lo:.0} \
+             to {hi:.0} requests/s."
+        ));
+    }
+    if !s.is_empty() {
+        s.push_str("\n\n");
+    }
+    s
+}
+
+/// Section 5: the socket mode against Kubespray's nginx-proxy.
+fn socket_section(so: &Socket) -> String {
+    let o = &so.options;
+    let mut s =
+        String::from("## 5. Node-local: the socket mode against Kubespray's nginx-proxy\n\n");
+    s.push_str(SOCKET_INTRO);
+    s.push_str(&format!(
+        "Load: `wrk -t{} -c{} -d{}s --latency` ({} runs, the cases visited in turn, the \
+         order rotating run by run, a {} s keep-alive warm-up each time a case is set up); \
+         \"x direct\" is the median of the run-by-run ratios to direct: above 1 is better \
+         for requests/s, below 1 better for latency and CPU.\n\n",
+        o.threads,
+        o.connections,
+        o.duration.as_secs(),
+        o.runs,
+        o.warmup.as_secs()
+    ));
+    s.push_str("### Keep-alive\n\n");
+    s.push_str(&socket_table(so, Mode::KeepAlive));
+    s.push_str("\n### One request per connection (`Connection: close`)\n\n");
+    s.push_str(&socket_table(so, Mode::Close));
+    s.push('\n');
+    s.push_str(&socket_ratio_table(so));
+    s.push('\n');
+    s.push_str(&socket_summary(so));
+    s.push_str("### Memory\n\n");
+    s.push_str(&socket_memory_table(so));
+    s.push('\n');
+    s.push_str(SOCKET_SHOWS);
+    s
+}
+
+/// The node-local configs and commands, for "Exactly what ran".
+fn socket_setup(so: &Socket, with_backends: bool) -> String {
+    let st = &so.setup;
+    let mut s = String::from("Node-local (section 5): wrk in the client's namespace:\n\n");
+    s.push_str(&code("sh", &st.wrk.join("\n")));
+    s.push_str(&format!(
+        "\nThe client's namespace is set up with `{}`; `ss -K state time-wait` runs in every \
+         namespace before a case is set up and before each close run. Case order per run: \
+         {}.\n\n",
+        st.client_sysctls,
+        st.order
+            .iter()
+            .map(|o| o.iter().map(|c| c.name()).collect::<Vec<_>>().join(", "))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    ));
+    s.push_str("The direct case's wrk script:\n\n");
+    s.push_str(&code("lua", &st.wrk_script));
+    s.push_str(&format!(
+        "\nnginx-proxy, in the client's namespace (`{}`), from Kubespray's \
+         [`{KUBESPRAY_TEMPLATE}`](https://github.com/kubernetes-sigs/kubespray/blob/\
+         {KUBESPRAY_COMMIT}/{KUBESPRAY_TEMPLATE}) at {}:\n\n",
+        st.nginx_command,
+        &KUBESPRAY_COMMIT[..12]
+    ));
+    s.push_str(&code("nginx", &st.nginx_proxy));
+    s.push_str(&format!(
+        "\nlb-agent in the client's namespace (`{}`):\n\n",
+        st.agent_command
+    ));
+    s.push_str(&code("toml", &st.lb_agent));
+    if with_backends {
+        s.push_str("\nnginx on each backend (backend 1's; the others differ in names):\n\n");
+        s.push_str(&code("nginx", &st.backend_nginx));
+    }
+    s.push('\n');
+    if !so.checks.is_empty() {
+        s.push_str("Checked after each case's runs (the backends' CPU: each one's share of the three backends' utime + stime over the case's runs):\n\n");
+        for c in &so.checks {
+            s.push_str(&format!("- {c}\n"));
+        }
         s.push('\n');
     }
     s

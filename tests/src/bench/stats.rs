@@ -41,6 +41,19 @@ pub fn median_diff(a: &[f64], b: &[f64]) -> Option<f64> {
     median(&ds)
 }
 
+/// `f` of the samples `keep` selects, in the order of their runs (`run`): the series that
+/// [`median_ratio`] and [`median_diff`] compare run by run.
+pub fn series<T>(
+    samples: &[T],
+    keep: impl Fn(&T) -> bool,
+    run: impl Fn(&T) -> usize,
+    f: impl Fn(&T) -> f64,
+) -> Vec<f64> {
+    let mut v: Vec<&T> = samples.iter().filter(|s| keep(s)).collect();
+    v.sort_by_key(|s| run(s));
+    v.into_iter().map(f).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +75,14 @@ mod tests {
         assert_eq!(median_ratio(&[2.0, 6.0, 8.0], &[1.0, 2.0, 2.0]), Some(3.0));
         assert_eq!(median_ratio(&[2.0, 6.0], &[1.0, 0.0]), None);
         assert_eq!(median_diff(&[5.0, 9.0, 4.0], &[1.0, 2.0, 3.0]), Some(4.0));
+    }
+
+    #[test]
+    fn series_in_run_order() {
+        let s = [(2, 'a', 20.0), (0, 'a', 0.0), (1, 'b', 1.5), (1, 'a', 10.0)];
+        assert_eq!(
+            series(&s, |x| x.1 == 'a', |x| x.0, |x| x.2),
+            [0.0, 10.0, 20.0]
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! lb-bench: `cargo xtask bench [--quick]`. The XDP program per packet (BPF_PROG_TEST_RUN),
 //! lb against direct, HAProxy and nftables in the lab, failover against keepalived +
-//! HAProxy, the agent's memory and probing cost; writes docs/benchmarks.md and
-//! target/bench/results.json. Needs root.
+//! HAProxy, the socket mode against Kubespray's nginx-proxy, the agent's memory and probing
+//! cost; writes docs/benchmarks.md and target/bench/results.json. Needs root.
 
 use std::{
     fs,
@@ -18,6 +18,7 @@ use lb_tests::{
         micro::{self, MicroOptions},
         probe::{self, ProbeOptions},
         report::{self, Results},
+        socket,
     },
     lab::Lab,
 };
@@ -56,6 +57,7 @@ enum Part {
     E2e,
     Failover,
     Probe,
+    Socket,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -159,7 +161,7 @@ fn main() -> Result<()> {
         bail!("interrupted");
     }
 
-    if want(Part::E2e) || want(Part::Probe) {
+    if want(Part::E2e) || want(Part::Probe) || want(Part::Socket) {
         let lab = Lab::new("bench", 1, 3).context("the lab needs root")?;
         let footprint = lab.footprint();
         if want(Part::E2e) {
@@ -174,6 +176,21 @@ fn main() -> Result<()> {
             }
             println!("{}", report::ratio_table(&e));
             r.e2e = Some(e);
+        }
+
+        if want(Part::Socket) {
+            let o = socket::options(cli.quick);
+            let s = socket::run(&lab, &o, &stopped, &mut log)?;
+            for mode in socket::MODES {
+                println!(
+                    "\nnode-local, {}:\n{}",
+                    mode.name(),
+                    report::socket_table(&s, mode)
+                );
+            }
+            println!("{}", report::socket_ratio_table(&s));
+            println!("{}", report::socket_memory_table(&s));
+            r.socket = Some(s);
         }
 
         if want(Part::Probe) {
