@@ -137,7 +137,8 @@ Then: lb-agent check-config --config /etc/lb/lb.toml (docs/keepalived-migration.
         #[command(subcommand)]
         kind: ManifestKind,
     },
-    /// Testing aids (fault injection); not for production use.
+    /// Testing and packaging aids (fault injection, man page, completions); not for
+    /// production use.
     #[command(hide = true)]
     Debug {
         #[command(subcommand)]
@@ -221,6 +222,37 @@ enum DebugCmd {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Print the man page (roff, section 8) generated from this command line.
+    Man,
+    /// Print a shell completion script generated from this command line.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `lb-agent debug man`: lb-agent(8), the top-level page (the subcommands are in its
+/// SUBCOMMANDS section; `lb-agent help COMMAND` has their arguments).
+fn man_page() -> ExitCode {
+    use clap::CommandFactory;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .section("8")
+        .render(&mut page)
+        .expect("rendering into memory");
+    write_stdout(&page, "the man page")
+}
+
+fn write_stdout(bytes: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("lb-agent: writing {what}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Exit status for a mistake in the config file.
@@ -467,6 +499,16 @@ fn main() -> ExitCode {
                     config,
                 },
         } => drain(config, Request::Failpoint { name, actions }),
+        Cmd::Debug { cmd: DebugCmd::Man } => man_page(),
+        Cmd::Debug {
+            cmd: DebugCmd::Completions { shell },
+        } => {
+            use clap::CommandFactory;
+            // Into a buffer first: clap_complete panics on a write error (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "lb-agent", &mut script);
+            write_stdout(&script, "the completion script")
+        }
         Cmd::Reload { config } => reload(config),
         Cmd::Import(args) => match import(&args) {
             Ok(code) => code,

@@ -1,4 +1,4 @@
-//! `cargo xtask build|run|test|demo|bench`: installs what lb needs (nightly rust-src,
+//! `cargo xtask build|run|test|demo|bench|package`: installs what lb needs (nightly rust-src,
 //! bpf-linker, Debian packages), builds, and runs.
 
 use std::{
@@ -8,6 +8,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+
+mod package;
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests and the demo use: the lab (ip, ethtool, nsenter), the stubs'
@@ -26,6 +28,10 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     // rules (tests/tests/e2e_metrics.rs).
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
+    // The Debian package: strip and objdump build it, `man -w` checks its man page
+    // (tests/tests/deb_package.rs).
+    ("objdump", "binutils"),
+    ("man", "man-db"),
 ];
 
 fn root() -> PathBuf {
@@ -231,9 +237,26 @@ fn main() -> ExitCode {
             run(as_root(&dir.join("lb-demo"), &[]).env("LB_AGENT_BIN", dir.join("lb-agent")))
         })(),
         Some("bench") => bench(&args[1..]),
+        Some("package") => (|| {
+            // --binary PATH packages a binary already built (the test's debug one).
+            let flag = |name: &str| {
+                args.iter()
+                    .position(|a| a == name)
+                    .and_then(|i| args.get(i + 1))
+                    .map(PathBuf::from)
+            };
+            let binary = match flag("--binary") {
+                Some(b) => b,
+                None => build(true)?.join("lb-agent"),
+            };
+            let out = flag("--out").unwrap_or_else(|| root().join("target/package"));
+            let deb = package::package(&binary, &out)?;
+            println!("{}", deb.display());
+            Ok(())
+        })(),
         _ => {
             eprintln!(
-                "usage: cargo xtask build [--release] | run [-- ARGS] | test | demo | bench [--quick]"
+                "usage: cargo xtask build [--release] | run [-- ARGS] | test | demo | bench [--quick] | package [--binary PATH] [--out DIR]"
             );
             return ExitCode::from(2);
         }
