@@ -82,6 +82,12 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
     assert_eq!(status["agent"]["ifindex"], 0, "{status}");
     assert_eq!(status["agent"]["xdp_mode"], "none", "{status}");
     assert_eq!(status["agent"]["socket_hooks"], true, "{status}");
+    // No flows to keep: the flow tables are at their least.
+    assert_eq!(
+        status["flow_table"]["capacity"],
+        lb_agent::config::MIN_MAX_FLOWS,
+        "{status}"
+    );
     let links = lab.exec(&lab.client, &["ip", "-d", "link", "show"]);
     assert!(
         !links.contains("xdp"),

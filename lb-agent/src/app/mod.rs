@@ -190,6 +190,13 @@ pub async fn run(config: Config) -> Result<()> {
         None => None,
     };
     let ifindex = nic.as_ref().map_or(0, |n| n.ifindex);
+    // Socket mode alone keeps no flows: the flow tables shrink to their least (about 100 MiB
+    // of kernel memory saved on every node at the default max_flows).
+    let max_flows = if nic.is_some() {
+        config.agent.max_flows
+    } else {
+        crate::config::MIN_MAX_FLOWS
+    };
     let iface = nic.as_ref().map_or(String::new(), |n| n.iface.clone());
     // Also when every VIP names its SNAT address: a reload may add one that does not.
     let default_snat = match &nic {
@@ -286,7 +293,7 @@ pub async fn run(config: Config) -> Result<()> {
                 Err(_) => false,
             },
         };
-        let adoptable = || Dataplane::can_adopt(&pin_path, config.agent.max_flows, ifindex);
+        let adoptable = || Dataplane::can_adopt(&pin_path, max_flows, ifindex);
         match (resume, if resume { adoptable() } else { Ok(()) }) {
             (true, Ok(())) => {
                 if handed.is_none() {
@@ -304,8 +311,7 @@ pub async fn run(config: Config) -> Result<()> {
             (false, _) => {}
         }
     }
-    let (mut dp, start) = match Dataplane::load_or_adopt(&pin_path, config.agent.max_flows, ifindex)
-    {
+    let (mut dp, start) = match Dataplane::load_or_adopt(&pin_path, max_flows, ifindex) {
         Ok(x) => x,
         Err(e) => {
             if let Some(e) = election.take() {
