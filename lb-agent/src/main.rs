@@ -127,7 +127,7 @@ enum Cmd {
       --check-script /etc/keepalived/check_apiserver.sh --output /etc/lb/lb.toml
   lb-agent import --haproxy haproxy.cfg --interface eth0 > lb.toml
 
-Then: lb-agent check-config --config /etc/lb/lb.toml (docs/keepalived-migration.md).")]
+Then: lb-agent check-config --config /etc/lb/lb.toml (docs/migration.md).")]
     Import(ImportArgs),
     /// Print a manifest that runs the agent under another supervisor than systemd.
     #[command(

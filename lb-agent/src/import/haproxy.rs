@@ -538,7 +538,7 @@ fn directive(
             return Err(refuse(
                 src,
                 line,
-                "import does not translate this directive (docs/keepalived-migration.md says what it does)",
+                "import does not translate this directive (docs/migration.md says what it does)",
             ))
         }
     }

@@ -444,7 +444,7 @@ fn unknown(src: &Source, s: &Stmt, key: &str, place: &str) -> ImportError {
     src.at(
         s.line,
         format!(
-            "{key} {place}: import does not translate this directive (see docs/keepalived-migration.md for what lb has)"
+            "{key} {place}: import does not translate this directive (see docs/migration.md for what lb has)"
         ),
     )
 }
