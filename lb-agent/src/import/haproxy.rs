@@ -519,17 +519,29 @@ fn directive(
                 _ => return Err(refuse(src, line, "not translated")),
             }
         }
-        "log" | "log-format" | "log-tag" | "capture" | "unique-id-format"
-        | "unique-id-header" | "log-format-sd" | "error-log-format" => {
+        "log" | "log-format" | "log-tag" | "capture" | "unique-id-format" | "unique-id-header"
+        | "log-format-sd" | "error-log-format" => {
             notes.group("logging", src, line.no, key, LOGGING)
         }
         "retries" => notes.group("retries", src, line.no, &line.written(), RETRIES),
         "maxconn" | "fullconn" | "rate-limit" | "backlog" => {
             notes.group("limits", src, line.no, &line.written(), LIMITS)
         }
-        "http-request" | "http-response" | "http-after-response" | "errorfile" | "errorloc"
-        | "errorloc302" | "errorloc303" | "errorfiles" | "compression" | "cookie"
-        | "http-reuse" | "redirect" | "monitor-uri" | "monitor" | "http-error"
+        "http-request"
+        | "http-response"
+        | "http-after-response"
+        | "errorfile"
+        | "errorloc"
+        | "errorloc302"
+        | "errorloc303"
+        | "errorfiles"
+        | "compression"
+        | "cookie"
+        | "http-reuse"
+        | "redirect"
+        | "monitor-uri"
+        | "monitor"
+        | "http-error"
         | "http-send-name-header" => notes.group("http", src, line.no, key, HTTP),
         "stats" => p.stats = Some(p.stats.unwrap_or(line.no)),
         "description" | "id" | "enabled" => notes.group("internals", src, line.no, key, INTERNALS),

@@ -792,7 +792,7 @@ pub fn socket_table(so: &Socket, mode: Mode) -> String {
     s
 }
 
-/// The socket mode against nginx and against direct-xdp (also printed).
+/// The socket mode against nginx and against direct-agent (also printed).
 pub fn socket_ratio_table(so: &Socket) -> String {
     let mut s = String::from(
         "| ratio (median of the run-by-run ratios) | keep-alive | close |\n|---|---:|---:|\n",
@@ -801,11 +801,11 @@ pub fn socket_ratio_table(so: &Socket) -> String {
         ("socket / nginx, requests/s", "socket/nginx"),
         (
             "socket / direct with the agent running, requests/s",
-            "socket/direct-xdp",
+            "socket/direct-agent",
         ),
         (
             "socket / direct with the agent running, CPU per request",
-            "socket/direct-xdp CPU",
+            "socket/direct-agent CPU",
         ),
     ] {
         s.push_str(&format!(
@@ -924,18 +924,13 @@ backend, and Maglev over each socket's cookie leaves the backends with uneven nu
 wrk's 30 connections. The bench does not measure that apart: part of \"x direct\" may \
 come from the spreading rather than from the path. nginx copies every byte through two sockets \
 in user space and makes its own connection to the backend for each client connection.
-- **What the agent attaches to eth0 costs more here than on a host.** With a native XDP \
-program on a veth, every packet the veth receives takes veth's XDP path, which hands the \
-program a private copy of any packet that is cloned, paged or short of headroom (TCP \
-transmits clones of its segments); a NIC's driver runs XDP on its own receive buffers. \
-Compare direct with and without the agent for what that costs, and the socket mode with \
-direct-with-the-agent for what the hooks cost. The agent attaches its XDP and TC programs \
-because it still wants an interface ([node-local](node-local.md)); an agent with only \
-socket-mode VIPs needs neither.
-- **lb-agent's maps** are those of the whole data plane at their default sizes: the flow \
-tables (FLOWS, HALF_OPEN, DSR_FLOWS) are preallocated for NAT and DSR and take most of the \
-memory, though the socket-mode hooks never touch them. nginx's memory grows with its \
-connections (buffers per proxied connection); the agent's does not depend on them.
+- **Nothing is attached to eth0.** With only socket-mode VIPs the agent runs without an \
+interface: no XDP or TC program, so direct with the agent running pays only for the agent's \
+own probes ([node-local](node-local.md)).
+- **lb-agent's maps**: with only socket-mode VIPs the flow tables shrink to their least \
+(1024 connections), since the hooks never touch them; what remains is mostly the half-open \
+table and SOCK_REVNAT, preallocated. nginx's memory grows with its connections (buffers per \
+proxied connection); the agent's does not depend on them.
 - **Requests/s and latency follow the CPU the bench had; CPU per request does not.** \
 Every case saturates the machine's CPUs (wrk runs flat out), so when other work shares \
 the machine, a case's requests/s and latency depend on how much of the CPUs it left the \
@@ -963,7 +958,7 @@ fn socket_summary(so: &Socket) -> String {
     let mut s = String::new();
     if let (Some((sk, sc)), Some((xk, xc)), Some((nk, nc))) = (
         both(NodePath::Socket, cpu),
-        both(NodePath::DirectXdp, cpu),
+        both(NodePath::DirectAgent, cpu),
         both(NodePath::Nginx, cpu),
     ) {
         s.push_str(&format!(

@@ -5,10 +5,10 @@
 //! `Connection: close`:
 //! - direct: wrk's three threads each to its own backend (a Lua script sets each thread's
 //!   address), so the load spreads over the backends as the proxies spread it;
-//! - direct-xdp: the same while lb-agent runs as in the socket case: wrk is outside the
-//!   cgroup, so what it pays over direct is what the agent attaches to the client's eth0
-//!   (it still wants an interface): its XDP program, which every received packet crosses,
-//!   and its TC egress program, which every sent packet crosses;
+//! - direct-agent: the same while lb-agent runs as in the socket case: wrk is outside the
+//!   cgroup, so what it pays over direct is what the running agent costs anyone else on
+//!   the node (with every VIP in socket mode the agent attaches nothing to eth0: no XDP,
+//!   no TC program);
 //! - socket: lb-agent with a socket-mode VIP at 127.0.0.1:6443 and its hooks on a cgroup
 //!   of the bench's (`hooked`); wrk runs inside it against http://127.0.0.1:6443/;
 //! - nginx: Kubespray's nginx.conf (its `stream` block, least_conn) listening on
@@ -84,21 +84,21 @@ pub fn options(quick: bool) -> E2eOptions {
 #[serde(rename_all = "lowercase")]
 pub enum NodePath {
     Direct,
-    #[serde(rename = "direct-xdp")]
-    DirectXdp,
+    #[serde(rename = "direct-agent")]
+    DirectAgent,
     Socket,
     Nginx,
 }
 
 impl NodePath {
     /// Every case, in the first run's order.
-    pub const ALL: [NodePath; 4] = [Self::Direct, Self::DirectXdp, Self::Socket, Self::Nginx];
+    pub const ALL: [NodePath; 4] = [Self::Direct, Self::DirectAgent, Self::Socket, Self::Nginx];
 
     /// How the report names it.
     pub fn label(self) -> &'static str {
         match self {
             Self::Direct => "direct (each wrk thread to its own backend)",
-            Self::DirectXdp => "direct, lb-agent running (its XDP and TC programs on eth0)",
+            Self::DirectAgent => "direct, lb-agent running (socket mode: nothing on eth0)",
             Self::Socket => "lb socket mode (127.0.0.1:6443, cgroup hooks)",
             Self::Nginx => "nginx (Kubespray's nginx-proxy, 127.0.0.1:6443)",
         }
@@ -108,7 +108,7 @@ impl NodePath {
     pub fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
-            Self::DirectXdp => "direct-xdp",
+            Self::DirectAgent => "direct-agent",
             Self::Socket => "socket",
             Self::Nginx => "nginx",
         }
@@ -191,8 +191,8 @@ pub struct Socket {
     pub options: E2eOptions,
     pub samples: Vec<Sample>,
     pub summary: Vec<Summary>,
-    /// Requests/s of socket over nginx and over direct-xdp (the hooks' own cost), and
-    /// CPU per request of socket over direct-xdp: medians of the run-by-run ratios.
+    /// Requests/s of socket over nginx and over direct-agent (the hooks' own cost), and
+    /// CPU per request of socket over direct-agent: medians of the run-by-run ratios.
     pub ratios: Vec<Ratio>,
     /// lb-agent after the socket runs (largest seen).
     pub agent: Option<Memory>,
@@ -319,7 +319,7 @@ end
 /// A case set up; undone when dropped.
 enum Active {
     Direct,
-    /// lb-agent, for the direct-xdp and socket cases.
+    /// lb-agent, for the direct-agent and socket cases.
     Agent(Proc),
     Nginx(Proc),
 }
@@ -391,7 +391,7 @@ struct Ctx<'a> {
 impl<'a> Ctx<'a> {
     fn url(&self, c: NodePath) -> String {
         match c {
-            NodePath::Direct | NodePath::DirectXdp => {
+            NodePath::Direct | NodePath::DirectAgent => {
                 format!("http://{}:{VIP_PORT}/", self.lab.backends[0].addr)
             }
             _ => format!("http://127.0.0.1:{VIP_PORT}/"),
@@ -412,7 +412,7 @@ impl<'a> Ctx<'a> {
     }
 
     fn args(&self, c: NodePath, mode: Mode, d: Duration) -> Vec<String> {
-        let direct = matches!(c, NodePath::Direct | NodePath::DirectXdp);
+        let direct = matches!(c, NodePath::Direct | NodePath::DirectAgent);
         let script = direct.then_some(self.script.as_path());
         wrk_args(self.o, mode, &self.url(c), d, script)
     }
@@ -428,7 +428,7 @@ impl<'a> Ctx<'a> {
         );
         let active = match c {
             NodePath::Direct => Active::Direct,
-            NodePath::DirectXdp | NodePath::Socket => {
+            NodePath::DirectAgent | NodePath::Socket => {
                 let cfg = self.agent_config.display().to_string();
                 let agent = bin("lb-agent").display().to_string();
                 let args = [agent.as_str(), "run", "--config", cfg.as_str()];
@@ -549,20 +549,19 @@ impl<'a> Ctx<'a> {
                 )?;
                 ensure!(
                     s["vips"][0]["mode"] == "socket"
-                        && link.contains("xdp")
-                        && link.contains(lb_common::PROG_TC_LOCAL),
-                    "{}: no socket-mode VIP, or no XDP or TC program on the client's eth0: \
+                        && s["agent"]["socket_hooks"] == true
+                        && !link.contains("xdp")
+                        && !link.contains(lb_common::PROG_TC_LOCAL),
+                    "{}: no socket-mode VIP or hooks, or a program on the client's eth0: \
                      {s}\n{link}",
                     c.name()
                 );
-                if c == NodePath::DirectXdp {
+                if c == NodePath::DirectAgent {
                     ensure!(
                         connects == 0,
-                        "direct-xdp: wrk, outside the cgroup, met the hook {connects} times"
+                        "direct-agent: wrk, outside the cgroup, met the hook {connects} times"
                     );
-                    "; XDP and TC egress programs on the client's eth0, lb_connect4 connected \
-                     no socket"
-                        .to_string()
+                    "; nothing on the client's eth0, lb_connect4 connected no socket".to_string()
                 } else {
                     ensure!(
                         connects > 0,
@@ -733,8 +732,8 @@ fn ratios(samples: &[Sample]) -> Vec<Ratio> {
     for m in MODES {
         for (name, other, f) in [
             ("socket/nginx", NodePath::Nginx, rps),
-            ("socket/direct-xdp", NodePath::DirectXdp, rps),
-            ("socket/direct-xdp CPU", NodePath::DirectXdp, cpu),
+            ("socket/direct-agent", NodePath::DirectAgent, rps),
+            ("socket/direct-agent CPU", NodePath::DirectAgent, cpu),
         ] {
             v.push(Ratio {
                 name: name.into(),
@@ -874,7 +873,7 @@ mod tests {
         };
         // socket/nginx: 1.98, 2.375, 2.
         assert_eq!(r("socket/nginx"), Some(2.0));
-        assert_eq!(r("socket/direct-xdp"), None, "no direct-xdp samples");
+        assert_eq!(r("socket/direct-agent"), None, "no direct-agent samples");
     }
 
     #[test]
