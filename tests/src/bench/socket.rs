@@ -191,7 +191,7 @@ pub struct Socket {
     pub options: E2eOptions,
     pub samples: Vec<Sample>,
     pub summary: Vec<Summary>,
-    /// Requests/s of socket over nginx and over direct-agent (the hooks' own cost), and
+    /// Requests/s of socket over nginx and over direct with the agent running, and
     /// CPU per request of socket over direct-agent: medians of the run-by-run ratios.
     pub ratios: Vec<Ratio>,
     /// lb-agent after the socket runs (largest seen).
