@@ -954,6 +954,23 @@ pub fn assert_spread(report: &serde_json::Value, n: u64, backends: usize) -> Vec
         .collect()
 }
 
+/// Runs `lb-agent CMD --config CONFIG` to completion; its stdout. Panics with what it said
+/// when it fails.
+pub fn agent_cli(cmd: &str, config: &Path) -> String {
+    let out = Command::new(bin("lb-agent"))
+        .args([cmd, "--config"])
+        .arg(config)
+        .output()
+        .expect("lb-agent");
+    assert!(
+        out.status.success(),
+        "lb-agent {cmd}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {

@@ -165,16 +165,10 @@ pub fn generate_pki(sans: &[String]) -> Result<Pki> {
     let other_key = KeyPair::generate()?;
     let other = ca_params("lb-stub unrelated CA")?.self_signed(&other_key)?;
 
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "kube-apiserver");
-    params.distinguished_name = dn;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.use_authority_key_identifier_extension = true;
+    let mut params = leaf_params(
+        &[(DnType::CommonName, "kube-apiserver")],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
     let mut names: Vec<String> = sans.to_vec();
     for default in ["kubernetes", "localhost"] {
         if !names.iter().any(|n| n == default) {
@@ -194,17 +188,14 @@ pub fn generate_pki(sans: &[String]) -> Result<Pki> {
     let server_key = KeyPair::generate()?;
     let server = params.signed_by(&server_key, &ca, &ca_key)?;
 
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "system:node:lb-test");
-    dn.push(DnType::OrganizationName, "system:nodes");
-    params.distinguished_name = dn;
-    params.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
+    // A kubelet's identity: the Node authorizer's user and group.
+    let params = leaf_params(
+        &[
+            (DnType::CommonName, "system:node:lb-test"),
+            (DnType::OrganizationName, "system:nodes"),
+        ],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    )?;
     let client_key = KeyPair::generate()?;
     let client = params.signed_by(&client_key, &ca, &ca_key)?;
 
@@ -217,6 +208,23 @@ pub fn generate_pki(sans: &[String]) -> Result<Pki> {
         client_cert: client.pem(),
         client_key: client_key.serialize_pem(),
     })
+}
+
+/// An end-entity certificate's parameters: the subject `dn` and one extended key usage.
+fn leaf_params(dn: &[(DnType, &str)], usage: ExtendedKeyUsagePurpose) -> Result<CertificateParams> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut name = DistinguishedName::new();
+    for (t, v) in dn {
+        name.push(t.clone(), *v);
+    }
+    params.distinguished_name = name;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![usage];
+    params.use_authority_key_identifier_extension = true;
+    Ok(params)
 }
 
 /// Writes `ca.crt`, `ca.key`, `server.crt`, `server.key`, `other-ca.crt`, `client.crt` and

@@ -12,7 +12,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{assert_spread, backend_name, bin, wait_for, Lab, VIP_PORT},
+    lab::{agent_cli, assert_spread, backend_name, bin, wait_for, Lab, VIP_PORT},
     socket_lab::{self, loadgen},
     vrrp_lab::VRRP_HEALTH,
 };
@@ -96,16 +96,7 @@ fn discovery_follows_the_kubernetes_endpointslice() {
         VRRP_HEALTH,
         &seed,
     );
-    let check = Command::new(bin("lb-agent"))
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    agent_cli("check-config", &config);
 
     // Within a few seconds the third apiserver is a backend, named after its address, up.
     let t0 = Instant::now();
@@ -158,29 +149,11 @@ fn discovery_follows_the_kubernetes_endpointslice() {
     assert_spread(&report, 300, 3);
 
     // A reload of the file keeps what was discovered rather than going back to the seed.
-    let out = Command::new(bin("lb-agent"))
-        .args(["reload", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent_cli("reload", &config);
     assert_eq!(up(&lab.status(&config)).len(), 3, "after a reload");
 
     // `lb-agent restart` hands what was found to the new agent: no step back to the seed.
-    let out = Command::new(bin("lb-agent"))
-        .args(["restart", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent_cli("restart", &config);
     wait_for(Duration::from_secs(20), "the restarted agent", || {
         lab.try_status(&config)
             .is_ok_and(|s| s["agent"]["restarted_by"].is_string())

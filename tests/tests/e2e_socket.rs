@@ -10,7 +10,7 @@ use std::{
 };
 
 use lb_tests::{
-    lab::{assert_spread, backend_name, backend_status, bin, wait_for, Lab, Proc, CLIENT},
+    lab::{agent_cli, assert_spread, backend_name, backend_status, wait_for, Lab, Proc, CLIENT},
     socket_lab::{self, client_sh, loadgen, sh_in, Cgroup},
     vrrp_lab::VRRP_HEALTH,
 };
@@ -107,17 +107,7 @@ fn socket_mode_connects_the_cgroups_processes_straight_to_a_backend() {
 
     // `lb-agent restart` (an upgrade: the agent execs the binary on disk) replaces the
     // hooks' programs in place: still one of each on the cgroup, and connections go on.
-    let out = Command::new(bin("lb-agent"))
-        .args(["restart", "--config"])
-        .arg(&s.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "lb-agent restart: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent_cli("restart", &s.config);
     let log = lab.dir.join("agent-client.log");
     wait_for(
         Duration::from_secs(20),

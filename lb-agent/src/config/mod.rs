@@ -806,14 +806,16 @@ fn validate_agent(raw: Option<RawAgent>) -> Result<AgentConfig, Issue> {
             Some(l)
         }
     };
+    // The names `--log-format` takes, from the same enum.
     let log_format = match raw.log_format.as_deref() {
-        None | Some("text") => crate::logging::LogFormat::Text,
-        Some("json") => crate::logging::LogFormat::Json,
-        Some(other) => {
-            return Err(issue(
-                "agent.log_format",
-                format!("{other:?}: valid values: \"text\", \"json\""),
-            ))
+        None => crate::logging::LogFormat::default(),
+        Some(f) => {
+            <crate::logging::LogFormat as clap::ValueEnum>::from_str(f, false).map_err(|_| {
+                issue(
+                    "agent.log_format",
+                    format!("{f:?}: valid values: \"text\", \"json\""),
+                )
+            })?
         }
     };
     Ok(AgentConfig {
@@ -1906,6 +1908,29 @@ port = 8132
         );
         let text = minimal("", "").replace(MINIMAL_AGENT, "");
         assert_err(&text, "agent.interface", "required");
+    }
+
+    #[test]
+    fn log_settings_are_checked() {
+        let with = |line: &str| {
+            minimal("", "").replace(MINIMAL_AGENT, &format!("{MINIMAL_AGENT}{line}\n"))
+        };
+        let cfg = parse(&with(
+            "log_format = \"json\"\nlog_level = \"info,lb_agent=debug\"",
+        ))
+        .unwrap();
+        assert_eq!(cfg.agent.log_format, crate::logging::LogFormat::Json);
+        assert_eq!(cfg.agent.log_level.as_deref(), Some("info,lb_agent=debug"));
+        assert_err(
+            &with("log_format = \"xml\""),
+            "agent.log_format",
+            "valid values",
+        );
+        assert_err(
+            &with("log_level = \"lb_agent=loud\""),
+            "agent.log_level",
+            "is not a log level",
+        );
     }
 
     #[test]

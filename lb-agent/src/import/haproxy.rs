@@ -1402,24 +1402,20 @@ fn timing(
             );
         }
     }
-    fields.push(Field::new(
-        "rise",
-        int(i64::from(p.rise.unwrap_or(2))),
-        Some(if p.rise.is_some() {
-            "HAProxy's rise".into()
-        } else {
-            "HAProxy's default".into()
-        }),
-    ));
-    fields.push(Field::new(
-        "fall",
-        int(i64::from(p.fall.unwrap_or(3))),
-        Some(if p.fall.is_some() {
-            "HAProxy's fall".into()
-        } else {
-            "HAProxy's default; lb's 2".into()
-        }),
-    ));
+    // HAProxy's defaults are written out where lb's differ (fall: lb 2, HAProxy 3).
+    for (name, given, default, note) in [
+        ("rise", p.rise, 2, "HAProxy's default"),
+        ("fall", p.fall, 3, "HAProxy's default; lb's 2"),
+    ] {
+        fields.push(Field::new(
+            name,
+            int(i64::from(given.unwrap_or(default))),
+            Some(match given {
+                Some(_) => format!("HAProxy's {name}"),
+                None => note.into(),
+            }),
+        ));
+    }
     Ok(())
 }
 

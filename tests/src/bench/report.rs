@@ -721,13 +721,7 @@ pub fn markdown(r: &Results) -> String {
         s.push_str("\nlb-agent, on the LB (`lb-agent run --config lb1.toml`); the VIP is on the LB's eth0 for every path:\n\n");
         s.push_str(&code("toml", &st.lb_agent));
         s.push('\n');
-        if !e2e.checks.is_empty() {
-            s.push_str("Checked after each path's runs:\n\n");
-            for c in &e2e.checks {
-                s.push_str(&format!("- {c}\n"));
-            }
-            s.push('\n');
-        }
+        checks(&mut s, "Checked after each path's runs:", &e2e.checks);
     }
     if let Some(f) = &r.failover {
         s.push_str(&failover_setup(f));
@@ -1065,14 +1059,25 @@ fn socket_setup(so: &Socket, with_backends: bool) -> String {
         s.push_str(&code("nginx", &st.backend_nginx));
     }
     s.push('\n');
-    if !so.checks.is_empty() {
-        s.push_str("Checked after each case's runs (the backends' CPU: each one's share of the three backends' utime + stime over the case's runs):\n\n");
-        for c in &so.checks {
-            s.push_str(&format!("- {c}\n"));
-        }
-        s.push('\n');
-    }
+    checks(
+        &mut s,
+        "Checked after each case's runs (the backends' CPU: each one's share of the three backends' utime + stime over the case's runs):",
+        &so.checks,
+    );
     s
+}
+
+/// The facts a part checked along the way, as a list under `heading` (nothing if none).
+fn checks(s: &mut String, heading: &str, checks: &[String]) {
+    if checks.is_empty() {
+        return;
+    }
+    s.push_str(heading);
+    s.push_str("\n\n");
+    for c in checks {
+        s.push_str(&format!("- {c}\n"));
+    }
+    s.push('\n');
 }
 
 /// Within 25% of each other.
